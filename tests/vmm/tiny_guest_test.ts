@@ -1,0 +1,190 @@
+/**
+ * Tiny guests on this machine's /dev/kvm: a few instructions of 64-bit code that
+ * touch ports and MMIO and write to the UART, then power off through ACPI.
+ */
+
+import assert from "node:assert/strict";
+import { buildMachine } from "../../vmm/builder.ts";
+import { requireKvm } from "../harness/kvm.ts";
+
+// Assembled from tests/vmm/tiny_guest.s (GNU as, .code64); see the comments there.
+const GUEST = new Uint8Array([
+  0x66,
+  0xba,
+  0xf8,
+  0x03,
+  0xb0,
+  0x48,
+  0xee,
+  0xb0,
+  0x69,
+  0xee,
+  0xb0,
+  0x0a,
+  0xee,
+  0x66,
+  0xba,
+  0x10,
+  0x05,
+  0xb0,
+  0x11,
+  0xee,
+  0x66,
+  0xb8,
+  0x33,
+  0x22,
+  0x66,
+  0xef,
+  0xb8,
+  0x77,
+  0x66,
+  0x55,
+  0x44,
+  0xef,
+  0xec,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0xee,
+  0x66,
+  0xba,
+  0x12,
+  0x05,
+  0x66,
+  0xed,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0x66,
+  0xef,
+  0x66,
+  0xba,
+  0x12,
+  0x05,
+  0xed,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0xef,
+  0x48,
+  0xc7,
+  0xc3,
+  0x00,
+  0x00,
+  0x00,
+  0x30,
+  0xc6,
+  0x03,
+  0x12,
+  0x66,
+  0xc7,
+  0x43,
+  0x02,
+  0x56,
+  0x34,
+  0xc7,
+  0x43,
+  0x04,
+  0xde,
+  0xbc,
+  0x9a,
+  0x78,
+  0x48,
+  0xb8,
+  0x88,
+  0x77,
+  0x66,
+  0x55,
+  0x44,
+  0x33,
+  0x22,
+  0x11,
+  0x48,
+  0x89,
+  0x43,
+  0x08,
+  0x8b,
+  0x43,
+  0x10,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0xef,
+  0x48,
+  0x8b,
+  0x43,
+  0x18,
+  0x48,
+  0x89,
+  0x43,
+  0x20,
+  0x66,
+  0xba,
+  0x00,
+  0x06,
+  0xb0,
+  0x34,
+  0xee,
+  0xf4,
+]);
+
+type Access = [string, number, number, string];
+
+function le(d: Uint8Array): string {
+  return Array.from(d).reverse().map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+Deno.test({
+  name: "tiny guest: port I/O and MMIO exits reach the buses with the right width and data; UART prints",
+  ignore: !requireKvm("tiny guest"),
+  fn: async () => {
+    const vm = await buildMachine({ program: { code: GUEST }, memoryMiB: 16 });
+    const log: Access[] = [];
+    let out = "";
+    vm.console.onOutput((c) => out += new TextDecoder().decode(c));
+    vm.pio.register(0x510, 3, {
+      read: (o, d) => {
+        const v = o === 0 ? 0xa5n : d.length === 2 ? 0xbeefn : 0xcafef00dn;
+        for (let i = 0; i < d.length; i++) d[i] = Number((v >> BigInt(8 * i)) & 0xffn);
+        log.push(["pio-r", 0x510 + o, d.length, le(d)]);
+      },
+      write: (o, d) => log.push(["pio-w", 0x510 + o, d.length, le(d)]),
+    }, "test port");
+    vm.mmio.register(0x3000_0000, 0x100, {
+      read: (o, d) => {
+        const v = o === 16 ? 0x0badf00dn : 0x0102030405060708n;
+        for (let i = 0; i < d.length; i++) d[i] = Number((v >> BigInt(8 * i)) & 0xffn);
+        log.push(["mmio-r", o, d.length, le(d)]);
+      },
+      write: (o, d) => log.push(["mmio-w", o, d.length, le(d)]),
+    }, "test mmio");
+    await vm.start();
+    const exit = await vm.exited;
+    assert.equal(exit.reason, "poweroff", exit.message);
+    assert.equal(exit.code, 0);
+    assert.equal(out, "Hi\n");
+    assert.deepEqual(log, [
+      ["pio-w", 0x510, 1, "11"],
+      ["pio-w", 0x510, 2, "2233"],
+      ["pio-w", 0x510, 4, "44556677"],
+      ["pio-r", 0x510, 1, "a5"],
+      ["pio-w", 0x511, 1, "a5"],
+      ["pio-r", 0x512, 2, "beef"],
+      ["pio-w", 0x511, 2, "beef"],
+      ["pio-r", 0x512, 4, "cafef00d"],
+      ["pio-w", 0x511, 4, "cafef00d"],
+      ["mmio-w", 0, 1, "12"],
+      ["mmio-w", 2, 2, "3456"],
+      ["mmio-w", 4, 4, "789abcde"],
+      ["mmio-w", 8, 8, "1122334455667788"],
+      ["mmio-r", 16, 4, "0badf00d"],
+      ["pio-w", 0x511, 4, "0badf00d"],
+      ["mmio-r", 24, 8, "0102030405060708"],
+      ["mmio-w", 32, 8, "0102030405060708"],
+    ]);
+  },
+});

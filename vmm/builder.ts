@@ -1,0 +1,181 @@
+/**
+ * One linear recipe: config -> KVM -> memory -> irqchip -> devices -> kernel -> vCPUs.
+ * Every user-fixable problem becomes a one-line ConfigError before anything runs.
+ */
+
+import { ConfigError, resolveConfig, type VmConfig } from "./config.ts";
+import { encodeCpuid, Kvm } from "./kvm.ts";
+import { VmFd } from "./vm.ts";
+import { GuestMemory } from "./memory.ts";
+import { Bus } from "./bus.ts";
+import { ConsoleHub } from "./console.ts";
+import { Machine } from "./machine.ts";
+import { mmapAnonymous, sysMunmap } from "./sys/libc.ts";
+import { type KernelImage, NotAKernelError, parseKernel } from "./boot/kernel_image.ts";
+import { unpackBzImage } from "./boot/unpack.ts";
+import { loadKernel } from "./boot/loader.ts";
+import { buildAcpiTables } from "./arch/x86_64/acpi.ts";
+import { normalizeCpuid } from "./arch/x86_64/cpuid.ts";
+import { BOOT_MSRS, type EntryState, writeBootTables } from "./arch/x86_64/regs.ts";
+import * as L from "./arch/x86_64/layout.ts";
+import { Serial } from "../devices/legacy/serial.ts";
+import { I8042, I8042_CMD, I8042_DATA } from "../devices/legacy/i8042.ts";
+import { AcpiPm } from "../devices/legacy/acpi_pm.ts";
+import type { VcpuStart } from "./vcpus.ts";
+
+async function readUserFile(path: string, what: string): Promise<Uint8Array> {
+  try {
+    return await Deno.readFile(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) {
+      throw new ConfigError(`Cannot read ${what} "${path}": no such file`);
+    }
+    if (e instanceof Deno.errors.PermissionDenied) {
+      throw new ConfigError(`Cannot read ${what} "${path}": permission denied`);
+    }
+    if (e instanceof Deno.errors.IsADirectory) {
+      throw new ConfigError(`Cannot read ${what} "${path}": it is a directory`);
+    }
+    throw new ConfigError(`Cannot read ${what} "${path}": ${(e as Error).message}`);
+  }
+}
+
+/** Builds a VM from a config; call `start()` on the result to run it. */
+export async function buildMachine(config: VmConfig): Promise<Machine> {
+  const cfg = resolveConfig(config);
+  let kernel: KernelImage | undefined;
+  if (!cfg.program) {
+    const kernelFile = await readUserFile(cfg.kernel, "kernel");
+    try {
+      kernel = parseKernel(kernelFile, cfg.kernel);
+      if (kernel.kind === "bzimage" && cfg.unpackKernel) {
+        kernel = parseKernel(await unpackBzImage(kernel, cfg.kernel), cfg.kernel);
+      }
+    } catch (e) {
+      if (e instanceof NotAKernelError) throw new ConfigError(e.message);
+      throw e;
+    }
+  }
+  const initrd = cfg.initrd ? await readUserFile(cfg.initrd, "initrd") : undefined;
+
+  let kvm: Kvm;
+  try {
+    kvm = Kvm.open(cfg.kvmDevice);
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+  const maxVcpus = kvm.maxVcpus();
+  if (cfg.cpus > maxVcpus) {
+    kvm.close();
+    throw new ConfigError(`--cpus ${cfg.cpus} is more than this KVM allows (${maxVcpus})`);
+  }
+
+  const vm = new VmFd(kvm.createVm());
+  const ptr = mmapAnonymous(cfg.memoryBytes);
+  const released = { done: false };
+  const release = () => {
+    if (released.done) return;
+    released.done = true;
+    vm.close();
+    kvm.close();
+    sysMunmap(ptr, cfg.memoryBytes);
+  };
+  try {
+    vm.setTssAddr(L.KVM_TSS_ADDR);
+    try {
+      vm.setIdentityMapAddr(L.KVM_IDENTITY_MAP_ADDR);
+    } catch {
+      // Only Intel's real-mode emulation uses it; AMD and PVM may refuse.
+    }
+    vm.createIrqchip();
+    vm.createPit2();
+
+    const host = Deno.UnsafePointerView.getArrayBuffer(ptr, cfg.memoryBytes);
+    const base = BigInt(Deno.UnsafePointer.value(ptr));
+    let off = 0;
+    const regions = L.ramRanges(cfg.memoryBytes).map(([gpa, size], slot) => {
+      vm.setUserMemoryRegion(slot, gpa, size, base + BigInt(off));
+      const r = { gpa, bytes: new Uint8Array(host, off, size) };
+      off += size;
+      return r;
+    });
+    const memory = new GuestMemory(regions);
+
+    for (const [addr, bytes] of buildAcpiTables({ cpus: cfg.cpus }, L.ACPI_START, L.RSDP_ADDR)) {
+      memory.write(addr, bytes);
+    }
+    let entry: EntryState;
+    if (kernel) {
+      entry = loadKernel(memory, {
+        kernel,
+        initrd,
+        cmdline: cfg.cmdline,
+        memSize: cfg.memoryBytes,
+        rsdpAddr: L.RSDP_ADDR,
+        protocol: cfg.bootProtocol,
+      });
+    } else {
+      const prog = cfg.program!;
+      memory.write(prog.at, prog.code);
+      writeBootTables(memory, "long64");
+      entry = { mode: "long64", rip: prog.at, rsi: 0 };
+    }
+
+    const pio = new Bus("pio");
+    const mmio = new Bus("mmio");
+    const hub = new ConsoleHub(cfg.stdio);
+    // deno-lint-ignore prefer-const
+    let machine: Machine;
+    const serial = new Serial({
+      output: (b) => hub.outputByte(b),
+      setIrq: (level) => vm.irqLine(L.COM1_IRQ, level),
+    });
+    hub.attachInput((b) => serial.enqueueInput(b));
+    pio.register(L.COM1_PORT, 8, {
+      read: (o, d) => {
+        serial.read(o, d);
+        if (o === 0) hub.drainInput();
+      },
+      write: (o, d) => serial.write(o, d),
+    }, "COM1");
+    const resetVm = () => void machine.end({ code: 0, reason: "reset", message: "guest reset" });
+    const i8042 = new I8042({
+      reset: resetVm,
+      interrupt: () => {
+        vm.irqLine(L.I8042_IRQ, true);
+        vm.irqLine(L.I8042_IRQ, false);
+      },
+    });
+    pio.register(L.I8042_DATA_PORT, 1, {
+      read: (_, d) => i8042.read(I8042_DATA, d),
+      write: (_, d) => i8042.write(I8042_DATA, d),
+    }, "i8042 data");
+    pio.register(L.I8042_CMD_PORT, 1, {
+      read: (_, d) => i8042.read(I8042_CMD, d),
+      write: (_, d) => i8042.write(I8042_CMD, d),
+    }, "i8042 command");
+    const pm = new AcpiPm({
+      powerOff: () => void machine.end({ code: 0, reason: "poweroff", message: "guest powered off" }),
+      reset: resetVm,
+    }, L.ACPI_RESET_VALUE);
+    pio.register(L.ACPI_SLEEP_CONTROL_PORT, 3, pm, "ACPI power");
+
+    const supported = kvm.supportedCpuid();
+    const starts: VcpuStart[] = [];
+    for (let i = 0; i < cfg.cpus; i++) {
+      starts.push({
+        vmFd: vm.fd,
+        index: i,
+        runSize: kvm.vcpuMmapSize(),
+        cpuid: encodeCpuid(normalizeCpuid(supported, i, cfg.cpus, cfg.cpuid)),
+        msrs: BOOT_MSRS.map(([k, v]) => [k, v]),
+        entry: i === 0 ? entry : null,
+      });
+    }
+    machine = new Machine(memory, pio, mmio, hub, starts, { release });
+    return machine;
+  } catch (e) {
+    release();
+    throw e;
+  }
+}

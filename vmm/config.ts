@@ -1,0 +1,127 @@
+/** VM configuration: the shape users write (CLI and mod.ts) and its validation. */
+
+import { type CpuidBitChange, parseCpuidMask } from "./arch/x86_64/cpuid.ts";
+
+/** How the kernel is entered. */
+export type BootProtocol = "auto" | "linux64" | "pvh";
+
+/** A VM's configuration. */
+export interface VmConfig {
+  /** Path to a bzImage or an ELF vmlinux. */
+  kernel?: string;
+  /**
+   * Instead of a kernel: flat 64-bit code run at `at` (default 1 MiB) with the first GiB
+   * identity-mapped. For tiny test guests and examples.
+   */
+  program?: { code: Uint8Array; at?: number };
+  /** Path to an initramfs. */
+  initrd?: string;
+  /** Kernel command line. */
+  cmdline?: string;
+  /** Number of vCPUs (default 1). */
+  cpus?: number;
+  /** Guest RAM in MiB (default 512). */
+  memoryMiB?: number;
+  /** CPUID changes: a spec such as "-cx16,-xsave" or a parsed list. */
+  cpuidMask?: string | CpuidBitChange[];
+  /** Boot a bzImage's unpacked vmlinux instead of running its decompressor. */
+  unpackKernel?: boolean;
+  /** For ELF kernels: PVH entry when the note is there ("auto"), or force one. */
+  bootProtocol?: BootProtocol;
+  /** Connect the serial console to this process's stdin/stdout. */
+  stdio?: boolean;
+  /** Path of the KVM device (default /dev/kvm). */
+  kvmDevice?: string;
+}
+
+/** The default kernel command line. */
+export const DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1";
+
+/** Smallest RAM we accept. */
+export const MIN_MEMORY_MIB = 16;
+
+/** A configuration error a user can fix; printed as one line. */
+export class ConfigError extends Error {
+  /** Builds the error. */
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
+
+/** A validated configuration with defaults applied. */
+export interface ResolvedConfig {
+  /** Kernel path ("" with a program). */
+  kernel: string;
+  /** Raw program instead of a kernel. */
+  program?: { code: Uint8Array; at: number };
+  /** Initrd path. */
+  initrd?: string;
+  /** Command line. */
+  cmdline: string;
+  /** vCPUs. */
+  cpus: number;
+  /** RAM bytes. */
+  memoryBytes: number;
+  /** CPUID changes. */
+  cpuid: CpuidBitChange[];
+  /** Unpack bzImage. */
+  unpackKernel: boolean;
+  /** Entry protocol choice. */
+  bootProtocol: BootProtocol;
+  /** Console on stdio. */
+  stdio: boolean;
+  /** KVM device path. */
+  kvmDevice: string;
+}
+
+function hostMemoryMiB(): number | undefined {
+  try {
+    const m = /MemTotal:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/meminfo"));
+    return m ? Math.floor(Number(m[1]) / 1024) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Applies defaults and checks ranges; throws ConfigError with a one-line message. */
+export function resolveConfig(c: VmConfig): ResolvedConfig {
+  if (!c.kernel && !c.program) throw new ConfigError("No kernel given (--kernel PATH)");
+  const cpus = c.cpus ?? 1;
+  if (!Number.isInteger(cpus) || cpus < 1 || cpus > 254) {
+    throw new ConfigError(`--cpus must be an integer from 1 to 254, not ${c.cpus}`);
+  }
+  const mib = c.memoryMiB ?? 512;
+  if (!Number.isInteger(mib) || mib < MIN_MEMORY_MIB) {
+    throw new ConfigError(
+      `--memory must be an integer of at least ${MIN_MEMORY_MIB} (MiB), not ${c.memoryMiB}`,
+    );
+  }
+  const host = hostMemoryMiB();
+  if (host !== undefined && mib > host) {
+    throw new ConfigError(`--memory ${mib} MiB is more than this host's ${host} MiB of RAM`);
+  }
+  let cpuid: CpuidBitChange[] = [];
+  try {
+    cpuid = typeof c.cpuidMask === "string" ? parseCpuidMask(c.cpuidMask) : c.cpuidMask ?? [];
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+  const proto = c.bootProtocol ?? "auto";
+  if (!["auto", "linux64", "pvh"].includes(proto)) {
+    throw new ConfigError(`--boot-protocol must be auto, linux64 or pvh, not "${proto}"`);
+  }
+  return {
+    kernel: c.kernel ?? "",
+    program: c.program ? { code: c.program.code, at: c.program.at ?? 0x100000 } : undefined,
+    initrd: c.initrd,
+    cmdline: c.cmdline ?? DEFAULT_CMDLINE,
+    cpus,
+    memoryBytes: mib * 1024 * 1024,
+    cpuid,
+    unpackKernel: c.unpackKernel ?? false,
+    bootProtocol: proto,
+    stdio: c.stdio ?? false,
+    kvmDevice: c.kvmDevice ?? "/dev/kvm",
+  };
+}

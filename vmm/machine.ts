@@ -1,0 +1,127 @@
+/** A running VM: its vCPU threads, devices, console and exit. */
+
+import type { Bus } from "./bus.ts";
+import type { GuestMemory } from "./memory.ts";
+import type { ConsoleHub } from "./console.ts";
+import { type VcpuStart, VcpuThreads } from "./vcpus.ts";
+import type { VcpuExitReport } from "./vcpu_protocol.ts";
+import { readInstructionBytes } from "./arch/x86_64/pagewalk.ts";
+
+/** How a VM ended. */
+export interface VmExit {
+  /** Process exit code the CLI uses: 0 for a guest power-off or reset, 1 for a failure. */
+  code: number;
+  /** Category. */
+  reason:
+    | "poweroff"
+    | "reset"
+    | "triple-fault"
+    | "internal-error"
+    | "entry-failure"
+    | "crash"
+    | "unexpected-exit"
+    | "error"
+    | "stopped";
+  /** One line for a human. */
+  message: string;
+}
+
+/** Host resources released when the VM ends. */
+export interface Teardown {
+  /** Releases KVM fds and guest memory. */
+  release(): void;
+}
+
+function hex(v: bigint | number): string {
+  return "0x" + v.toString(16);
+}
+
+/** Turns a vCPU's stop report into the VM's exit. */
+export function describeExit(r: VcpuExitReport, mem: GuestMemory): VmExit {
+  const where = r.rip === undefined ? "" : ` at RIP ${hex(r.rip)}`;
+  let insn = r.insn;
+  if ((!insn || insn.length === 0) && r.rip !== undefined && r.cr0 !== undefined && r.cr3 !== undefined) {
+    insn = readInstructionBytes(mem, { rip: r.rip, cr0: r.cr0, cr3: r.cr3, csBase: r.csBase });
+  }
+  const bytes = insn && insn.length
+    ? `, instruction bytes: ${insn.map((b) => b.toString(16).padStart(2, "0")).join(" ")}`
+    : "";
+  const cpu = r.index >= 0 ? `vCPU ${r.index}: ` : "";
+  switch (r.reason) {
+    case "poweroff":
+      return { code: 0, reason: "poweroff", message: "guest powered off" };
+    case "reset":
+      return { code: 0, reason: "reset", message: "guest reset" };
+    case "shutdown":
+      return {
+        code: 1,
+        reason: "triple-fault",
+        message: `${cpu}guest triple fault (KVM_EXIT_SHUTDOWN)${where}${bytes}`,
+      };
+    case "internal-error":
+      return { code: 1, reason: "internal-error", message: `${cpu}${r.detail}${where}${bytes}` };
+    case "fail-entry":
+      return { code: 1, reason: "entry-failure", message: `${cpu}${r.detail}${where}` };
+    case "crash":
+      return { code: 1, reason: "crash", message: `${cpu}guest crashed (${r.detail})${where}` };
+    case "unexpected-exit":
+      return { code: 1, reason: "unexpected-exit", message: `${cpu}${r.detail}${where}${bytes}` };
+    case "stopped":
+      return { code: 0, reason: "stopped", message: "stopped by the host" };
+    default:
+      return { code: 1, reason: "error", message: `${cpu}${r.detail}` };
+  }
+}
+
+/** A built VM, ready to start. */
+export class Machine {
+  private threads: VcpuThreads;
+  private exitResolve!: (e: VmExit) => void;
+  private ended = false;
+  /** Resolves once, when the VM has ended and its resources are released. */
+  readonly exited: Promise<VmExit>;
+
+  /** Wires a machine; the builder calls this. */
+  constructor(
+    readonly memory: GuestMemory,
+    readonly pio: Bus,
+    readonly mmio: Bus,
+    readonly console: ConsoleHub,
+    private readonly starts: VcpuStart[],
+    private readonly teardown: Teardown,
+  ) {
+    this.exited = new Promise((r) => this.exitResolve = r);
+    this.threads = new VcpuThreads(pio, mmio, (r) => this.end(describeExit(r, memory)));
+  }
+
+  /** Starts the vCPUs. */
+  async start(): Promise<void> {
+    try {
+      await this.threads.start(this.starts);
+    } catch (e) {
+      await this.end({ code: 1, reason: "error", message: (e as Error).message });
+      throw e;
+    }
+  }
+
+  /** Ends the VM (a device asked, a vCPU stopped, or the host asked). Idempotent. */
+  async end(exit: VmExit): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    await this.threads.stop();
+    this.console.flush();
+    this.teardown.release();
+    this.exitResolve(exit);
+  }
+
+  /** Stops the VM from the host side. */
+  stop(): Promise<VmExit> {
+    this.end({ code: 0, reason: "stopped", message: "stopped by the host" });
+    return this.exited;
+  }
+
+  /** How many device exits the vCPUs made (diagnostics). */
+  get exitCount(): number {
+    return this.threads.exits;
+  }
+}

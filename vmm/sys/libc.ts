@@ -1,0 +1,162 @@
+/**
+ * The one FFI boundary to libc. Every other module reaches the host through
+ * the typed wrappers here; raw pointers and bigint stay inside vmm/.
+ *
+ * Each Worker (vCPU thread) loads its own copy, because a Deno.dlopen handle
+ * cannot cross isolates.
+ */
+
+const SYMBOLS = {
+  open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  ioctl: { name: "ioctl", parameters: ["i32", "u64", "buffer"], result: "i32" },
+  ioctl_val: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
+  mmap: {
+    parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"],
+    result: "pointer",
+  },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
+  madvise: { parameters: ["pointer", "usize", "i32"], result: "i32" },
+  eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  __errno_location: { parameters: [], result: "pointer" },
+  strerror: { parameters: ["i32"], result: "pointer" },
+  gettid: { parameters: [], result: "i32" },
+  getpid: { parameters: [], result: "i32" },
+  tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  isatty: { parameters: ["i32"], result: "i32" },
+} as const;
+
+type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+let lib: Libc | undefined;
+
+/** The libc symbols, loaded on first use in this isolate. */
+export function libc(): Libc {
+  if (!lib) lib = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
+  return lib;
+}
+
+/** errno names for the values a VMM meets; others print as their number. */
+const ERRNO_NAMES: Record<number, string> = {
+  1: "EPERM",
+  2: "ENOENT",
+  4: "EINTR",
+  5: "EIO",
+  9: "EBADF",
+  11: "EAGAIN",
+  12: "ENOMEM",
+  13: "EACCES",
+  14: "EFAULT",
+  16: "EBUSY",
+  17: "EEXIST",
+  19: "ENODEV",
+  22: "EINVAL",
+  24: "EMFILE",
+  25: "ENOTTY",
+  28: "ENOSPC",
+  38: "ENOSYS",
+  95: "EOPNOTSUPP",
+};
+
+/** errno of the last failed call on this thread; read it right after the call. */
+export function errno(): number {
+  const p = libc().__errno_location();
+  return new Deno.UnsafePointerView(p!).getInt32();
+}
+
+/** The symbolic name of an errno value, e.g. "EINVAL". */
+export function errnoName(e: number): string {
+  return ERRNO_NAMES[e] ?? `errno ${e}`;
+}
+
+/** The C library's message for an errno value. */
+export function strerror(e: number): string {
+  const p = libc().strerror(e);
+  return p ? Deno.UnsafePointerView.getCString(p) : `errno ${e}`;
+}
+
+/** A failed system call: names the call and the errno. */
+export class SysError extends Error {
+  /** The errno value. */
+  readonly errno: number;
+  /** Builds the error for `call` failing with `e`. */
+  constructor(call: string, e: number) {
+    super(`${call} failed: ${errnoName(e)} (${strerror(e)})`);
+    this.name = "SysError";
+    this.errno = e;
+  }
+}
+
+const PROT_READ = 1;
+const PROT_WRITE = 2;
+const MAP_SHARED = 0x01;
+const MAP_PRIVATE = 0x02;
+const MAP_ANONYMOUS = 0x20;
+const MAP_NORESERVE = 0x4000;
+const MADV_HUGEPAGE = 14;
+const MAP_FAILED = -1n;
+
+/** Opens `path` with `flags`; throws SysError on failure. */
+export function sysOpen(path: string, flags: number): number {
+  const fd = libc().open(new TextEncoder().encode(path + "\0"), flags, 0);
+  if (fd < 0) throw new SysError(`open ${path}`, errno());
+  return fd;
+}
+
+/** Closes a file descriptor, ignoring errors (used on teardown). */
+export function sysClose(fd: number): void {
+  libc().close(fd);
+}
+
+/** Private anonymous memory for guest RAM, with transparent huge pages asked for. */
+export function mmapAnonymous(size: number): Deno.PointerObject {
+  const p = libc().mmap(
+    null,
+    BigInt(size),
+    PROT_READ | PROT_WRITE,
+    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+    -1,
+    0n,
+  );
+  if (p === null || Deno.UnsafePointer.value(p) === MAP_FAILED) {
+    throw new SysError(`mmap of ${size} bytes`, errno());
+  }
+  libc().madvise(p, BigInt(size), MADV_HUGEPAGE); // best effort
+  return p;
+}
+
+/** Maps `size` bytes of a file descriptor shared (e.g. a vCPU's kvm_run). */
+export function mmapShared(fd: number, size: number): Deno.PointerObject {
+  const p = libc().mmap(null, BigInt(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0n);
+  if (p === null || Deno.UnsafePointer.value(p) === MAP_FAILED) {
+    throw new SysError(`mmap of fd ${fd}`, errno());
+  }
+  return p;
+}
+
+/** Unmaps a mapping made by the functions above. */
+export function sysMunmap(p: Deno.PointerObject, size: number): void {
+  libc().munmap(p, BigInt(size));
+}
+
+const EFD_CLOEXEC = 0o2000000;
+const EFD_NONBLOCK = 0o4000;
+
+/** A non-blocking eventfd. */
+export function sysEventfd(): number {
+  const fd = libc().eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) throw new SysError("eventfd", errno());
+  return fd;
+}
+
+/** The calling thread's kernel id. */
+export function sysGettid(): number {
+  return libc().gettid();
+}
+
+/** Sends `sig` to thread `tid` of this process. */
+export function sysTgkill(tid: number, sig: number): void {
+  libc().tgkill(libc().getpid(), tid, sig);
+}

@@ -1,0 +1,187 @@
+/**
+ * A vCPU thread: creates its vCPU, sets the boot state, and runs KVM_RUN synchronously.
+ * Port I/O and MMIO exits go to the device thread through the shared mailbox.
+ */
+
+/// <reference lib="deno.worker" />
+
+import { VcpuFd } from "./vcpu.ts";
+import { applyBootSregs, bootRegs } from "./arch/x86_64/regs.ts";
+import { EXIT, EXIT_NAMES, REGS, RUN, SREGS, SYSTEM_EVENT } from "./sys/kvm_abi.ts";
+import { sysGettid } from "./sys/libc.ts";
+import {
+  CTL,
+  KIND_MMIO,
+  KIND_PIO,
+  MB,
+  MB_REQUEST,
+  type VcpuExitReport,
+  type VcpuInit,
+  type VcpuMessage,
+} from "./vcpu_protocol.ts";
+
+const INTERNAL_ERROR_EMULATION = 1;
+const EMULATION_FLAG_INSN_BYTES = 1n;
+
+function post(m: VcpuMessage): void {
+  self.postMessage(m);
+}
+
+function stateOf(
+  vcpu: VcpuFd,
+  index: number,
+  reason: VcpuExitReport["reason"],
+  detail: string,
+): VcpuExitReport {
+  const r: VcpuExitReport = { index, reason, detail };
+  try {
+    const regs = new DataView(vcpu.getRegs().buffer);
+    const s = new DataView(vcpu.getSregs().buffer);
+    r.rip = regs.getBigUint64(REGS.rip, true);
+    r.cr0 = s.getBigUint64(SREGS.cr0, true);
+    r.cr3 = s.getBigUint64(SREGS.cr3, true);
+    r.cr4 = s.getBigUint64(SREGS.cr4, true);
+    r.efer = s.getBigUint64(SREGS.efer, true);
+    r.csBase = s.getBigUint64(SREGS.cs, true);
+  } catch {
+    // registers unreadable: the report goes without them
+  }
+  return r;
+}
+
+function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
+  const mb = new Int32Array(init.mailbox);
+  const mbBytes = new Uint8Array(init.mailbox);
+  const ctl = new Int32Array(init.control);
+  const run = vcpu.run;
+  const rv = vcpu.runView;
+
+  // One device access through the mailbox. Returns false if the VM is stopping.
+  const access = (kind: number, isWrite: boolean, addr: number, size: number, data: Uint8Array): void => {
+    mb[MB.kind] = kind;
+    mb[MB.isWrite] = isWrite ? 1 : 0;
+    mb[MB.size] = size;
+    mb[MB.addrLo] = addr | 0;
+    mb[MB.addrHi] = Math.floor(addr / 0x1_0000_0000);
+    if (isWrite) mbBytes.set(data.subarray(0, size), MB.dataByte);
+    Atomics.store(mb, MB.state, MB_REQUEST);
+    Atomics.notify(mb, MB.state);
+    while (Atomics.load(mb, MB.state) === MB_REQUEST) Atomics.wait(mb, MB.state, MB_REQUEST, 100);
+    if (!isWrite) data.set(mbBytes.subarray(MB.dataByte, MB.dataByte + size));
+  };
+
+  for (;;) {
+    if (Atomics.load(ctl, CTL.stop)) return { index: init.index, reason: "stopped", detail: "stopped" };
+    if (vcpu.runOnce() === "interrupted") {
+      run[RUN.immediateExit] = 0;
+      continue;
+    }
+    const reason = rv.getUint32(RUN.exitReason, true);
+    switch (reason) {
+      case EXIT.IO: {
+        const out = run[RUN.ioDirection] === 1;
+        const size = run[RUN.ioSize];
+        const port = rv.getUint16(RUN.ioPort, true);
+        const count = rv.getUint32(RUN.ioCount, true);
+        const off = Number(rv.getBigUint64(RUN.ioDataOffset, true));
+        for (let i = 0; i < count; i++) {
+          const at = off + i * size;
+          access(KIND_PIO, out, port, size, run.subarray(at, at + size));
+        }
+        break;
+      }
+      case EXIT.MMIO: {
+        const addr = Number(rv.getBigUint64(RUN.mmioPhysAddr, true));
+        const len = Math.min(rv.getUint32(RUN.mmioLen, true), 8);
+        const isWrite = run[RUN.mmioIsWrite] === 1;
+        access(KIND_MMIO, isWrite, addr, len, run.subarray(RUN.mmioData, RUN.mmioData + 8));
+        break;
+      }
+      case EXIT.HLT:
+        // Only without an in-kernel LAPIC; nothing will wake this vCPU.
+        return stateOf(vcpu, init.index, "unexpected-exit", "guest halted with interrupts off");
+      case EXIT.SHUTDOWN:
+        return stateOf(vcpu, init.index, "shutdown", "triple fault (KVM_EXIT_SHUTDOWN)");
+      case EXIT.SYSTEM_EVENT: {
+        const t = rv.getUint32(RUN.systemEventType, true);
+        if (t === SYSTEM_EVENT.SHUTDOWN) {
+          return { index: init.index, reason: "poweroff", detail: "system event shutdown" };
+        }
+        if (t === SYSTEM_EVENT.RESET) {
+          return { index: init.index, reason: "reset", detail: "system event reset" };
+        }
+        return stateOf(vcpu, init.index, "crash", `system event ${t}`);
+      }
+      case EXIT.INTERNAL_ERROR: {
+        const sub = rv.getUint32(RUN.internalSuberror, true);
+        const ndata = rv.getUint32(RUN.internalNdata, true);
+        const r = stateOf(
+          vcpu,
+          init.index,
+          "internal-error",
+          sub === INTERNAL_ERROR_EMULATION
+            ? "KVM internal error: emulation failure"
+            : `KVM internal error, suberror ${sub}`,
+        );
+        if (sub === INTERNAL_ERROR_EMULATION && ndata >= 2) {
+          const flags = rv.getBigUint64(RUN.internalData, true);
+          if (flags & EMULATION_FLAG_INSN_BYTES) {
+            const n = Math.min(Number(rv.getBigUint64(RUN.internalData + 8, true)), 15);
+            r.insn = Array.from(run.subarray(RUN.internalData + 16, RUN.internalData + 16 + n));
+          }
+        }
+        return r;
+      }
+      case EXIT.FAIL_ENTRY: {
+        const hw = rv.getBigUint64(RUN.failReason, true);
+        return stateOf(
+          vcpu,
+          init.index,
+          "fail-entry",
+          `VM entry failed, hardware reason 0x${hw.toString(16)}`,
+        );
+      }
+      case EXIT.INTR:
+        break;
+      default:
+        return stateOf(
+          vcpu,
+          init.index,
+          "unexpected-exit",
+          `unexpected exit ${EXIT_NAMES[reason] ?? reason}`,
+        );
+    }
+  }
+}
+
+self.onmessage = (ev: MessageEvent<VcpuInit>) => {
+  const init = ev.data;
+  let vcpu: VcpuFd;
+  try {
+    vcpu = new VcpuFd(init.vmFd, init.index, init.runSize);
+    vcpu.setCpuid(init.cpuid);
+    if (init.entry) {
+      const sregs = vcpu.getSregs();
+      applyBootSregs(sregs, init.entry.mode);
+      vcpu.setSregs(sregs);
+      vcpu.setRegs(bootRegs(init.entry));
+      vcpu.setBootFpu();
+    }
+    vcpu.setMsrs(init.msrs);
+    vcpu.setBootLapic();
+  } catch (e) {
+    post({ type: "exit", report: { index: init.index, reason: "error", detail: (e as Error).message } });
+    return;
+  }
+  post({ type: "ready", index: init.index, tid: sysGettid(), fd: vcpu.fd });
+  // Wait for the go signal: the device thread clears mailbox state to idle when all are ready.
+  const mb = new Int32Array(init.mailbox);
+  Atomics.wait(mb, MB.state, -1);
+  let report: VcpuExitReport;
+  try {
+    report = runLoop(init, vcpu);
+  } catch (e) {
+    report = { index: init.index, reason: "error", detail: (e as Error).message };
+  }
+  post({ type: "exit", report });
+};

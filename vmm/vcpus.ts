@@ -1,0 +1,172 @@
+/**
+ * vCPU threads as seen from the device thread: one Worker per vCPU running KVM_RUN,
+ * a mailbox per vCPU answered here from the port-I/O and MMIO buses, and stop/kick.
+ */
+
+import type { Bus } from "./bus.ts";
+import { sysTgkill } from "./sys/libc.ts";
+import {
+  CTL,
+  KIND_PIO,
+  MB,
+  MB_IDLE,
+  MB_REQUEST,
+  MB_RESPONSE,
+  type VcpuExitReport,
+  type VcpuInit,
+  type VcpuMessage,
+} from "./vcpu_protocol.ts";
+
+const KICK_SIGNAL = 12; // SIGUSR2
+const KICK_SIGNAL_NAME = "SIGUSR2";
+
+/** Per-vCPU start parameters (the mailbox and control block are made here). */
+export type VcpuStart = Omit<VcpuInit, "mailbox" | "control">;
+
+interface Thread {
+  worker: Worker;
+  mb: Int32Array;
+  mbBytes: Uint8Array;
+  ctl: Int32Array;
+  tid?: number;
+  done: boolean;
+}
+
+/** The set of vCPU threads of one VM. */
+export class VcpuThreads {
+  private threads: Thread[] = [];
+  private stopping = false;
+  private readonly exited: Promise<void>;
+  private resolveExited!: () => void;
+  private readonly onSignal = () => {};
+  /** Exits handled, per kind, for diagnostics. */
+  exits = 0;
+
+  /** Threads that answer from `pio` and `mmio` and report each vCPU's stop to `onExit`. */
+  constructor(
+    private readonly pio: Bus,
+    private readonly mmio: Bus,
+    private readonly onExit: (r: VcpuExitReport) => void,
+  ) {
+    this.exited = new Promise((r) => this.resolveExited = r);
+  }
+
+  /** Creates the vCPUs in their threads, waits until all are set up, then lets them run. */
+  async start(starts: VcpuStart[]): Promise<void> {
+    Deno.addSignalListener(KICK_SIGNAL_NAME, this.onSignal);
+    const ready: Promise<void>[] = [];
+    for (const s of starts) {
+      const mailbox = new SharedArrayBuffer(MB.bytes);
+      const control = new SharedArrayBuffer(CTL.bytes);
+      const mb = new Int32Array(mailbox);
+      mb[MB.state] = -1; // held until every vCPU is ready
+      const worker = new Worker(new URL("./vcpu_worker.ts", import.meta.url).href, { type: "module" });
+      const t: Thread = {
+        worker,
+        mb,
+        mbBytes: new Uint8Array(mailbox),
+        ctl: new Int32Array(control),
+        done: false,
+      };
+      this.threads.push(t);
+      ready.push(
+        new Promise<void>((resolve, reject) => {
+          worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
+            const m = ev.data;
+            if (m.type === "ready") {
+              t.tid = m.tid;
+              resolve();
+            } else {
+              this.finish(t, m.report);
+              reject(new Error(`vCPU ${s.index}: ${m.report.detail}`));
+            }
+          };
+          worker.onerror = (e) => {
+            e.preventDefault();
+            this.finish(t, { index: s.index, reason: "error", detail: e.message });
+            reject(new Error(`vCPU ${s.index}: ${e.message}`));
+          };
+        }),
+      );
+      worker.postMessage({ ...s, mailbox, control } satisfies VcpuInit);
+    }
+    try {
+      await Promise.all(ready);
+    } catch (e) {
+      await this.stop();
+      throw e;
+    }
+    for (const t of this.threads) {
+      Atomics.store(t.mb, MB.state, MB_IDLE);
+      Atomics.notify(t.mb, MB.state);
+      this.pump(t);
+    }
+  }
+
+  private finish(t: Thread, r: VcpuExitReport): void {
+    if (t.done) return;
+    t.done = true;
+    t.worker.terminate();
+    if (r.reason !== "stopped") this.onExit(r);
+    if (this.threads.every((x) => x.done)) {
+      Deno.removeSignalListener(KICK_SIGNAL_NAME, this.onSignal);
+      this.resolveExited();
+    }
+  }
+
+  /** Answers one vCPU's mailbox until it stops. */
+  private async pump(t: Thread): Promise<void> {
+    const mb = t.mb;
+    t.worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
+      if (ev.data.type === "exit") this.finish(t, ev.data.report);
+    };
+    const data = t.mbBytes.subarray(MB.dataByte, MB.dataByte + 8);
+    while (!t.done) {
+      const v = Atomics.load(mb, MB.state);
+      if (v === MB_REQUEST) {
+        this.exits++;
+        const size = mb[MB.size];
+        const addr = (mb[MB.addrLo] >>> 0) + (mb[MB.addrHi] >>> 0) * 0x1_0000_0000;
+        const bus = mb[MB.kind] === KIND_PIO ? this.pio : this.mmio;
+        const d = data.subarray(0, size);
+        try {
+          if (mb[MB.isWrite]) bus.write(addr, d);
+          else bus.read(addr, d);
+        } catch (e) {
+          // A device model fault is a VMM bug: end the VM with a report, never hang the vCPU.
+          d.fill(0xff);
+          const kind = mb[MB.kind] === KIND_PIO ? "port" : "MMIO";
+          this.onExit({
+            index: -1,
+            reason: "error",
+            detail: `device fault at ${kind} 0x${addr.toString(16)}: ${(e as Error).message}`,
+          });
+        }
+        Atomics.store(mb, MB.state, MB_RESPONSE);
+        Atomics.notify(mb, MB.state);
+        continue;
+      }
+      const w = Atomics.waitAsync(mb, MB.state, v, 200);
+      if (w.async) await w.value;
+    }
+  }
+
+  /** Stops every vCPU: sets the stop flags and kicks threads out of KVM_RUN. */
+  async stop(): Promise<void> {
+    if (!this.stopping) {
+      this.stopping = true;
+      for (const t of this.threads) Atomics.store(t.ctl, CTL.stop, 1);
+    }
+    const kick = () => {
+      for (const t of this.threads) if (!t.done && t.tid) sysTgkill(t.tid, KICK_SIGNAL);
+    };
+    kick();
+    const timer = setInterval(kick, 20);
+    const deadline = new Promise<void>((r) => setTimeout(r, 2000));
+    await Promise.race([this.exited, deadline]);
+    clearInterval(timer);
+    for (const t of this.threads) {
+      if (!t.done) this.finish(t, { index: -1, reason: "stopped", detail: "terminated" });
+    }
+  }
+}

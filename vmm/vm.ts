@@ -1,0 +1,102 @@
+/** Typed wrapper for a KVM VM fd. */
+
+import { ioctlBuf, ioctlVal } from "./kvm.ts";
+import { sysClose } from "./sys/libc.ts";
+import { KVM, SIZE } from "./sys/kvm_abi.ts";
+
+/** KVM_PIT_SPEAKER_DUMMY: the PIT's speaker port is emulated as a dummy. */
+const PIT_SPEAKER_DUMMY = 1;
+/** KVM_IOEVENTFD_FLAG_* */
+const IOEVENTFD_DATAMATCH = 1;
+const IOEVENTFD_PIO = 2;
+
+/** A VM file descriptor and the VM-wide ioctls. */
+export class VmFd {
+  /** The VM descriptor. */
+  readonly fd: number;
+  private readonly irqBuf = new Uint8Array(SIZE.irqLevel);
+  private readonly irqView = new DataView(this.irqBuf.buffer);
+
+  /** Wraps an fd returned by KVM_CREATE_VM. */
+  constructor(fd: number) {
+    this.fd = fd;
+  }
+
+  /** KVM_SET_USER_MEMORY_REGION. */
+  setUserMemoryRegion(slot: number, gpa: number, size: number, hostAddr: bigint): void {
+    const b = new Uint8Array(SIZE.userspaceMemoryRegion);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, slot, true);
+    dv.setUint32(4, 0, true);
+    dv.setBigUint64(8, BigInt(gpa), true);
+    dv.setBigUint64(16, BigInt(size), true);
+    dv.setBigUint64(24, hostAddr, true);
+    ioctlBuf(this.fd, KVM.SET_USER_MEMORY_REGION, b, "KVM_SET_USER_MEMORY_REGION");
+  }
+
+  /** KVM_SET_TSS_ADDR (three pages, below 4 GiB, outside RAM). */
+  setTssAddr(addr: number): void {
+    ioctlVal(this.fd, KVM.SET_TSS_ADDR, BigInt(addr), "KVM_SET_TSS_ADDR");
+  }
+
+  /** KVM_SET_IDENTITY_MAP_ADDR (one page; used by Intel real-mode emulation). */
+  setIdentityMapAddr(addr: number): void {
+    const b = new Uint8Array(8);
+    new DataView(b.buffer).setBigUint64(0, BigInt(addr), true);
+    ioctlBuf(this.fd, KVM.SET_IDENTITY_MAP_ADDR, b, "KVM_SET_IDENTITY_MAP_ADDR");
+  }
+
+  /** KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and LAPICs. */
+  createIrqchip(): void {
+    ioctlVal(this.fd, KVM.CREATE_IRQCHIP, 0n, "KVM_CREATE_IRQCHIP");
+  }
+
+  /** KVM_CREATE_PIT2 with a dummy speaker port. */
+  createPit2(): void {
+    const b = new Uint8Array(SIZE.pitConfig);
+    new DataView(b.buffer).setUint32(0, PIT_SPEAKER_DUMMY, true);
+    ioctlBuf(this.fd, KVM.CREATE_PIT2, b, "KVM_CREATE_PIT2");
+  }
+
+  /** KVM_IRQ_LINE: drives GSI `gsi` to `level`. */
+  irqLine(gsi: number, level: boolean): void {
+    this.irqView.setUint32(0, gsi, true);
+    this.irqView.setUint32(4, level ? 1 : 0, true);
+    ioctlBuf(this.fd, KVM.IRQ_LINE, this.irqBuf, "KVM_IRQ_LINE");
+  }
+
+  /** KVM_IRQFD: a write to `eventFd` raises `gsi` (edge). */
+  irqfd(eventFd: number, gsi: number): void {
+    const b = new Uint8Array(SIZE.irqfd);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, eventFd, true);
+    dv.setUint32(4, gsi, true);
+    ioctlBuf(this.fd, KVM.IRQFD, b, "KVM_IRQFD");
+  }
+
+  /** KVM_IOEVENTFD: a guest write of `len` bytes at `addr` signals `eventFd`. */
+  ioeventfd(
+    eventFd: number,
+    addr: number,
+    len: number,
+    opts: { pio?: boolean; datamatch?: number } = {},
+  ): void {
+    const b = new Uint8Array(SIZE.ioeventfd);
+    const dv = new DataView(b.buffer);
+    let flags = opts.pio ? IOEVENTFD_PIO : 0;
+    if (opts.datamatch !== undefined) {
+      flags |= IOEVENTFD_DATAMATCH;
+      dv.setBigUint64(0, BigInt(opts.datamatch), true);
+    }
+    dv.setBigUint64(8, BigInt(addr), true);
+    dv.setUint32(16, len, true);
+    dv.setInt32(20, eventFd, true);
+    dv.setUint32(24, flags, true);
+    ioctlBuf(this.fd, KVM.IOEVENTFD, b, "KVM_IOEVENTFD");
+  }
+
+  /** Closes the VM fd. */
+  close(): void {
+    sysClose(this.fd);
+  }
+}
