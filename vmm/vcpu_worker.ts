@@ -126,8 +126,9 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
         if (sub === INTERNAL_ERROR_EMULATION && ndata >= 2) {
           const flags = rv.getBigUint64(RUN.internalData, true);
           if (flags & EMULATION_FLAG_INSN_BYTES) {
-            const n = Math.min(Number(rv.getBigUint64(RUN.internalData + 8, true)), 15);
-            r.insn = Array.from(run.subarray(RUN.internalData + 16, RUN.internalData + 16 + n));
+            // struct emulation_failure: flags u64, then insn_size u8 and insn_bytes[15].
+            const n = Math.min(run[RUN.internalData + 8], 15);
+            if (n > 0) r.insn = Array.from(run.subarray(RUN.internalData + 9, RUN.internalData + 9 + n));
           }
         }
         return r;

@@ -1,0 +1,183 @@
+/**
+ * tsvmm: a micro-VMM in TypeScript on Deno, driving Linux KVM through FFI.
+ *
+ * ```ts
+ * import { createVm, waitForConsole } from "./mod.ts";
+ * const vm = await createVm({ kernel: "vmlinux", initrd: "initramfs.cpio", cpus: 2 });
+ * await vm.start();
+ * await waitForConsole(vm, /login:/, 30_000);
+ * vm.send("poweroff -f\n");
+ * console.log(await vm.wait());
+ * ```
+ * @module
+ */
+
+import { buildMachine } from "./vmm/builder.ts";
+import type { Machine, VmExit } from "./vmm/machine.ts";
+import type { VmConfig } from "./vmm/config.ts";
+
+export { type BootProtocol, ConfigError, DEFAULT_CMDLINE, type VmConfig } from "./vmm/config.ts";
+export type { VmExit } from "./vmm/machine.ts";
+export { type CpuidBitChange, parseCpuidMask } from "./vmm/arch/x86_64/cpuid.ts";
+export { buildGuest, GUEST_CMDLINE, type GuestAssets } from "./vmm/guest/build.ts";
+
+/** A virtual machine built from a config. */
+export class Vm {
+  /** Guest console output, as a byte stream (from the moment it is read). */
+  readonly output: ReadableStream<Uint8Array>;
+  /** Guest console input. */
+  readonly input: WritableStream<Uint8Array>;
+  private text = "";
+  private readonly waiters = new Set<() => void>();
+
+  private constructor(private readonly machine: Machine) {
+    let unsubscribe = () => {};
+    this.output = new ReadableStream<Uint8Array>({
+      start: (c) => {
+        unsubscribe = machine.console.onOutput((chunk) => c.enqueue(chunk.slice()));
+        machine.exited.then(() => {
+          unsubscribe();
+          try {
+            c.close();
+          } catch { /* already closed */ }
+        });
+      },
+      cancel: () => unsubscribe(),
+    });
+    this.input = new WritableStream<Uint8Array>({
+      write: async (chunk) => {
+        while (!machine.console.input(chunk)) await new Promise((r) => setTimeout(r, 10));
+      },
+    });
+    machine.console.onOutput((chunk) => {
+      this.text += new TextDecoder().decode(chunk);
+      if (this.text.length > 1 << 20) this.text = this.text.slice(-(1 << 19));
+      for (const w of this.waiters) w();
+    });
+    machine.exited.then(() => {
+      for (const w of this.waiters) w();
+    });
+  }
+
+  /** Builds a VM (opens KVM, loads the kernel); throws ConfigError on bad input. */
+  static async create(config: VmConfig): Promise<Vm> {
+    return new Vm(await buildMachine(config));
+  }
+
+  /** Starts the vCPUs. */
+  start(): Promise<void> {
+    return this.machine.start();
+  }
+
+  /** Resolves when the VM has ended. */
+  wait(): Promise<VmExit> {
+    return this.machine.exited;
+  }
+
+  /** Ends the VM from the host. */
+  stop(): Promise<VmExit> {
+    return this.machine.stop();
+  }
+
+  /** Sends text to the guest console. */
+  send(text: string): void {
+    this.machine.console.input(new TextEncoder().encode(text));
+  }
+
+  /** The console output so far (the last MiB at most). */
+  get consoleText(): string {
+    this.machine.console.flush();
+    return this.text;
+  }
+
+  /** The last few KiB of console output. */
+  consoleTail(): string {
+    this.machine.console.flush();
+    return this.machine.console.tailText();
+  }
+
+  /** Resolves on the next console output or VM end (for helpers that poll the text). */
+  nextOutput(): Promise<void> {
+    return new Promise((resolve) => {
+      const w = () => {
+        this.waiters.delete(w);
+        resolve();
+      };
+      this.waiters.add(w);
+    });
+  }
+}
+
+/** Builds a VM from a config object. */
+export function createVm(config: VmConfig): Promise<Vm> {
+  return Vm.create(config);
+}
+
+/** A console wait that timed out or hit the VM's end; carries the console tail. */
+export class ConsoleTimeoutError extends Error {
+  /** Builds the error. */
+  constructor(message: string, readonly tail: string) {
+    super(`${message}\n--- console tail ---\n${tail}`);
+    this.name = "ConsoleTimeoutError";
+  }
+}
+
+/**
+ * Waits until the console output (from `from`, a character offset) matches `pattern`.
+ * Rejects with the console tail after `timeoutMs`, or if the VM ends first.
+ */
+export async function waitForConsole(
+  vm: Vm,
+  pattern: RegExp,
+  timeoutMs: number,
+  from = 0,
+): Promise<RegExpMatchArray> {
+  const deadline = Date.now() + timeoutMs;
+  let ended = false;
+  vm.wait().then(() => ended = true);
+  for (;;) {
+    const m = vm.consoleText.slice(from).match(pattern);
+    if (m) return m;
+    if (ended) {
+      throw new ConsoleTimeoutError(`VM ended before the console showed ${pattern}`, vm.consoleTail());
+    }
+    const left = deadline - Date.now();
+    if (left <= 0) {
+      throw new ConsoleTimeoutError(`no ${pattern} on the console within ${timeoutMs} ms`, vm.consoleTail());
+    }
+    let timer = 0;
+    await Promise.race([vm.nextOutput(), new Promise((r) => timer = setTimeout(r, Math.min(left, 1000)))]);
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Boots a VM, runs `body` against it, and always stops it; a VM that outlives
+ * `timeoutMs` is stopped and the returned promise rejects with the console tail.
+ */
+export async function bootTest<T>(
+  config: VmConfig,
+  body: (vm: Vm) => Promise<T>,
+  timeoutMs = 120_000,
+): Promise<T> {
+  const vm = await createVm(config);
+  await vm.start();
+  let timer = 0;
+  try {
+    return await Promise.race([
+      body(vm),
+      new Promise<never>((_, reject) =>
+        timer = setTimeout(
+          () =>
+            reject(
+              new ConsoleTimeoutError(`boot test did not finish within ${timeoutMs} ms`, vm.consoleTail()),
+            ),
+          timeoutMs,
+        )
+      ),
+    ]);
+  } finally {
+    clearTimeout(timer);
+    await vm.stop();
+  }
+}

@@ -1,0 +1,19 @@
+#!/bin/busybox sh
+# /init of the nested runner's L1 VM: loads the real KVM modules (kvm_amd on QEMU's
+# emulated SVM CPU), then runs tests/nested/l1_main.ts with the project's Deno and
+# reports over the serial console.
+/bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin /root
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+while read -r m; do
+  insmod "/lib/modules/$(uname -r)/$m" || echo "TSVMM-L1-MODULE-FAILED $m"
+done < /etc/tsvmm/modules.order
+[ -c /dev/kvm ] && echo "TSVMM-L1-KVM-READY" || echo "TSVMM-L1-NO-KVM"
+cd /proj
+export HOME=/root DENO_DIR=/tmp/deno-dir DENO_NO_UPDATE_CHECK=1 NO_COLOR=1
+export TSVMM_GUEST_ASSETS=/proj/.cache/guest/assets.json
+/bin/deno run -A --no-check tests/nested/l1_main.ts $(cat /etc/tsvmm/l1_args)
+echo "TSVMM-L1-DONE rc=$?"
+poweroff -f

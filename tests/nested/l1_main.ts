@@ -1,0 +1,40 @@
+/**
+ * Runs inside the nested runner's L1 VM: the full-boot cases against L1's real KVM,
+ * one "TSVMM-RESULT {json}" line per case on the serial console.
+ */
+
+import { BOOT_CASES } from "../boot/cases.ts";
+import type { GuestAssets } from "../../vmm/guest/build.ts";
+
+/** One result line's payload. */
+export interface CaseResult {
+  /** Case name. */
+  name: string;
+  /** Passed. */
+  ok: boolean;
+  /** Wall time in L1. */
+  ms: number;
+  /** Failure text. */
+  error?: string;
+}
+
+const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSVMM_GUEST_ASSETS")!));
+const filter = Deno.args[0] ? new RegExp(Deno.args[0]) : undefined;
+for (const c of BOOT_CASES) {
+  if (filter && !filter.test(c.name)) continue;
+  const t = performance.now();
+  let r: CaseResult;
+  try {
+    await c.run(assets);
+    r = { name: c.name, ok: true, ms: Math.round(performance.now() - t) };
+  } catch (e) {
+    r = {
+      name: c.name,
+      ok: false,
+      ms: Math.round(performance.now() - t),
+      error: String((e as Error).message ?? e),
+    };
+  }
+  console.log("TSVMM-RESULT " + JSON.stringify(r));
+}
+Deno.exit(0);

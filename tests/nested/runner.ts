@@ -1,0 +1,224 @@
+/**
+ * The nested-KVM runner: where this host's KVM cannot run stock kernels (PVM, or no
+ * /dev/kvm), boot an L1 Linux under QEMU TCG with an emulated AMD CPU with SVM, load
+ * the real kvm + kvm_amd there, and run the boot cases inside it with our Deno and
+ * source, reading results back over L1's serial console (../shared/KVM_HERE.md).
+ */
+
+import { type CpioEntry, writeCpio } from "../../vmm/guest/cpio.ts";
+import { loadOrder, parseModulesBuiltin, parseModulesDep } from "../../vmm/guest/modules.ts";
+import { buildGuest, type GuestAssets } from "../../vmm/guest/build.ts";
+
+const ROOT = new URL("../../", import.meta.url).pathname;
+const PROJECT_DIRS = ["mod.ts", "deno.json", "vmm", "devices", "transports", "tests", "examples"];
+const L1_MODULES = ["irqbypass", "kvm", "kvm_amd"];
+
+/** Whether this host's KVM can run a stock kernel to userspace (hardware VMX/SVM, not PVM). */
+export function hostKvmRunsStockKernels(): boolean {
+  const forced = Deno.env.get("TSVMM_NESTED");
+  if (forced === "1") return false;
+  if (forced === "0") return true;
+  try {
+    Deno.openSync("/dev/kvm", { read: true, write: true }).close();
+  } catch {
+    return false;
+  }
+  try {
+    Deno.statSync("/sys/module/kvm_pvm");
+    return false;
+  } catch { /* not PVM */ }
+  const flags = Deno.readTextFileSync("/proc/cpuinfo").match(/^flags\s*:(.*)$/m)?.[1] ?? "";
+  return /\b(vmx|svm)\b/.test(flags);
+}
+
+/** Why the nested runner cannot run here, or undefined if it can. */
+export function nestedUnavailable(): string | undefined {
+  for (const bin of ["qemu-system-x86_64"]) {
+    try {
+      new Deno.Command("sh", { args: ["-c", `command -v ${bin}`] }).outputSync().success || (() => {
+        throw 0;
+      })();
+    } catch {
+      return `${bin} is not installed (apt-get install qemu-system-x86)`;
+    }
+  }
+  return undefined;
+}
+
+function hostTscKhz(): number {
+  const m = /cpu MHz\s*:\s*([\d.]+)/.exec(Deno.readTextFileSync("/proc/cpuinfo"));
+  return m ? Math.round(Number(m[1]) * 1000) : 2_000_000;
+}
+
+async function walk(path: string, rel: string, out: Array<[string, string]>): Promise<void> {
+  const st = await Deno.stat(path);
+  if (st.isFile) {
+    out.push([rel, path]);
+    return;
+  }
+  const names: string[] = [];
+  for await (const e of Deno.readDir(path)) names.push(e.name);
+  for (const n of names.sort()) await walk(`${path}/${n}`, `${rel}/${n}`, out);
+}
+
+/** Shared libraries a binary needs, from ldd: [path inside L1, host path]. */
+async function sharedLibs(binary: string): Promise<Array<[string, string]>> {
+  const out = await new Deno.Command("ldd", { args: [binary], stdout: "piped" }).output();
+  const libs: Array<[string, string]> = [];
+  for (const line of new TextDecoder().decode(out.stdout).split("\n")) {
+    const m = /=>\s*(\/\S+)/.exec(line) ?? /^\s*(\/\S+)\s+\(/.exec(line);
+    if (m) libs.push([m[1].replace(/^\//, ""), await Deno.realPath(m[1])]);
+  }
+  return libs;
+}
+
+/** Builds the L1 initramfs: busybox, KVM modules, Deno and its libraries, the project, the guest. */
+export async function buildL1Initramfs(
+  guest: GuestAssets,
+  args: string,
+): Promise<{ cpio: Uint8Array; kernel: string }> {
+  const l1 = guest.kernels["6.1"];
+  const root = `${guest.dir}/${l1.package}`;
+  const modRoot = `${root}/lib/modules/${l1.release}`;
+  const order = loadOrder(
+    parseModulesDep(await Deno.readTextFile(`${modRoot}/modules.dep`)),
+    L1_MODULES,
+    parseModulesBuiltin(await Deno.readTextFile(`${modRoot}/modules.builtin`)),
+  );
+  const entries: CpioEntry[] = [];
+  const dirs = new Set<string>();
+  const addFile = async (path: string, host: string | Uint8Array, mode = 0o644) => {
+    const parts = path.split("/");
+    for (let i = 1; i < parts.length; i++) {
+      const d = parts.slice(0, i).join("/");
+      if (!dirs.has(d)) {
+        dirs.add(d);
+        entries.push({ type: "dir", path: d });
+      }
+    }
+    entries.push({
+      type: "file",
+      path,
+      data: typeof host === "string" ? await Deno.readFile(host) : host,
+      mode,
+    });
+  };
+  const enc = new TextEncoder();
+  await addFile("init", `${ROOT}tests/nested/l1_init.sh`, 0o755);
+  await addFile("bin/busybox", `${guest.dir}/busybox-static/bin/busybox`, 0o755);
+  entries.push({ type: "symlink", path: "bin/sh", target: "busybox" });
+  await addFile("etc/tsvmm/modules.order", enc.encode(order.join("\n") + "\n"));
+  await addFile("etc/tsvmm/l1_args", enc.encode(args + "\n"));
+  for (const m of order) await addFile(`lib/modules/${l1.release}/${m}`, `${modRoot}/${m}`);
+  const deno = await Deno.realPath(Deno.execPath());
+  await addFile("bin/deno", deno, 0o755);
+  for (const [inside, host] of await sharedLibs(deno)) await addFile(inside, host, 0o755);
+  const files: Array<[string, string]> = [];
+  for (const p of PROJECT_DIRS) {
+    try {
+      await walk(`${ROOT}${p}`, p, files);
+    } catch { /* optional dir */ }
+  }
+  for (const [rel, host] of files) await addFile(`proj/${rel}`, host);
+  // The guest assets, at paths L1 sees.
+  const inL1: GuestAssets = { dir: "/proj/.cache/guest", kernels: {}, initramfs: "" };
+  for (const [line, k] of Object.entries(guest.kernels)) {
+    const base = `proj/.cache/guest/out/${k.release}`;
+    await addFile(`${base}/vmlinux`, k.vmlinux);
+    await addFile(`${base}/initramfs.cpio`, k.initramfs);
+    inL1.kernels[line] = {
+      ...k,
+      bzImage: "",
+      vmlinux: `/${base}/vmlinux`,
+      initramfs: `/${base}/initramfs.cpio`,
+    };
+  }
+  inL1.initramfs = inL1.kernels["6.1"].initramfs;
+  await addFile("proj/.cache/guest/assets.json", enc.encode(JSON.stringify(inL1)));
+  return { cpio: writeCpio(entries), kernel: l1.bzImage };
+}
+
+/** What an L1 run produced. */
+export interface L1Run {
+  /** Payloads of the "TSVMM-RESULT " lines, parsed. */
+  results: Array<{ name: string; ok: boolean; ms: number; error?: string }>;
+  /** Whether L1 reported completion. */
+  completed: boolean;
+  /** The last part of L1's console. */
+  tail: string;
+  /** Wall time of the run. */
+  ms: number;
+}
+
+/** Options for an L1 run. */
+export interface L1Options {
+  /** Regex source selecting boot cases (all if empty). */
+  filter?: string;
+  /** Whole-run timeout. */
+  timeoutMs?: number;
+  /** Print L1's console as it comes. */
+  echo?: boolean;
+}
+
+/** Boots L1, runs the selected boot cases inside it, and returns their results. */
+export async function runNested(opts: L1Options = {}): Promise<L1Run> {
+  const t0 = performance.now();
+  const guest = await buildGuest({ quiet: true });
+  const { cpio, kernel } = await buildL1Initramfs(guest, opts.filter ?? "");
+  const dir = await Deno.makeTempDir({ prefix: "tsvmm-l1-" });
+  const initrd = `${dir}/l1.cpio`;
+  await Deno.writeFile(initrd, cpio);
+  const qemu = [
+    "qemu-system-x86_64",
+    "-accel tcg,thread=multi",
+    "-M q35",
+    "-cpu EPYC,+svm",
+    "-smp 2",
+    "-m 3072",
+    "-display none -monitor none -serial stdio -no-reboot",
+    `-kernel ${kernel}`,
+    `-initrd ${initrd}`,
+    `-append 'console=ttyS0 nokaslr tsc_early_khz=${hostTscKhz()} panic=-1 reboot=t quiet'`,
+  ].join(" ");
+  // A watchdog shell: QEMU dies with this process, even if this process is killed outright.
+  const script = `${qemu} </dev/null & q=$!; trap 'kill -9 $q 2>/dev/null' EXIT INT TERM HUP; ` +
+    `while kill -0 ${Deno.pid} 2>/dev/null && kill -0 $q 2>/dev/null; do sleep 0.5; done; wait $q`;
+  const child = new Deno.Command("sh", { args: ["-c", script], stdout: "piped", stderr: "piped" }).spawn();
+  const results: L1Run["results"] = [];
+  let completed = false;
+  let tail = "";
+  const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
+  const timer = setTimeout(() => child.kill("SIGTERM"), timeoutMs);
+  const decoder = new TextDecoder();
+  let pending = "";
+  const onText = (s: string) => {
+    if (opts.echo) Deno.stderr.writeSync(new TextEncoder().encode(s));
+    tail = (tail + s).slice(-8000);
+    pending += s;
+    let nl;
+    while ((nl = pending.indexOf("\n")) >= 0) {
+      const line = pending.slice(0, nl).replace(/\r$/, "");
+      pending = pending.slice(nl + 1);
+      const i = line.indexOf("TSVMM-RESULT ");
+      if (i >= 0) {
+        try {
+          results.push(JSON.parse(line.slice(i + "TSVMM-RESULT ".length)));
+        } catch { /* a garbled line is caught by the missing result */ }
+      }
+      if (line.includes("TSVMM-L1-DONE")) completed = true;
+    }
+  };
+  const errText = new Response(child.stderr).text();
+  for await (const chunk of child.stdout) onText(decoder.decode(chunk, { stream: true }));
+  await child.status;
+  clearTimeout(timer);
+  const stderr = await errText;
+  if (stderr.trim()) tail += `\n[qemu stderr] ${stderr.trim()}`;
+  await Deno.remove(dir, { recursive: true });
+  return { results, completed, tail, ms: Math.round(performance.now() - t0) };
+}
+
+if (import.meta.main) {
+  const r = await runNested({ filter: Deno.args[0], echo: true });
+  console.log(JSON.stringify({ ...r, tail: undefined }, null, 2));
+}
