@@ -145,7 +145,7 @@ export async function waitForConsole(
     if (left <= 0) {
       throw new ConsoleTimeoutError(`no ${pattern} on the console within ${timeoutMs} ms`, vm.consoleTail());
     }
-    let timer = 0;
+    let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([vm.nextOutput(), new Promise((r) => timer = setTimeout(r, Math.min(left, 1000)))]);
     clearTimeout(timer);
   }
@@ -162,7 +162,7 @@ export async function bootTest<T>(
 ): Promise<T> {
   const vm = await createVm(config);
   await vm.start();
-  let timer = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     return await Promise.race([
       body(vm),

@@ -22,7 +22,7 @@ Options:
   --cmdline TEXT        kernel command line (default: "${DEFAULT_CMDLINE}")
   --cpus N              number of vCPUs (default 1)
   --memory SIZE         guest RAM, in MiB or with a suffix: 512, 512M, 2G (default 512M)
-  --cpuid-mask LIST     CPUID bits to clear or set: -cx16,-xsave,+0x1:ecx:31
+  --cpuid-mask=LIST     CPUID bits to clear or set: --cpuid-mask=-cx16,-xsave,+0x1:ecx:31
                         (names: ${Object.keys(CPUID_FEATURES).join(" ")})
   --unpack-kernel       boot a bzImage's unpacked vmlinux (skips the decompressor)
   --boot-protocol P     ELF entry: auto (PVH when the kernel has the note), linux64, pvh

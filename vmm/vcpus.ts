@@ -4,7 +4,7 @@
  */
 
 import type { Bus } from "./bus.ts";
-import { sysTgkill } from "./sys/libc.ts";
+import { installNoopSignalHandler, sysTgkill } from "./sys/libc.ts";
 import {
   CTL,
   KIND_PIO,
@@ -18,7 +18,6 @@ import {
 } from "./vcpu_protocol.ts";
 
 const KICK_SIGNAL = 12; // SIGUSR2
-const KICK_SIGNAL_NAME = "SIGUSR2";
 
 /** Per-vCPU start parameters (the mailbox and control block are made here). */
 export type VcpuStart = Omit<VcpuInit, "mailbox" | "control">;
@@ -38,7 +37,6 @@ export class VcpuThreads {
   private stopping = false;
   private readonly exited: Promise<void>;
   private resolveExited!: () => void;
-  private readonly onSignal = () => {};
   /** Exits handled, per kind, for diagnostics. */
   exits = 0;
 
@@ -53,7 +51,7 @@ export class VcpuThreads {
 
   /** Creates the vCPUs in their threads, waits until all are set up, then lets them run. */
   async start(starts: VcpuStart[]): Promise<void> {
-    Deno.addSignalListener(KICK_SIGNAL_NAME, this.onSignal);
+    installNoopSignalHandler(KICK_SIGNAL);
     const ready: Promise<void>[] = [];
     for (const s of starts) {
       const mailbox = new SharedArrayBuffer(MB.bytes);
@@ -108,10 +106,7 @@ export class VcpuThreads {
     t.done = true;
     t.worker.terminate();
     if (r.reason !== "stopped") this.onExit(r);
-    if (this.threads.every((x) => x.done)) {
-      Deno.removeSignalListener(KICK_SIGNAL_NAME, this.onSignal);
-      this.resolveExited();
-    }
+    if (this.threads.every((x) => x.done)) this.resolveExited();
   }
 
   /** Answers one vCPU's mailbox until it stops. */
@@ -162,9 +157,11 @@ export class VcpuThreads {
     };
     kick();
     const timer = setInterval(kick, 20);
-    const deadline = new Promise<void>((r) => setTimeout(r, 2000));
+    let deadlineTimer: ReturnType<typeof setTimeout> | undefined;
+    const deadline = new Promise<void>((r) => deadlineTimer = setTimeout(r, 2000));
     await Promise.race([this.exited, deadline]);
     clearInterval(timer);
+    clearTimeout(deadlineTimer);
     for (const t of this.threads) {
       if (!t.done) this.finish(t, { index: -1, reason: "stopped", detail: "terminated" });
     }

@@ -14,6 +14,6 @@ done < /etc/tsvmm/modules.order
 cd /proj
 export HOME=/root DENO_DIR=/tmp/deno-dir DENO_NO_UPDATE_CHECK=1 NO_COLOR=1
 export TSVMM_GUEST_ASSETS=/proj/.cache/guest/assets.json
-/bin/deno run -A --no-check tests/nested/l1_main.ts $(cat /etc/tsvmm/l1_args)
+/bin/deno run -A --no-check tests/nested/l1_main.ts /etc/tsvmm/l1_args
 echo "TSVMM-L1-DONE rc=$?"
 poweroff -f

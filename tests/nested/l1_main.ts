@@ -19,7 +19,9 @@ export interface CaseResult {
 }
 
 const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSVMM_GUEST_ASSETS")!));
-const filter = Deno.args[0] ? new RegExp(Deno.args[0]) : undefined;
+// The case filter (a regex source) comes in a file, so no shell splits it.
+const filterText = Deno.args[0] ? (await Deno.readTextFile(Deno.args[0])).trim() : "";
+const filter = filterText ? new RegExp(filterText) : undefined;
 for (const c of BOOT_CASES) {
   if (filter && !filter.test(c.name)) continue;
   const t = performance.now();

@@ -182,7 +182,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   ].join(" ");
   // A watchdog shell: QEMU dies with this process, even if this process is killed outright.
   const script = `${qemu} </dev/null & q=$!; trap 'kill -9 $q 2>/dev/null' EXIT INT TERM HUP; ` +
-    `while kill -0 ${Deno.pid} 2>/dev/null && kill -0 $q 2>/dev/null; do sleep 0.5; done; wait $q`;
+    `while kill -0 ${Deno.pid} 2>/dev/null && kill -0 $q 2>/dev/null; do sleep 0.5; done; kill -9 $q 2>/dev/null; wait $q`;
   const child = new Deno.Command("sh", { args: ["-c", script], stdout: "piped", stderr: "piped" }).spawn();
   const results: L1Run["results"] = [];
   let completed = false;

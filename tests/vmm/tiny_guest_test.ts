@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { buildMachine } from "../../vmm/builder.ts";
 import { requireKvm } from "../harness/kvm.ts";
+import { bootTest, ConsoleTimeoutError, type Vm, waitForConsole } from "../../mod.ts";
 
 // Assembled from tests/vmm/tiny_guest.s (GNU as, .code64); see the comments there.
 const GUEST = new Uint8Array([
@@ -186,5 +187,33 @@ Deno.test({
       ["mmio-r", 24, 8, "0102030405060708"],
       ["mmio-w", 32, 8, "0102030405060708"],
     ]);
+  },
+});
+
+// Prints "spin\n" then loops forever (jmp .).
+const SPINNER = new Uint8Array([
+  0x66,
+  0xba,
+  0xf8,
+  0x03, // mov dx, 0x3f8
+  ...[..."spin\n"].flatMap((c) => [0xb0, c.charCodeAt(0), 0xee]), // mov al, c; out dx, al
+  0xeb,
+  0xfe, // jmp .
+]);
+
+Deno.test({
+  name: "tiny guest: a hung guest fails its boot test with the console tail, and is stopped",
+  ignore: !requireKvm("tiny guest"),
+  fn: async () => {
+    let vmRef: Vm | undefined;
+    const err = await bootTest({ program: { code: SPINNER }, memoryMiB: 16, cpus: 2 }, async (vm) => {
+      vmRef = vm;
+      await waitForConsole(vm, /never printed/, 1500);
+    }).then(() => undefined, (e) => e);
+    assert.ok(err instanceof ConsoleTimeoutError, String(err));
+    assert.match(err.message, /no \/never printed\/ on the console within 1500 ms/);
+    assert.match(err.message, /--- console tail ---\nspin\n/);
+    const exit = await vmRef!.wait();
+    assert.equal(exit.reason, "stopped");
   },
 });

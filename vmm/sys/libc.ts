@@ -26,6 +26,8 @@ const SYMBOLS = {
   getpid: { parameters: [], result: "i32" },
   tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
   isatty: { parameters: ["i32"], result: "i32" },
+  dlsym: { parameters: ["pointer", "buffer"], result: "pointer" },
+  signal: { parameters: ["i32", "pointer"], result: "pointer" },
 } as const;
 
 type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -159,4 +161,20 @@ export function sysGettid(): number {
 /** Sends `sig` to thread `tid` of this process. */
 export function sysTgkill(tid: number, sig: number): void {
   libc().tgkill(libc().getpid(), tid, sig);
+}
+
+const noopHandled = new Set<number>();
+
+/**
+ * Gives `sig` a handler that does nothing, once per process and never removed, so a
+ * signal sent to a vCPU thread only interrupts KVM_RUN (EINTR). The handler is libc's
+ * getpid (async-signal-safe, ignores its argument), found with dlsym.
+ */
+export function installNoopSignalHandler(sig: number): void {
+  if (noopHandled.has(sig)) return;
+  const fn = libc().dlsym(null, new TextEncoder().encode("getpid\0"));
+  if (!fn) throw new Error("dlsym(getpid) failed");
+  const prev = libc().signal(sig, fn);
+  if (prev && Deno.UnsafePointer.value(prev) === -1n) throw new SysError(`signal(${sig})`, errno());
+  noopHandled.add(sig);
 }

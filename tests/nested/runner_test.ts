@@ -1,0 +1,62 @@
+/** The nested runner itself: a hung L1 is killed at its timeout and leaves no QEMU behind. */
+
+import assert from "node:assert/strict";
+import { nestedUnavailable, runNested } from "./runner.ts";
+
+async function qemuCount(): Promise<number> {
+  const out = await new Deno.Command("pgrep", {
+    args: ["-c", "-f", "qemu-system-x86_64 -accel tcg"],
+    stdout: "piped",
+  })
+    .output();
+  return Number(new TextDecoder().decode(out.stdout).trim() || "0");
+}
+
+Deno.test({
+  name: "nested runner: a run past its timeout fails with the console tail and leaves no QEMU process",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    const why = nestedUnavailable();
+    if (why) throw new Error(`the nested runner cannot run: ${why}`);
+    const before = await qemuCount();
+    // 6 s is enough to start L1 but not to finish any boot case.
+    const run = await runNested({ timeoutMs: 6_000 });
+    assert.equal(run.completed, false);
+    assert.equal(run.results.length, 0);
+    assert.ok(run.ms < 60_000, `the run ended at its timeout (${run.ms} ms)`);
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(await qemuCount(), before, "no QEMU left behind");
+  },
+});
+
+Deno.test({
+  name: "nested runner: killing the test process outright (SIGKILL) leaves no QEMU process",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    const why = nestedUnavailable();
+    if (why) throw new Error(`the nested runner cannot run: ${why}`);
+    const before = await qemuCount();
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", new URL("./runner.ts", import.meta.url).pathname],
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    let seen = false;
+    for (let i = 0; i < 120 && !seen; i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      seen = (await qemuCount()) > before;
+    }
+    assert.ok(seen, "QEMU started");
+    child.kill("SIGKILL");
+    await child.status;
+    let left = -1;
+    for (let i = 0; i < 40; i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      left = await qemuCount();
+      if (left === before) break;
+    }
+    assert.equal(left, before, "QEMU ended with its parent");
+  },
+});
