@@ -18,6 +18,7 @@ import {
 } from "./vcpu_protocol.ts";
 
 const KICK_SIGNAL = 12; // SIGUSR2
+const SPIN_MS = Number(Deno.env.get("TSVMM_SPIN_US") ?? "50") / 1000;
 
 /** Per-vCPU start parameters (the mailbox and control block are made here). */
 export type VcpuStart = Omit<VcpuInit, "mailbox" | "control">;
@@ -105,6 +106,7 @@ export class VcpuThreads {
     if (t.done) return;
     t.done = true;
     t.worker.terminate();
+    Atomics.notify(t.mb, MB.state); // wake this vCPU's pump so it sees `done`
     if (r.reason !== "stopped") this.onExit(r);
     if (this.threads.every((x) => x.done)) this.resolveExited();
   }
@@ -141,7 +143,11 @@ export class VcpuThreads {
         Atomics.notify(mb, MB.state);
         continue;
       }
-      const w = Atomics.waitAsync(mb, MB.state, v, 200);
+      // Exits come in bursts: poll briefly before paying for an event-loop wakeup.
+      const spinUntil = performance.now() + SPIN_MS;
+      while (Atomics.load(mb, MB.state) === v && performance.now() < spinUntil) { /* spin */ }
+      if (Atomics.load(mb, MB.state) !== v) continue;
+      const w = Atomics.waitAsync(mb, MB.state, v);
       if (w.async) await w.value;
     }
   }

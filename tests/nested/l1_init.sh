@@ -12,8 +12,8 @@ while read -r m; do
 done < /etc/tsvmm/modules.order
 [ -c /dev/kvm ] && echo "TSVMM-L1-KVM-READY" || echo "TSVMM-L1-NO-KVM"
 cd /proj
-export HOME=/root DENO_DIR=/tmp/deno-dir DENO_NO_UPDATE_CHECK=1 NO_COLOR=1
+export PATH=/usr/bin:/bin:/sbin:/usr/sbin HOME=/root DENO_DIR=/tmp/deno-dir DENO_NO_UPDATE_CHECK=1 NO_COLOR=1
 export TSVMM_GUEST_ASSETS=/proj/.cache/guest/assets.json
-/bin/deno run -A --no-check tests/nested/l1_main.ts /etc/tsvmm/l1_args
+/bin/deno run -A --no-check "$(cat /etc/tsvmm/l1_program)" /etc/tsvmm/l1_args
 echo "TSVMM-L1-DONE rc=$?"
 poweroff -f

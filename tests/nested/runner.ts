@@ -72,10 +72,30 @@ async function sharedLibs(binary: string): Promise<Array<[string, string]>> {
   return libs;
 }
 
+/** QEMU's firmware files the microvm machine needs. */
+const QEMU_DATA = [
+  "bios-microvm.bin",
+  "qboot.rom",
+  "linuxboot_dma.bin",
+  "pvh.bin",
+  "kvmvapic.bin",
+  "multiboot_dma.bin",
+];
+
+/** What L1 runs. */
+export interface L1Program {
+  /** Script (relative to the project) L1 runs with Deno. */
+  script: string;
+  /** Text handed to the script in a file (its first argument). */
+  args: string;
+  /** Also put QEMU (binary, libraries, firmware) into L1. */
+  withQemu?: boolean;
+}
+
 /** Builds the L1 initramfs: busybox, KVM modules, Deno and its libraries, the project, the guest. */
 export async function buildL1Initramfs(
   guest: GuestAssets,
-  args: string,
+  program: L1Program,
 ): Promise<{ cpio: Uint8Array; kernel: string }> {
   const l1 = guest.kernels["6.1"];
   const root = `${guest.dir}/${l1.package}`;
@@ -87,7 +107,10 @@ export async function buildL1Initramfs(
   );
   const entries: CpioEntry[] = [];
   const dirs = new Set<string>();
+  const seen = new Set<string>();
   const addFile = async (path: string, host: string | Uint8Array, mode = 0o644) => {
+    if (seen.has(path)) return;
+    seen.add(path);
     const parts = path.split("/");
     for (let i = 1; i < parts.length; i++) {
       const d = parts.slice(0, i).join("/");
@@ -108,11 +131,18 @@ export async function buildL1Initramfs(
   await addFile("bin/busybox", `${guest.dir}/busybox-static/bin/busybox`, 0o755);
   entries.push({ type: "symlink", path: "bin/sh", target: "busybox" });
   await addFile("etc/tsvmm/modules.order", enc.encode(order.join("\n") + "\n"));
-  await addFile("etc/tsvmm/l1_args", enc.encode(args + "\n"));
+  await addFile("etc/tsvmm/l1_args", enc.encode(program.args + "\n"));
+  await addFile("etc/tsvmm/l1_program", enc.encode(program.script + "\n"));
   for (const m of order) await addFile(`lib/modules/${l1.release}/${m}`, `${modRoot}/${m}`);
   const deno = await Deno.realPath(Deno.execPath());
   await addFile("bin/deno", deno, 0o755);
   for (const [inside, host] of await sharedLibs(deno)) await addFile(inside, host, 0o755);
+  if (program.withQemu) {
+    const qemu = await Deno.realPath("/usr/bin/qemu-system-x86_64");
+    await addFile("usr/bin/qemu-system-x86_64", qemu, 0o755);
+    for (const [inside, host] of await sharedLibs(qemu)) await addFile(inside, host, 0o755);
+    for (const f of QEMU_DATA) await addFile(`usr/share/qemu/${f}`, `/usr/share/qemu/${f}`);
+  }
   const files: Array<[string, string]> = [];
   for (const p of PROJECT_DIRS) {
     try {
@@ -142,6 +172,8 @@ export async function buildL1Initramfs(
 export interface L1Run {
   /** Payloads of the "TSVMM-RESULT " lines, parsed. */
   results: Array<{ name: string; ok: boolean; ms: number; error?: string }>;
+  /** Payloads of the "TSVMM-BENCH " lines, parsed. */
+  bench: Array<Record<string, unknown>>;
   /** Whether L1 reported completion. */
   completed: boolean;
   /** The last part of L1's console. */
@@ -152,6 +184,8 @@ export interface L1Run {
 
 /** Options for an L1 run. */
 export interface L1Options {
+  /** What L1 runs (default: the boot cases). */
+  program?: L1Program;
   /** Regex source selecting boot cases (all if empty). */
   filter?: string;
   /** Whole-run timeout. */
@@ -164,7 +198,8 @@ export interface L1Options {
 export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const t0 = performance.now();
   const guest = await buildGuest({ quiet: true });
-  const { cpio, kernel } = await buildL1Initramfs(guest, opts.filter ?? "");
+  const program = opts.program ?? { script: "tests/nested/l1_main.ts", args: opts.filter ?? "" };
+  const { cpio, kernel } = await buildL1Initramfs(guest, program);
   const dir = await Deno.makeTempDir({ prefix: "tsvmm-l1-" });
   const initrd = `${dir}/l1.cpio`;
   await Deno.writeFile(initrd, cpio);
@@ -185,6 +220,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
     `while kill -0 ${Deno.pid} 2>/dev/null && kill -0 $q 2>/dev/null; do sleep 0.5; done; kill -9 $q 2>/dev/null; wait $q`;
   const child = new Deno.Command("sh", { args: ["-c", script], stdout: "piped", stderr: "piped" }).spawn();
   const results: L1Run["results"] = [];
+  const bench: L1Run["bench"] = [];
   let completed = false;
   let tail = "";
   const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
@@ -205,6 +241,12 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
           results.push(JSON.parse(line.slice(i + "TSVMM-RESULT ".length)));
         } catch { /* a garbled line is caught by the missing result */ }
       }
+      const b = line.indexOf("TSVMM-BENCH ");
+      if (b >= 0) {
+        try {
+          bench.push(JSON.parse(line.slice(b + "TSVMM-BENCH ".length)));
+        } catch { /* reported as missing figures */ }
+      }
       if (line.includes("TSVMM-L1-DONE")) completed = true;
     }
   };
@@ -215,7 +257,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const stderr = await errText;
   if (stderr.trim()) tail += `\n[qemu stderr] ${stderr.trim()}`;
   await Deno.remove(dir, { recursive: true });
-  return { results, completed, tail, ms: Math.round(performance.now() - t0) };
+  return { results, bench, completed, tail, ms: Math.round(performance.now() - t0) };
 }
 
 if (import.meta.main) {

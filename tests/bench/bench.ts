@@ -1,0 +1,47 @@
+/**
+ * `deno task bench`: boot time of tsvmm and QEMU side by side (nested L1 or native KVM),
+ * and the vCPU exit round trip on this host's own KVM.
+ */
+
+import { type BenchFigure, bootBench, median } from "./boot_bench.ts";
+import { exitRoundTrip } from "./exit_bench.ts";
+import { hostKvmRunsStockKernels, nestedUnavailable, runNested } from "../nested/runner.ts";
+import { buildGuest } from "../../vmm/guest/build.ts";
+
+const runs = Number(Deno.env.get("TSVMM_BENCH_RUNS") ?? "5");
+const fmt = (x: number) => x.toFixed(1).padStart(8);
+
+console.log("== vCPU exit round trip on this host's /dev/kvm (guest write -> device -> resume)");
+for (const kind of ["pio", "mmio"] as const) {
+  const r = await exitRoundTrip(kind);
+  console.log(
+    `${kind.padEnd(5)} median ${fmt(median(r))} us/exit  runs: ${r.map((x) => x.toFixed(1)).join(" ")}`,
+  );
+}
+
+const native = hostKvmRunsStockKernels();
+let figures: BenchFigure[];
+if (native) {
+  console.log(`\n== boot to /init on this host's KVM, ${runs} runs each`);
+  figures = await bootBench(await buildGuest({ quiet: true }), runs);
+} else {
+  const why = nestedUnavailable();
+  if (why) throw new Error(`boot bench needs the nested runner: ${why}`);
+  console.log(`\n== boot to /init inside the nested runner's L1 (QEMU TCG, emulated SVM), ${runs} runs each`);
+  console.log("   Nested-emulated figures: compare the ratios, not the times, with hardware.");
+  const run = await runNested({
+    program: { script: "tests/bench/l1_bench.ts", args: JSON.stringify({ runs }), withQemu: true },
+    timeoutMs: 40 * 60_000,
+    echo: Deno.env.get("TSVMM_ECHO_L1") === "1",
+  });
+  const err = run.bench.find((b) => "error" in b);
+  if (err || run.bench.length === 0) {
+    throw new Error(`boot bench failed in L1: ${err?.error ?? "no figures"}\n${run.tail}`);
+  }
+  figures = run.bench as unknown as BenchFigure[];
+}
+const qemu = figures.find((f) => f.name.startsWith("QEMU"))!;
+for (const f of figures) {
+  const ratio = f === qemu ? "" : `  ${(f.median / qemu.median).toFixed(2)}x QEMU's time`;
+  console.log(`${f.name.padEnd(58)} median ${fmt(f.median)} ms${ratio}  runs: ${f.runs.join(" ")}`);
+}
