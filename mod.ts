@@ -90,10 +90,14 @@ export class Vm {
     return this.text;
   }
 
-  /** The last few KiB of console output. */
+  /** The last few KiB of console output, then how the VM ended and its devices' state. */
   consoleTail(): string {
     this.machine.console.flush();
-    return this.machine.console.tailText();
+    const exit = this.machine.exitInfo;
+    const devices = this.machine.deviceReport();
+    return this.machine.console.tailText() +
+      (exit ? `\n[vm ended: ${exit.message}]` : "") +
+      (devices.length ? `\n[devices]\n${devices.join("\n")}` : "");
   }
 
   /** Resolves on the next console output or VM end (for helpers that poll the text). */

@@ -22,6 +22,11 @@ import { Serial } from "../devices/legacy/serial.ts";
 import { I8042, I8042_CMD, I8042_DATA } from "../devices/legacy/i8042.ts";
 import { AcpiPm } from "../devices/legacy/acpi_pm.ts";
 import type { VcpuStart } from "./vcpus.ts";
+import { EventLoop } from "./event_loop.ts";
+import { VirtioMmioDevices } from "./virtio_mmio_bus.ts";
+import { DiskError, FileBackend } from "./block_file.ts";
+import { VirtioBlk } from "../devices/virtio/blk.ts";
+import { VirtioRng } from "../devices/virtio/rng.ts";
 
 async function readUserFile(path: string, what: string): Promise<Uint8Array> {
   try {
@@ -58,24 +63,42 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
   }
   const initrd = cfg.initrd ? await readUserFile(cfg.initrd, "initrd") : undefined;
 
+  // Disks open (and lock) before anything else, so a missing or locked image is a clear error.
+  const backends: FileBackend[] = [];
+  const closeBackends = () => backends.forEach((b) => b.close());
+  try {
+    for (const d of cfg.disks) backends.push(FileBackend.open(d.path, d.readonly));
+  } catch (e) {
+    closeBackends();
+    if (e instanceof DiskError) throw new ConfigError(e.message);
+    throw e;
+  }
+
   let kvm: Kvm;
   try {
     kvm = Kvm.open(cfg.kvmDevice);
   } catch (e) {
+    closeBackends();
     throw new ConfigError((e as Error).message);
   }
   const maxVcpus = kvm.maxVcpus();
   if (cfg.cpus > maxVcpus) {
     kvm.close();
+    closeBackends();
     throw new ConfigError(`--cpus ${cfg.cpus} is more than this KVM allows (${maxVcpus})`);
   }
 
   const vm = new VmFd(kvm.createVm());
   const ptr = mmapAnonymous(cfg.memoryBytes);
   const released = { done: false };
-  const release = () => {
+  let loop: EventLoop | undefined;
+  let virtio: VirtioMmioDevices | undefined;
+  const release = async () => {
     if (released.done) return;
     released.done = true;
+    if (loop) await loop.stop();
+    virtio?.close();
+    closeBackends();
     vm.close();
     kvm.close();
     sysMunmap(ptr, cfg.memoryBytes);
@@ -101,7 +124,17 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     });
     const memory = new GuestMemory(regions);
 
-    for (const [addr, bytes] of buildAcpiTables({ cpus: cfg.cpus }, L.ACPI_START, L.RSDP_ADDR)) {
+    const pio = new Bus("pio");
+    const mmio = new Bus("mmio");
+    loop = new EventLoop();
+    virtio = new VirtioMmioDevices(vm, mmio, memory, loop);
+    cfg.disks.forEach((d, i) => virtio!.add(new VirtioBlk(backends[i], { serial: d.serial }), d.transport));
+    if (cfg.rng) {
+      const rng = new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, cfg.rng);
+      virtio.add(rng, cfg.rng.transport);
+    }
+    const mmioDevices = virtio.placed.map((p) => p.info);
+    for (const [addr, bytes] of buildAcpiTables({ cpus: cfg.cpus, mmioDevices }, L.ACPI_START, L.RSDP_ADDR)) {
       memory.write(addr, bytes);
     }
     let entry: EntryState;
@@ -121,8 +154,6 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       entry = { mode: "long64", rip: prog.at, rsi: 0 };
     }
 
-    const pio = new Bus("pio");
-    const mmio = new Bus("mmio");
     const hub = new ConsoleHub(cfg.stdio);
     // deno-lint-ignore prefer-const
     let machine: Machine;
@@ -172,10 +203,20 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
         entry: i === 0 ? entry : null,
       });
     }
-    machine = new Machine(memory, pio, mmio, hub, starts, { release });
+    const services = loop;
+    const devices = virtio;
+    machine = new Machine(
+      memory,
+      pio,
+      mmio,
+      hub,
+      starts,
+      { start: () => services.start(), release },
+      () => devices.placed.map((p) => p.transport.core.describe()),
+    );
     return machine;
   } catch (e) {
-    release();
+    await release();
     throw e;
   }
 }

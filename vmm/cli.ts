@@ -6,7 +6,13 @@
 
 import { parseArgs } from "node:util";
 import { buildMachine } from "./builder.ts";
-import { ConfigError, DEFAULT_CMDLINE, type VmConfig } from "./config.ts";
+import {
+  ConfigError,
+  DEFAULT_CMDLINE,
+  type DiskConfig,
+  type TransportKind,
+  type VmConfig,
+} from "./config.ts";
 import type { Machine } from "./machine.ts";
 import { CPUID_FEATURES } from "./arch/x86_64/cpuid.ts";
 import { defaultGuest } from "./default_guest.ts";
@@ -26,6 +32,11 @@ Options:
                         (names: ${Object.keys(CPUID_FEATURES).join(" ")})
   --unpack-kernel       boot a bzImage's unpacked vmlinux (skips the decompressor)
   --boot-protocol P     ELF entry: auto (PVH when the kernel has the note), linux64, pvh
+  --disk SPEC           a virtio-blk disk (repeatable): PATH[,readonly][,serial=ID]
+                        [,transport=mmio|mmio-legacy]
+  --rng                 a virtio-rng device fed by the host's CSPRNG
+  --rng-rate BYTES      rate-limit the rng to BYTES per second
+  --rng-transport T     mmio (default) or mmio-legacy
   --kvm PATH            KVM device (default /dev/kvm)
   -h, --help            this text
 
@@ -60,6 +71,10 @@ export function parseCli(args: string[]): VmConfig | undefined {
         "unpack-kernel": { type: "boolean" },
         "boot-protocol": { type: "string" },
         kvm: { type: "string" },
+        disk: { type: "string", multiple: true },
+        rng: { type: "boolean" },
+        "rng-rate": { type: "string" },
+        "rng-transport": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -80,8 +95,33 @@ export function parseCli(args: string[]): VmConfig | undefined {
     unpackKernel: v["unpack-kernel"],
     bootProtocol: v["boot-protocol"] as VmConfig["bootProtocol"],
     kvmDevice: v.kvm,
+    disks: (v.disk ?? []).map(parseDisk),
+    rng: v.rng || v["rng-rate"] || v["rng-transport"]
+      ? {
+        rateBytesPerSec: v["rng-rate"] === undefined ? undefined : parseCount(v["rng-rate"], "--rng-rate"),
+        transport: v["rng-transport"] as TransportKind | undefined,
+      }
+      : undefined,
     stdio: true,
   };
+}
+
+/** Parses `PATH[,readonly][,serial=ID][,transport=KIND]`. */
+export function parseDisk(spec: string): DiskConfig {
+  const [path, ...opts] = spec.split(",");
+  const d: DiskConfig = { path };
+  for (const o of opts) {
+    const [k, val] = o.includes("=")
+      ? [o.slice(0, o.indexOf("=")), o.slice(o.indexOf("=") + 1)]
+      : [o, undefined];
+    if ((k === "readonly" || k === "ro") && val === undefined) d.readonly = true;
+    else if (k === "serial" && val !== undefined) d.serial = val;
+    else if (k === "transport" && val !== undefined) d.transport = val as TransportKind;
+    else {throw new ConfigError(
+        `--disk ${path}: unknown option "${o}" (readonly, serial=ID, transport=mmio|mmio-legacy)`,
+      );}
+  }
+  return d;
 }
 
 const CTRL_A = 0x01;

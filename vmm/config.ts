@@ -2,6 +2,31 @@
 
 import { type CpuidBitChange, parseCpuidMask } from "./arch/x86_64/cpuid.ts";
 
+/** A virtio-MMIO version: "mmio" (version 2, modern) or "mmio-legacy" (version 1). */
+export type TransportKind = "mmio" | "mmio-legacy";
+
+/** A virtio-blk disk. */
+export interface DiskConfig {
+  /** Raw image file (or block device). */
+  path: string;
+  /** Offer VIRTIO_BLK_F_RO and refuse writes. */
+  readonly?: boolean;
+  /** GET_ID serial, up to 20 bytes (default: derived from the image path). */
+  serial?: string;
+  /** Transport (default "mmio"). */
+  transport?: TransportKind;
+}
+
+/** A virtio-rng device. */
+export interface RngConfig {
+  /** Transport (default "mmio"). */
+  transport?: TransportKind;
+  /** Rate limit in bytes per second (default: none). */
+  rateBytesPerSec?: number;
+  /** Largest answer to one request (default 64 KiB). */
+  maxRequestBytes?: number;
+}
+
 /** How the kernel is entered. */
 export type BootProtocol = "auto" | "linux64" | "pvh";
 
@@ -32,6 +57,10 @@ export interface VmConfig {
   stdio?: boolean;
   /** Path of the KVM device (default /dev/kvm). */
   kvmDevice?: string;
+  /** virtio-blk disks. */
+  disks?: DiskConfig[];
+  /** A virtio-rng device (true for the defaults). */
+  rng?: boolean | RngConfig;
 }
 
 /** The default kernel command line. */
@@ -73,6 +102,10 @@ export interface ResolvedConfig {
   stdio: boolean;
   /** KVM device path. */
   kvmDevice: string;
+  /** Disks, validated. */
+  disks: Array<Required<Omit<DiskConfig, "serial">> & { serial?: string }>;
+  /** The rng device, if any. */
+  rng?: Required<Pick<RngConfig, "transport">> & RngConfig;
 }
 
 function hostMemoryMiB(): number | undefined {
@@ -111,7 +144,42 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
   if (!["auto", "linux64", "pvh"].includes(proto)) {
     throw new ConfigError(`--boot-protocol must be auto, linux64 or pvh, not "${proto}"`);
   }
+  const transport = (t: string | undefined, what: string): TransportKind => {
+    const v = t ?? "mmio";
+    if (v !== "mmio" && v !== "mmio-legacy") {
+      throw new ConfigError(`${what}: transport must be mmio or mmio-legacy, not "${v}"`);
+    }
+    return v;
+  };
+  const disks = (c.disks ?? []).map((d) => {
+    if (!d.path) throw new ConfigError("--disk needs a path");
+    if (d.serial !== undefined) {
+      const bytes = new TextEncoder().encode(d.serial);
+      if (bytes.length === 0 || bytes.length > 20 || bytes.every((b) => b === 0)) {
+        throw new ConfigError(`--disk ${d.path}: serial must be 1 to 20 bytes, not all zero`);
+      }
+    }
+    return {
+      path: d.path,
+      readonly: d.readonly ?? false,
+      serial: d.serial,
+      transport: transport(d.transport, `--disk ${d.path}`),
+    };
+  });
+  let rng: ResolvedConfig["rng"];
+  if (c.rng) {
+    const r = c.rng === true ? {} : c.rng;
+    if (r.rateBytesPerSec !== undefined && !(r.rateBytesPerSec > 0)) {
+      throw new ConfigError(`--rng-rate must be a positive number of bytes per second`);
+    }
+    if (r.maxRequestBytes !== undefined && !(Number.isInteger(r.maxRequestBytes) && r.maxRequestBytes > 0)) {
+      throw new ConfigError(`rng maxRequestBytes must be a positive integer`);
+    }
+    rng = { ...r, transport: transport(r.transport, "--rng") };
+  }
   return {
+    disks,
+    rng,
     kernel: c.kernel ?? "",
     program: c.program ? { code: c.program.code, at: c.program.at ?? 0x100000 } : undefined,
     initrd: c.initrd,

@@ -26,10 +26,12 @@ export interface VmExit {
   message: string;
 }
 
-/** Host resources released when the VM ends. */
+/** Host-side services started with the VM and released when it ends. */
 export interface Teardown {
-  /** Releases KVM fds and guest memory. */
-  release(): void;
+  /** Starts host-side services (the event loop). */
+  start(): void;
+  /** Stops them and releases KVM fds, devices and guest memory. */
+  release(): Promise<void>;
 }
 
 function hex(v: bigint | number): string {
@@ -89,6 +91,7 @@ export class Machine {
     readonly console: ConsoleHub,
     private readonly starts: VcpuStart[],
     private readonly teardown: Teardown,
+    private readonly describeDevices: () => string[] = () => [],
   ) {
     this.exited = new Promise((r) => this.exitResolve = r);
     this.threads = new VcpuThreads(pio, mmio, (r) => this.end(describeExit(r, memory)));
@@ -97,6 +100,7 @@ export class Machine {
   /** Starts the vCPUs. */
   async start(): Promise<void> {
     try {
+      this.teardown.start();
       await this.threads.start(this.starts);
     } catch (e) {
       await this.end({ code: 1, reason: "error", message: (e as Error).message });
@@ -108,9 +112,10 @@ export class Machine {
   async end(exit: VmExit): Promise<void> {
     if (this.ended) return;
     this.ended = true;
+    this.exitInfo = exit;
     await this.threads.stop();
     this.console.flush();
-    this.teardown.release();
+    await this.teardown.release();
     this.exitResolve(exit);
   }
 
@@ -119,6 +124,14 @@ export class Machine {
     this.end({ code: 0, reason: "stopped", message: "stopped by the host" });
     return this.exited;
   }
+
+  /** One line per device describing its state (diagnostics for failure reports). */
+  deviceReport(): string[] {
+    return this.describeDevices();
+  }
+
+  /** The exit, if the VM has ended. */
+  exitInfo: VmExit | undefined;
 
   /** How many device exits the vCPUs made (diagnostics). */
   get exitCount(): number {

@@ -7,6 +7,7 @@
 
 import { bootTest, GUEST_CMDLINE, waitForConsole } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
+import type { TransportKind } from "../../vmm/config.ts";
 
 /** One boot case. */
 export interface BootCase {
@@ -54,10 +55,147 @@ function kernelBoot(line: "6.1" | "6.12", cpus: number): BootCase {
   };
 }
 
+const MIB = 1024 * 1024;
+
+async function makeImage(size: number, fill?: (b: Uint8Array) => void): Promise<string> {
+  const path = await Deno.makeTempFile({ prefix: "tsvmm-disk-", suffix: ".img" });
+  const b = new Uint8Array(size);
+  fill?.(b);
+  await Deno.writeFile(path, b);
+  return path;
+}
+
+async function sha256(path: string): Promise<string> {
+  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", await Deno.readFile(path)));
+  return Array.from(d, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+function checkLines(text: string, name: string): Array<Record<string, string>> {
+  const out: Array<Record<string, string>> = [];
+  for (const m of text.matchAll(new RegExp(`TSVMM-CHECK ${name} (.*)`, "g"))) {
+    out.push(
+      Object.fromEntries(
+        m[1].trim().split(/\s+/).map((kv) => [kv.split("=")[0], kv.slice(kv.indexOf("=") + 1)]),
+      ),
+    );
+  }
+  return out;
+}
+
+function virtioDevices(transport: TransportKind, line: "6.1" | "6.12"): BootCase {
+  return {
+    name:
+      `virtio-${transport} on ${line}: rng reads 1 MiB; blk capacity, serial, read, write lands in the image; readonly refused`,
+    run: async (g) => {
+      const k = g.kernels[line];
+      const hostText = `HOST-PATTERN-${transport}`;
+      const guestText = `GUEST-PATTERN-${transport}`;
+      const rw = await makeImage(64 * MIB, (b) => b.set(new TextEncoder().encode(hostText), 2 * MIB));
+      const ro = await makeImage(16 * MIB, (b) => b.fill(0x5a));
+      const roHash = await sha256(ro);
+      const serial = `serial-${transport}`.slice(0, 20);
+      try {
+        await bootTest({
+          kernel: k.vmlinux,
+          initrd: k.initramfs,
+          memoryMiB: 256,
+          disks: [{ path: rw, serial, transport }, { path: ro, readonly: true, transport }],
+          rng: { transport },
+          cmdline: "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=virtio,rng,blk,read,write " +
+            `tsvmm.blk=vda,vdb tsvmm.read=vda:${2 * MIB}:${hostText.length} ` +
+            `tsvmm.write=vda:${MIB}:${guestText}+vdb:0:SHOULD-NOT-LAND`,
+        }, async (vm) => {
+          await waitForConsole(vm, /TSVMM-CHECKS-DONE/, CASE_TIMEOUT_MS);
+          const text = vm.consoleText;
+          const tail = vm.consoleTail();
+          const drivers = checkLines(text, "virtio").map((d) => d.driver).sort();
+          assert(
+            JSON.stringify(drivers) === JSON.stringify(["virtio_blk", "virtio_blk", "virtio_rng"]),
+            `virtio drivers bound: ${drivers.join(",")}`,
+            tail,
+          );
+          const rng = checkLines(text, "rng")[0];
+          assert(rng?.current?.startsWith("virtio_rng"), `rng_current is "${rng?.current}"`, tail);
+          assert(rng.bytes === String(MIB), `read ${rng.bytes} bytes from /dev/hwrng`, tail);
+          const [vda, vdb] = checkLines(text, "blk");
+          assert(
+            vda?.sectors === String(64 * MIB / 512) && vda.ro === "0",
+            `vda: ${JSON.stringify(vda)}`,
+            tail,
+          );
+          assert(vda.serial === serial, `vda serial "${vda.serial}", expected "${serial}"`, tail);
+          assert(
+            vdb?.sectors === String(16 * MIB / 512) && vdb.ro === "1",
+            `vdb: ${JSON.stringify(vdb)}`,
+            tail,
+          );
+          assert(vdb.serial?.startsWith("tsvmm-"), `vdb derived serial "${vdb.serial}"`, tail);
+          const read = checkLines(text, "read")[0];
+          assert(
+            read?.text === hostText,
+            `guest read "${read?.text}" where the host wrote "${hostText}"`,
+            tail,
+          );
+          const [w1, w2] = checkLines(text, "write");
+          assert(w1?.ok === "1" && w1.back === guestText, `write to vda: ${JSON.stringify(w1)}`, tail);
+          assert(w2?.ok === "0", `write to the readonly vdb was not refused: ${JSON.stringify(w2)}`, tail);
+          const exit = await vm.wait();
+          assert(exit.code === 0 && exit.reason === "poweroff", `VM ended with ${exit.message}`, tail);
+        }, CASE_TIMEOUT_MS);
+        const img = await Deno.readFile(rw);
+        const found = new TextDecoder().decode(img.subarray(MIB, MIB + guestText.length));
+        assert(found === guestText, `image holds "${found}" at 1 MiB, expected "${guestText}"`, "");
+        assert((await sha256(ro)) === roHash, "the readonly image changed", "");
+      } finally {
+        await Deno.remove(rw);
+        await Deno.remove(ro);
+      }
+    },
+  };
+}
+
+function mkfsCase(): BootCase {
+  return {
+    name: "virtio-blk: guest mkfs.ext4 + mount + write + umount; host e2fsck -fn is clean",
+    run: async (g) => {
+      const k = g.kernels["6.1"];
+      const img = await makeImage(64 * MIB);
+      try {
+        await bootTest({
+          kernel: k.vmlinux,
+          initrd: k.initramfs,
+          memoryMiB: 256,
+          disks: [{ path: img }],
+          cmdline: "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=mkfs tsvmm.mkfs=vda",
+        }, async (vm) => {
+          const m = await waitForConsole(vm, /TSVMM-CHECK mkfs dev=vda ok=(\d)/, CASE_TIMEOUT_MS);
+          assert(m[1] === "1", "mkfs/mount/write/umount failed in the guest", vm.consoleTail());
+          const exit = await vm.wait();
+          assert(exit.code === 0, `VM ended with ${exit.message}`, vm.consoleTail());
+        }, CASE_TIMEOUT_MS);
+        const fsck = await new Deno.Command("e2fsck", {
+          args: ["-fn", img],
+          stdout: "piped",
+          stderr: "piped",
+        }).output();
+        const out = new TextDecoder().decode(fsck.stdout) + new TextDecoder().decode(fsck.stderr);
+        assert(fsck.code === 0, `e2fsck -fn exit ${fsck.code}:\n${out}`, "");
+        assert(/\b4\/\d+ files|\d+\/\d+ files/.test(out), `e2fsck output:\n${out}`, "");
+      } finally {
+        await Deno.remove(img);
+      }
+    },
+  };
+}
+
 /** Every full-boot case, in the order they run. */
 export const BOOT_CASES: BootCase[] = [
   kernelBoot("6.1", 1),
   kernelBoot("6.1", 2),
   kernelBoot("6.12", 1),
   kernelBoot("6.12", 2),
+  virtioDevices("mmio", "6.1"),
+  virtioDevices("mmio-legacy", "6.1"),
+  virtioDevices("mmio", "6.12"),
+  mkfsCase(),
 ];

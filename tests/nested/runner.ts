@@ -7,7 +7,7 @@
 
 import { type CpioEntry, writeCpio } from "../../vmm/guest/cpio.ts";
 import { loadOrder, parseModulesBuiltin, parseModulesDep } from "../../vmm/guest/modules.ts";
-import { buildGuest, type GuestAssets } from "../../vmm/guest/build.ts";
+import { buildGuest, type GuestAssets, userlandFiles } from "../../vmm/guest/build.ts";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
 const PROJECT_DIRS = ["mod.ts", "deno.json", "vmm", "devices", "transports", "tests", "examples"];
@@ -137,6 +137,17 @@ export async function buildL1Initramfs(
   const deno = await Deno.realPath(Deno.execPath());
   await addFile("bin/deno", deno, 0o755);
   for (const [inside, host] of await sharedLibs(deno)) await addFile(inside, host, 0o755);
+  if (guest.userland) {
+    // e2fsck (and mke2fs) with their libraries, for the file-system checks on the L1 side.
+    const ul = await userlandFiles(guest.userland);
+    for (const [inside, file] of ul.files) await addFile(inside, file, 0o755);
+    for (const [inside, target] of ul.links) {
+      if (!seen.has(inside)) {
+        seen.add(inside);
+        entries.push({ type: "symlink", path: inside, target });
+      }
+    }
+  }
   if (program.withQemu) {
     const qemu = await Deno.realPath("/usr/bin/qemu-system-x86_64");
     await addFile("usr/bin/qemu-system-x86_64", qemu, 0o755);

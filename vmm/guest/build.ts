@@ -16,6 +16,14 @@ export const GUEST_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet tsvmm.shell=
 /** Virtio modules the initramfs carries (with their dependencies). */
 export const GUEST_MODULES = ["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng"];
 
+/** Debian packages that give the guest (and the nested runner's L1) mke2fs and e2fsck. */
+export const E2FS_PACKAGES = ["e2fsprogs", "libext2fs2", "libcom-err2", "libblkid1", "libuuid1", "libc6"];
+/** Programs taken from them, with the names they are also called by. */
+const E2FS_PROGRAMS: Record<string, string[]> = {
+  "sbin/mke2fs": ["sbin/mkfs.ext4"],
+  "sbin/e2fsck": ["sbin/fsck.ext4"],
+};
+
 /** The two kernel lines: Debian meta-package for each. */
 export const KERNEL_PACKAGES: Record<string, string> = {
   "6.1": "linux-image-cloud-amd64",
@@ -40,6 +48,8 @@ export interface GuestKernel {
 export interface GuestAssets {
   /** Cache directory. */
   dir: string;
+  /** Where the e2fsprogs packages are extracted (one tree). */
+  userland?: string;
   /** Kernels by line. */
   kernels: Record<string, GuestKernel>;
   /** initramfs of the 6.1 kernel (the default). */
@@ -115,11 +125,43 @@ async function readModule(path: string): Promise<Uint8Array> {
   return await Deno.readFile(path);
 }
 
+/**
+ * Dynamically linked programs from an extracted package tree, with the libraries they
+ * need (found by ldd's names in the same tree): [path in the image, file] and symlinks.
+ */
+export async function userlandFiles(
+  root: string,
+): Promise<{ files: Array<[string, string]>; links: Array<[string, string]> }> {
+  const files: Array<[string, string]> = [];
+  const links: Array<[string, string]> = [];
+  const libs = new Set<string>();
+  for (const [prog, aliases] of Object.entries(E2FS_PROGRAMS)) {
+    files.push([prog, `${root}/${prog}`]);
+    for (const a of aliases) links.push([a, prog.split("/").pop()!]);
+    const out = await run("ldd", [`${root}/${prog}`]);
+    for (const m of out.matchAll(/^\s*(\S+\.so[.\d]*)\s/gm)) libs.add(m[1].split("/").pop()!);
+  }
+  for (const name of [...libs].sort()) {
+    if (name.startsWith("linux-vdso")) continue;
+    let found: string | undefined;
+    for (const d of ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]) {
+      if (await exists(`${root}/${d}/${name}`)) {
+        found = await Deno.realPath(`${root}/${d}/${name}`);
+        break;
+      }
+    }
+    if (!found) throw new Error(`${name} (needed by e2fsprogs) is in none of ${E2FS_PACKAGES.join(", ")}`);
+    files.push([name.startsWith("ld-linux") ? `lib64/${name}` : `lib/x86_64-linux-gnu/${name}`, found]);
+  }
+  return { files, links };
+}
+
 /** Builds the initramfs for a kernel whose package is extracted at `root`. */
 export async function buildInitramfs(
   root: string,
   release: string,
   busybox: Uint8Array,
+  userland: string,
 ): Promise<Uint8Array> {
   const modRoot = `${root}/lib/modules/${release}`;
   // Packages ship without modules.dep (postinst makes it); make it in the extracted tree.
@@ -168,6 +210,9 @@ export async function buildInitramfs(
     add("bin/busybox", busybox, 0o755);
     entries.push({ type: "symlink", path: "bin/sh", target: "busybox" });
     add("etc/tsvmm/modules.order", new TextEncoder().encode(order.join("\n") + "\n"));
+    const ul = await userlandFiles(userland);
+    for (const [path, file] of ul.files) add(path, await Deno.readFile(file), 0o755);
+    for (const [path, target] of ul.links) entries.push({ type: "symlink", path, target });
     add(`lib/modules/${release}/modules.dep`, new TextEncoder().encode(depText));
     for (const [rel, data] of files.sort((a, b) => a[0].localeCompare(b[0]))) {
       add(`lib/modules/${release}/${rel}`, data);
@@ -187,12 +232,29 @@ export async function buildGuest(opts: { quiet?: boolean } = {}): Promise<GuestA
   const bbRoot = `${dir}/busybox-static`;
   await fetchAndExtract("busybox-static", debs, bbRoot);
   const busybox = await Deno.readFile(`${bbRoot}/bin/busybox`);
+  const userland = `${dir}/userland`;
+  if (!(await exists(userland))) {
+    const tmp = `${userland}.parts`;
+    for (const p of E2FS_PACKAGES) await fetchAndExtract(p, debs, `${tmp}/${p}`);
+    // One tree: copy each package's files in (they do not overlap).
+    await Deno.mkdir(`${userland}.tmp`, { recursive: true });
+    for (const p of E2FS_PACKAGES) await run("cp", ["-a", `${tmp}/${p}/.`, `${userland}.tmp/`]);
+    await Deno.rename(`${userland}.tmp`, userland);
+    await Deno.remove(tmp, { recursive: true });
+  }
   const kernels: Record<string, GuestKernel> = {};
+  // Outputs are keyed by the recipe (init script, module and program lists) so edits rebuild them.
+  const recipe = new TextEncoder().encode(
+    (await Deno.readTextFile(new URL("./init.sh", import.meta.url))) +
+      JSON.stringify([GUEST_MODULES, E2FS_PACKAGES, E2FS_PROGRAMS]),
+  );
+  const stamp = Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", recipe)).subarray(0, 6))
+    .map((b) => b.toString(16).padStart(2, "0")).join("");
   for (const [line, meta] of Object.entries(KERNEL_PACKAGES)) {
     const pkg = await resolveKernelPackage(meta);
     const release = pkg.replace(/^linux-image-/, "");
     const root = `${dir}/${pkg}`;
-    const out = `${dir}/out/${release}`;
+    const out = `${dir}/out/${release}-${stamp}`;
     const k: GuestKernel = {
       package: pkg,
       release,
@@ -205,14 +267,19 @@ export async function buildGuest(opts: { quiet?: boolean } = {}): Promise<GuestA
     log(`building ${pkg}`);
     await fetchAndExtract(pkg, debs, root);
     await Deno.mkdir(out, { recursive: true });
-    const bz = parseKernel(await Deno.readFile(k.bzImage), k.bzImage);
-    if (bz.kind !== "bzimage") throw new Error(`${k.bzImage} is not a bzImage`);
-    await Deno.writeFile(k.vmlinux + ".tmp", await unpackBzImage(bz, k.bzImage));
-    await Deno.rename(k.vmlinux + ".tmp", k.vmlinux);
-    await Deno.writeFile(k.initramfs + ".tmp", await buildInitramfs(root, release, busybox));
+    const vmlinux = `${dir}/out/${release}.vmlinux`;
+    if (!(await exists(vmlinux))) {
+      const bz = parseKernel(await Deno.readFile(k.bzImage), k.bzImage);
+      if (bz.kind !== "bzimage") throw new Error(`${k.bzImage} is not a bzImage`);
+      await Deno.writeFile(vmlinux + ".tmp", await unpackBzImage(bz, k.bzImage));
+      await Deno.rename(vmlinux + ".tmp", vmlinux);
+    }
+    await Deno.remove(k.vmlinux).catch(() => {});
+    await Deno.link(vmlinux, k.vmlinux);
+    await Deno.writeFile(k.initramfs + ".tmp", await buildInitramfs(root, release, busybox, userland));
     await Deno.rename(k.initramfs + ".tmp", k.initramfs);
   }
-  return { dir, kernels, initramfs: kernels["6.1"].initramfs };
+  return { dir, userland, kernels, initramfs: kernels["6.1"].initramfs };
 }
 
 if (import.meta.main) {

@@ -5,6 +5,7 @@
 # then gives a shell (tsvmm.shell=1) or powers off.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin /mnt
 /bin/busybox --install -s
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -13,6 +14,8 @@ while read -r m; do
 done < /etc/tsvmm/modules.order
 
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
+# Let the virtio drivers finish probing before the checks look.
+sleep 0.2 2>/dev/null || sleep 1
 
 echo "TSVMM-INIT-MARKER kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
 
@@ -31,12 +34,53 @@ check_rng() {
   n=$(dd if=/dev/hwrng bs=65536 count=16 iflag=fullblock 2>/dev/null | wc -c)
   echo "TSVMM-CHECK rng current=$cur bytes=$n"
 }
+# tsvmm.blk=vda,vdb: what the guest sees of each disk.
+check_blk() {
+  for d in $(arg tsvmm.blk | tr ',' ' '); do
+    echo "TSVMM-CHECK blk dev=$d sectors=$(cat /sys/block/$d/size 2>/dev/null) ro=$(cat /sys/block/$d/ro 2>/dev/null) serial=$(cat /sys/block/$d/serial 2>/dev/null)"
+  done
+}
+# tsvmm.write=vda:OFFSET:TEXT[+...]: write TEXT at byte OFFSET, fsync, drop caches, read it back.
+check_write() {
+  for w in $(arg tsvmm.write | tr '+' ' '); do
+    d=${w%%:*}; rest=${w#*:}; off=${rest%%:*}; text=${rest#*:}
+    if printf '%s' "$text" | dd of=/dev/$d bs=1 seek=$off conv=notrunc,fsync 2>/tmp/err; then ok=1; else ok=0; fi
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    back=$(dd if=/dev/$d bs=1 skip=$off count=${#text} 2>/dev/null)
+    echo "TSVMM-CHECK write dev=$d ok=$ok back=$back err=$(head -c 80 /tmp/err | tr ' \n' '__')"
+  done
+}
+# tsvmm.read=vda:OFFSET:LEN[+...]: print LEN bytes at OFFSET (text the host put there).
+check_read() {
+  for r in $(arg tsvmm.read | tr '+' ' '); do
+    d=${r%%:*}; rest=${r#*:}; off=${rest%%:*}; len=${rest#*:}
+    echo "TSVMM-CHECK read dev=$d text=$(dd if=/dev/$d bs=1 skip=$off count=$len 2>/dev/null)"
+  done
+}
+# tsvmm.mkfs=vda: make an ext4 file system, write files through it, unmount.
+check_mkfs() {
+  d=$(arg tsvmm.mkfs)
+  ok=0
+  if mkfs.ext4 -F -q /dev/$d && mount -t ext4 /dev/$d /mnt; then
+    echo hello-from-the-guest > /mnt/hello.txt
+    dd if=/dev/urandom of=/mnt/random.bin bs=65536 count=32 2>/dev/null
+    mkdir -p /mnt/dir/sub && echo nested > /mnt/dir/sub/file
+    sync
+    sum=$(md5sum /mnt/random.bin | cut -d' ' -f1)
+    umount /mnt && ok=1
+  fi
+  echo "TSVMM-CHECK mkfs dev=$d ok=$ok md5=$sum"
+}
 
 for c in $(arg tsvmm.checks | tr ',' ' '); do
   case "$c" in
     cpus) check_cpus ;;
     virtio) check_virtio ;;
     rng) check_rng ;;
+    blk) check_blk ;;
+    write) check_write ;;
+    read) check_read ;;
+    mkfs) check_mkfs ;;
     *) echo "TSVMM-CHECK $c unknown-check" ;;
   esac
 done

@@ -27,6 +27,37 @@ const SYMBOLS = {
   tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
   isatty: { parameters: ["i32"], result: "i32" },
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" },
+  flock: { parameters: ["i32", "i32"], result: "i32" },
+  epoll_create1: { parameters: ["i32"], result: "i32" },
+  epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  read_ptr: { name: "read", parameters: ["i32", "pointer", "usize"], result: "isize" },
+  write_ptr: { name: "write", parameters: ["i32", "pointer", "usize"], result: "isize" },
+  // Blocking calls run off the main thread (Deno's blocking pool); they return promises.
+  preadv_nb: {
+    name: "preadv",
+    parameters: ["i32", "pointer", "i32", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  pwritev_nb: {
+    name: "pwritev",
+    parameters: ["i32", "pointer", "i32", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  fdatasync_nb: { name: "fdatasync", parameters: ["i32"], result: "i32", nonblocking: true },
+  fallocate_nb: {
+    name: "fallocate",
+    parameters: ["i32", "i32", "i64", "i64"],
+    result: "i32",
+    nonblocking: true,
+  },
+  epoll_wait_nb: {
+    name: "epoll_wait",
+    parameters: ["i32", "pointer", "i32", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
   signal: { parameters: ["i32", "pointer"], result: "pointer" },
 } as const;
 

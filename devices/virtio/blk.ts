@@ -1,0 +1,234 @@
+/**
+ * virtio-blk (virtio 1.2 section 5.2): IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES
+ * on an injected BlockBackend. Requests run concurrently; each completes into the used
+ * ring when its I/O finishes. A reset makes late completions harmless (generation check).
+ */
+
+import { type ActivateContext, readConfigBytes, VIRTIO_ID, type VirtioDevice } from "./device.ts";
+import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "./queue.ts";
+import { ChainError, scatter } from "./chain.ts";
+import {
+  BLK_ID_BYTES,
+  BLK_S,
+  BLK_T,
+  type BlkRequest,
+  parseBlkRequest,
+  parseSegments,
+  SECTOR,
+} from "./blk_request.ts";
+import type { BlockBackend } from "./blk_backend.ts";
+
+/** Feature bits (virtio 1.2 section 5.2.3). */
+export const BLK_F = {
+  SIZE_MAX: 1n,
+  SEG_MAX: 2n,
+  RO: 5n,
+  BLK_SIZE: 6n,
+  FLUSH: 9n,
+  DISCARD: 13n,
+  WRITE_ZEROES: 14n,
+} as const;
+
+const QUEUE_SIZE = 256;
+const SIZE_MAX = 1 << 20;
+const MAX_DISCARD_SECTORS = 1 << 22; // per segment: 2 GiB
+const CONFIG_SIZE = 60;
+
+/** Options of a virtio-blk device. */
+export interface BlkOptions {
+  /** GET_ID serial (up to 20 bytes); derived from the backend's identity when absent. */
+  serial?: string;
+}
+
+/** A serial derived from a string: "tsvmm-" and 14 hex digits of its FNV-1a hash; never all zero. */
+export function derivedSerial(identity: string): string {
+  let h = 0xcbf29ce484222325n;
+  for (const b of new TextEncoder().encode(identity)) {
+    h ^= BigInt(b);
+    h = (h * 0x100000001b3n) & 0xffff_ffff_ffff_ffffn;
+  }
+  return "tsvmm-" + h.toString(16).padStart(16, "0").slice(0, 14);
+}
+
+/** The virtio block device. */
+export class VirtioBlk implements VirtioDevice {
+  /** Device type. */
+  readonly deviceType: number = VIRTIO_ID.BLOCK;
+  /** Name. */
+  readonly name = "virtio-blk";
+  /** Offered features. */
+  readonly features: bigint;
+  /** One request queue. */
+  readonly queueMaxSizes: readonly number[] = [QUEUE_SIZE];
+  /** The GET_ID answer. */
+  readonly serial: Uint8Array;
+  private readonly config = new Uint8Array(CONFIG_SIZE);
+  private ctx: ActivateContext | undefined;
+  private generation = 0;
+  private inFlight = 0;
+  /** Requests answered, by status, for diagnostics. */
+  readonly answered: Record<number, number> = { 0: 0, 1: 0, 2: 0 };
+
+  /** A block device over `backend`. */
+  constructor(private readonly backend: BlockBackend, opts: BlkOptions = {}) {
+    let f = (1n << VIRTIO_F_INDIRECT_DESC) | (1n << VIRTIO_F_EVENT_IDX) | (1n << BLK_F.SIZE_MAX) |
+      (1n << BLK_F.SEG_MAX) | (1n << BLK_F.BLK_SIZE) | (1n << BLK_F.FLUSH);
+    f |= backend.readonly ? 1n << BLK_F.RO : (1n << BLK_F.DISCARD) | (1n << BLK_F.WRITE_ZEROES);
+    this.features = f;
+    const serial = opts.serial ?? derivedSerial(backend.identity);
+    const s = new TextEncoder().encode(serial).subarray(0, BLK_ID_BYTES);
+    if (s.every((b) => b === 0)) throw new TypeError("a virtio-blk serial must not be empty or all zero");
+    this.serial = new Uint8Array(BLK_ID_BYTES);
+    this.serial.set(s);
+    const dv = new DataView(this.config.buffer);
+    dv.setBigUint64(0, BigInt(Math.floor(backend.size / SECTOR)), true); // capacity
+    dv.setUint32(8, SIZE_MAX, true); // size_max
+    dv.setUint32(12, QUEUE_SIZE - 2, true); // seg_max
+    dv.setUint32(20, SECTOR, true); // blk_size
+    dv.setUint16(34, 1, true); // num_queues
+    dv.setUint32(36, MAX_DISCARD_SECTORS, true); // max_discard_sectors
+    dv.setUint32(40, 1, true); // max_discard_seg
+    dv.setUint32(44, 1, true); // discard_sector_alignment
+    dv.setUint32(48, MAX_DISCARD_SECTORS, true); // max_write_zeroes_sectors
+    dv.setUint32(52, 1, true); // max_write_zeroes_seg
+    this.config[56] = 1; // write_zeroes_may_unmap
+  }
+
+  /** Capacity in 512-byte sectors. */
+  get capacity(): number {
+    return Math.floor(this.backend.size / SECTOR);
+  }
+
+  /** Reads virtio_blk_config. */
+  readConfig(offset: number, data: Uint8Array): void {
+    readConfigBytes(this.config, offset, data);
+  }
+
+  /** The config space is read-only here (no writeback toggle offered). */
+  writeConfig(): void {}
+
+  /** Starts serving. */
+  activate(ctx: ActivateContext): void {
+    this.ctx = ctx;
+    this.process();
+  }
+
+  /** The driver queued requests. */
+  notify(_index: number): void {
+    this.process();
+  }
+
+  /** Drops the queue; completions of requests started before are discarded. */
+  reset(): void {
+    this.ctx = undefined;
+    this.generation++;
+  }
+
+  private process(): void {
+    const ctx = this.ctx;
+    if (!ctx) return;
+    const q = ctx.queues[0];
+    if (!q?.ready) return;
+    try {
+      for (;;) {
+        const chain = q.pop(ctx.memory);
+        if (!chain) {
+          if (q.enableNotification(ctx.memory)) continue;
+          return;
+        }
+        const req = parseBlkRequest(chain);
+        if ("error" in req) {
+          ctx.interrupt.needsReset(`virtio-blk: ${req.error}`);
+          return;
+        }
+        this.start(req, chain.head);
+      }
+    } catch (e) {
+      if (e instanceof ChainError) {
+        ctx.interrupt.needsReset(e.message);
+        return;
+      }
+      throw e;
+    }
+  }
+
+  private start(req: BlkRequest, head: number): void {
+    const gen = this.generation;
+    this.inFlight++;
+    this.execute(req).then(
+      (st) => this.complete(gen, req, head, st),
+      () => this.complete(gen, req, head, BLK_S.IOERR),
+    );
+  }
+
+  private inRange(sector: number, bytes: number): boolean {
+    return Number.isSafeInteger(sector) && sector >= 0 && sector * SECTOR + bytes <= this.capacity * SECTOR;
+  }
+
+  /** Runs one request; resolves with its status. */
+  private async execute(req: BlkRequest): Promise<number> {
+    const b = this.backend;
+    switch (req.type) {
+      case BLK_T.IN:
+        if (req.dataLen % SECTOR || !this.inRange(req.sector, req.dataLen)) return BLK_S.IOERR;
+        await b.read(req.data, req.sector * SECTOR);
+        return BLK_S.OK;
+      case BLK_T.OUT:
+        if (b.readonly) return BLK_S.IOERR;
+        if (req.dataLen % SECTOR || !this.inRange(req.sector, req.dataLen)) return BLK_S.IOERR;
+        await b.write(req.data, req.sector * SECTOR);
+        return BLK_S.OK;
+      case BLK_T.FLUSH:
+        await b.flush();
+        return BLK_S.OK;
+      case BLK_T.GET_ID:
+        scatter(req.data, 0, this.serial.subarray(0, Math.min(BLK_ID_BYTES, req.dataLen)));
+        return BLK_S.OK;
+      case BLK_T.DISCARD:
+      case BLK_T.WRITE_ZEROES: {
+        if (b.readonly) return BLK_S.IOERR;
+        const segs = parseSegments(req);
+        if (!segs || segs.length > 1) return BLK_S.UNSUPP;
+        for (const s of segs) {
+          if (!this.inRange(s.sector, s.sectors * SECTOR)) return BLK_S.IOERR;
+          if (req.type === BLK_T.DISCARD) {
+            if (s.flags !== 0) return BLK_S.UNSUPP;
+            await b.discard(s.sector * SECTOR, s.sectors * SECTOR);
+          } else {
+            if (s.flags & ~1) return BLK_S.UNSUPP;
+            await b.writeZeroes(s.sector * SECTOR, s.sectors * SECTOR, (s.flags & 1) === 1);
+          }
+        }
+        return BLK_S.OK;
+      }
+      default:
+        return BLK_S.UNSUPP;
+    }
+  }
+
+  private complete(gen: number, req: BlkRequest, head: number, status: number): void {
+    this.inFlight--;
+    const ctx = this.ctx;
+    if (gen !== this.generation || !ctx) return; // reset meanwhile: the rings are not ours any more
+    this.answered[status] = (this.answered[status] ?? 0) + 1;
+    req.status[0] = status;
+    const written = (req.type === BLK_T.IN && status === BLK_S.OK)
+      ? req.dataLen + 1
+      : req.type === BLK_T.GET_ID && status === BLK_S.OK
+      ? Math.min(BLK_ID_BYTES, req.dataLen) + 1
+      : 1;
+    const q = ctx.queues[0];
+    try {
+      q.pushUsed(ctx.memory, head, written);
+      if (q.needsInterrupt(ctx.memory)) ctx.interrupt.signalUsed(0);
+    } catch (e) {
+      if (e instanceof ChainError) ctx.interrupt.needsReset(e.message);
+      else throw e;
+    }
+  }
+
+  /** Requests still running. */
+  get pending(): number {
+    return this.inFlight;
+  }
+}

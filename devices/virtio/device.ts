@@ -1,0 +1,74 @@
+/**
+ * What a virtio device is, independent of its transport (DESIGN.md section 1): type,
+ * features, config space, queues, activate and reset. Transports own status, selectors
+ * and register layout; devices never know which one carries them.
+ */
+
+import type { GuestMemory } from "../../vmm/memory.ts";
+import type { SplitQueue } from "./queue.ts";
+
+/** Virtio device IDs (virtio 1.2 section 5). */
+export const VIRTIO_ID = { NET: 1, BLOCK: 2, RNG: 4 } as const;
+
+/** Device status bits (virtio 1.2 section 2.1). */
+export const STATUS = {
+  ACKNOWLEDGE: 1,
+  DRIVER: 2,
+  DRIVER_OK: 4,
+  FEATURES_OK: 8,
+  DEVICE_NEEDS_RESET: 64,
+  FAILED: 128,
+} as const;
+
+/** How a device reaches its driver. */
+export interface VirtioInterrupt {
+  /** Used buffers were added to queue `index`. */
+  signalUsed(index: number): void;
+  /** The config space changed. */
+  signalConfig(): void;
+  /** The device met a driver error it cannot go on from (sets DEVICE_NEEDS_RESET). */
+  needsReset(reason: string): void;
+}
+
+/** What a device gets when the driver sets DRIVER_OK. */
+export interface ActivateContext {
+  /** Guest RAM. */
+  memory: GuestMemory;
+  /** The queues, configured and validated by the transport (index = queue number). */
+  queues: SplitQueue[];
+  /** Features the driver acknowledged. */
+  features: bigint;
+  /** Interrupts back to the driver. */
+  interrupt: VirtioInterrupt;
+}
+
+/** A virtio device. */
+export interface VirtioDevice {
+  /** Virtio device ID. */
+  readonly deviceType: number;
+  /** A short name for logs ("virtio-blk"). */
+  readonly name: string;
+  /** Device-specific and ring feature bits offered (the transport adds VERSION_1 on modern). */
+  readonly features: bigint;
+  /** Maximum size of each queue; the length is the queue count. */
+  readonly queueMaxSizes: readonly number[];
+  /** Reads device config space at `offset` into `data`. */
+  readConfig(offset: number, data: Uint8Array): void;
+  /** Writes device config space. */
+  writeConfig(offset: number, data: Uint8Array): void;
+  /** Starts the device. */
+  activate(ctx: ActivateContext): void;
+  /** Queue `index` was notified by the driver. */
+  notify(index: number): void;
+  /** Stops the device and drops all queue state; in-flight work must not touch the rings afterwards. */
+  reset(): void;
+}
+
+/** Reads a little-endian config space image at `offset` (out-of-range bytes read as 0). */
+export function readConfigBytes(config: Uint8Array, offset: number, data: Uint8Array): void {
+  data.fill(0);
+  for (let i = 0; i < data.length; i++) {
+    const o = offset + i;
+    if (o >= 0 && o < config.length) data[i] = config[o];
+  }
+}

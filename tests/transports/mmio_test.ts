@@ -1,0 +1,195 @@
+/** virtio-MMIO v2 and v1 register files, driven from the driver side in plain memory. */
+
+import assert from "node:assert/strict";
+import { CountingIrq, DriverQueue, F, GuestRam, MmioDriver } from "../harness/virtio_driver.ts";
+import { VirtioMmio } from "../../transports/mmio.ts";
+import { VirtioMmioLegacy } from "../../transports/mmio_legacy.ts";
+import { VirtioRng } from "../../devices/virtio/rng.ts";
+import { STATUS } from "../../devices/virtio/device.ts";
+
+const rng = () => new VirtioRng({ fill: (b) => b.fill(0xab) });
+
+function modern() {
+  const ram = new GuestRam();
+  const irq = new CountingIrq();
+  const t = new VirtioMmio(rng(), ram.mem, irq);
+  return { ram, irq, t, d: new MmioDriver(t) };
+}
+
+Deno.test("mmio v2: identity registers and 64-bit features with VERSION_1", () => {
+  const { d } = modern();
+  assert.equal(d.r32(0x000), 0x74726976, "magic 'virt'");
+  assert.equal(d.r32(0x004), 2);
+  assert.equal(d.r32(0x008), 4, "rng");
+  const f = d.deviceFeatures();
+  assert.ok(f & F.VERSION_1);
+  assert.ok(f & F.INDIRECT && f & F.EVENT_IDX);
+  d.w32(0x014, 7);
+  assert.equal(d.r32(0x010), 0, "feature words past 1 read 0");
+});
+
+Deno.test("mmio v2: FEATURES_OK is refused when the driver acks an unoffered bit", () => {
+  const { d } = modern();
+  assert.equal(d.negotiate(F.VERSION_1 | (1n << 40n)), false);
+  assert.equal(d.negotiate(F.VERSION_1 | F.EVENT_IDX), true);
+});
+
+Deno.test("mmio v2: queue selector bounds, QueueNumMax, QueueReady read-back", () => {
+  const { d, ram } = modern();
+  d.negotiate(F.VERSION_1);
+  d.w32(0x030, 0);
+  assert.equal(d.r32(0x034), 256);
+  d.w32(0x030, 5);
+  assert.equal(d.r32(0x034), 0, "no queue 5");
+  d.w32(0x044, 1);
+  assert.equal(d.r32(0x044), 0, "writes to a missing queue go nowhere");
+  const q = new DriverQueue(ram, 16);
+  d.setupQueue(0, q);
+  d.w32(0x030, 0);
+  assert.equal(d.r32(0x044), 1);
+});
+
+Deno.test("mmio v2: a working rng request, interrupt status and ACK", () => {
+  const { d, ram, irq } = modern();
+  d.negotiate(F.VERSION_1);
+  const q = new DriverQueue(ram, 16);
+  d.setupQueue(0, q);
+  d.driverOk();
+  const buf = ram.alloc(64);
+  q.add([{ addr: buf, len: 64, write: true }]);
+  d.notify(0);
+  assert.deepEqual(q.takeUsed(), [[0, 64]]);
+  assert.ok(ram.view(buf, 64).every((b) => b === 0xab));
+  assert.equal(irq.count, 1);
+  assert.equal(d.ackInterrupts(), 1);
+  assert.equal(d.r32(0x060), 0);
+});
+
+Deno.test("mmio v2: queue fields are read-only after DRIVER_OK", () => {
+  const { d, ram, t } = modern();
+  d.negotiate(F.VERSION_1);
+  const q = new DriverQueue(ram, 16);
+  d.setupQueue(0, q);
+  d.driverOk();
+  d.w32(0x038, 4);
+  d.w32(0x080, 0x1234);
+  assert.equal(t.core.queues[0].size, 16);
+  assert.equal(t.core.queues[0].descAddr, q.descAddr);
+});
+
+Deno.test("mmio v2: writing 0 to Status resets queues, interrupts and selectors", () => {
+  const { d, ram, t } = modern();
+  d.negotiate(F.VERSION_1);
+  const q = new DriverQueue(ram, 16);
+  d.setupQueue(0, q);
+  d.driverOk();
+  q.add([{ addr: ram.alloc(8), len: 8, write: true }]);
+  d.notify(0);
+  d.w32(0x014, 1);
+  d.w32(0x030, 3);
+  assert.equal(d.r32(0x060), 1);
+  d.w32(0x070, 0);
+  assert.equal(d.status(), 0);
+  assert.equal(d.r32(0x060), 0, "interrupt status cleared");
+  assert.equal(t.core.queueSel, 0);
+  assert.equal(t.core.deviceFeaturesSel, 0);
+  assert.equal(t.core.driverFeatures, 0n);
+  assert.equal(t.core.queues[0].ready, false);
+  assert.equal(t.core.queues[0].nextAvail, 0);
+  d.w32(0x030, 0);
+  assert.equal(d.r32(0x044), 0, "QueueReady reads 0 after reset");
+});
+
+Deno.test("mmio v2: a bad queue at DRIVER_OK sets NEEDS_RESET, raises a config interrupt, bumps ConfigGeneration", () => {
+  const { d, ram, irq } = modern();
+  d.negotiate(F.VERSION_1);
+  const q = new DriverQueue(ram, 16);
+  d.setupQueue(0, q);
+  d.w32(0x038, 12); // not a power of two
+  // QueueReady is already 1 and fields are frozen then; re-open the queue to change it.
+  d.w32(0x044, 0);
+  d.w32(0x038, 12);
+  d.w32(0x044, 1);
+  const gen = d.r32(0x0fc);
+  d.driverOk();
+  assert.ok(d.status() & STATUS.DEVICE_NEEDS_RESET);
+  assert.equal(d.r32(0x060) & 2, 2, "config change interrupt");
+  assert.equal(irq.count, 1);
+  assert.notEqual(d.r32(0x0fc), gen);
+});
+
+Deno.test("mmio v2: a hostile chain on one device leaves another device serving", () => {
+  const ram = new GuestRam();
+  const bad = new MmioDriver(new VirtioMmio(rng(), ram.mem, new CountingIrq()));
+  const good = new MmioDriver(new VirtioMmio(rng(), ram.mem, new CountingIrq()));
+  const qb = new DriverQueue(ram, 8), qg = new DriverQueue(ram, 8);
+  for (const [d, q] of [[bad, qb], [good, qg]] as const) {
+    d.negotiate(F.VERSION_1);
+    d.setupQueue(0, q);
+    d.driverOk();
+  }
+  const a = ram.alloc(8);
+  qb.setDesc(0, a, 8, 1 | 2, 0); // loops to itself
+  qb.publish(0);
+  bad.notify(0);
+  assert.ok(bad.status() & STATUS.DEVICE_NEEDS_RESET);
+  qg.add([{ addr: ram.alloc(32), len: 32, write: true }]);
+  good.notify(0);
+  assert.deepEqual(qg.takeUsed(), [[0, 32]]);
+  assert.equal(good.status() & STATUS.DEVICE_NEEDS_RESET, 0);
+  // The broken device ignores notifications until the driver resets it, then works again.
+  bad.w32(0x070, 0);
+  const q2 = new DriverQueue(ram, 8);
+  bad.negotiate(F.VERSION_1);
+  bad.setupQueue(0, q2);
+  bad.driverOk();
+  q2.add([{ addr: ram.alloc(8), len: 8, write: true }]);
+  bad.notify(0);
+  assert.deepEqual(q2.takeUsed(), [[0, 8]]);
+});
+
+Deno.test("mmio v2: DRIVER_OK without FEATURES_OK is a driver error", () => {
+  const { d } = modern();
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER);
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.DRIVER_OK);
+  assert.ok(d.status() & STATUS.DEVICE_NEEDS_RESET);
+});
+
+Deno.test("mmio v1 (legacy): version 1, 32 feature bits without VERSION_1, PFN ring layout", () => {
+  const ram = new GuestRam(1 << 20);
+  const irq = new CountingIrq();
+  const t = new VirtioMmioLegacy(rng(), ram.mem, irq);
+  const d = new MmioDriver(t);
+  assert.equal(d.r32(0x004), 1);
+  const f = d.deviceFeatures();
+  assert.equal(f >> 32n, 0n, "no high feature word on legacy");
+  assert.ok(f & F.EVENT_IDX);
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER);
+  d.w32(0x024, 0);
+  d.w32(0x020, Number(F.EVENT_IDX));
+  d.w32(0x028, 4096); // GuestPageSize
+  d.w32(0x030, 0);
+  d.w32(0x038, 16);
+  d.w32(0x03c, 4096); // QueueAlign
+  const ringBase = ram.alloc(3 * 4096, 4096);
+  d.w32(0x040, ringBase / 4096);
+  assert.equal(d.r32(0x040), ringBase / 4096, "QueuePFN reads back");
+  const q = t.core.queues[0];
+  assert.equal(q.descAddr, ringBase);
+  assert.equal(q.availAddr, ringBase + 256);
+  assert.equal(q.usedAddr, ringBase + 4096, "used ring aligned to QueueAlign");
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.DRIVER_OK);
+  assert.equal(d.status() & STATUS.DEVICE_NEEDS_RESET, 0, "no FEATURES_OK needed on legacy");
+  // Drive one request through the legacy layout.
+  const dv = ram.dv(ringBase, 16);
+  const buf = ram.alloc(16);
+  dv.setBigUint64(0, BigInt(buf), true);
+  dv.setUint32(8, 16, true);
+  dv.setUint16(12, 2, true);
+  ram.dv(ringBase + 256, 6).setUint16(2, 1, true); // avail.idx = 1, ring[0] = 0
+  d.notify(0);
+  assert.equal(ram.dv(ringBase + 4096 + 2, 2).getUint16(0, true), 1, "used.idx");
+  assert.equal(irq.count, 1);
+  d.w32(0x070, 0);
+  assert.equal(d.r32(0x040), 0, "reset clears QueuePFN");
+});

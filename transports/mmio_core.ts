@@ -1,0 +1,189 @@
+/**
+ * What virtio-MMIO version 2 (modern) and version 1 (legacy) share: the status state
+ * machine, feature negotiation, queue selection, interrupt status, config generation,
+ * activation and reset (virtio 1.2 section 4.2). The register files are in mmio.ts and
+ * mmio_legacy.ts; the device never knows which one carries it.
+ */
+
+import type { GuestMemory } from "../vmm/memory.ts";
+import { STATUS, type VirtioDevice, type VirtioInterrupt } from "../devices/virtio/device.ts";
+import { SplitQueue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "../devices/virtio/queue.ts";
+
+/** An interrupt line the transport raises (an irqfd in the VMM, a counter in tests). */
+export interface IrqLine {
+  /** Raises the interrupt (edge). */
+  trigger(): void;
+}
+
+/** Interrupt status bits. */
+export const INT_USED_RING = 1;
+/** Config change interrupt. */
+export const INT_CONFIG = 2;
+
+/** Shared state of one virtio-MMIO device. */
+export class MmioCore implements VirtioInterrupt {
+  /** Device status register. */
+  status = 0;
+  /** Feature word selectors. */
+  deviceFeaturesSel = 0;
+  /** Driver feature word selector. */
+  driverFeaturesSel = 0;
+  /** Features the driver has written so far. */
+  driverFeatures = 0n;
+  /** Selected queue. */
+  queueSel = 0;
+  /** InterruptStatus. */
+  interruptStatus = 0;
+  /** ConfigGeneration. */
+  configGeneration = 0;
+  /** The device's queues. */
+  readonly queues: SplitQueue[];
+  /** Whether the device has been activated (DRIVER_OK accepted). */
+  activated = false;
+  /** The last reason the device asked for a reset (for logs and tests). */
+  lastError: string | undefined;
+  /** Counters for diagnostics: notifications taken, notifications ignored, interrupts raised. */
+  readonly counters = { notifies: 0, ignoredNotifies: 0, interrupts: 0 };
+
+  /**
+   * A core for `device` over `memory`; `offered` is the full feature set this transport
+   * offers (device features plus transport bits such as VERSION_1).
+   */
+  constructor(
+    readonly device: VirtioDevice,
+    readonly memory: GuestMemory,
+    readonly irq: IrqLine,
+    readonly offered: bigint,
+    readonly modern: boolean,
+  ) {
+    this.queues = device.queueMaxSizes.map((m) => new SplitQueue(m));
+  }
+
+  /** The selected queue, or undefined if QueueSel is out of range. */
+  get queue(): SplitQueue | undefined {
+    return this.queues[this.queueSel];
+  }
+
+  /** Whether queue fields may still be written (before DRIVER_OK). */
+  get queueWritable(): boolean {
+    return (this.status & STATUS.DRIVER_OK) === 0;
+  }
+
+  /** 32 bits of the offered features at word `sel`. */
+  deviceFeatureWord(sel: number): number {
+    if (sel > 1) return 0;
+    return Number((this.offered >> BigInt(32 * sel)) & 0xffff_ffffn);
+  }
+
+  /** Stores 32 bits of driver features at word `sel` (ignored once FEATURES_OK is set). */
+  setDriverFeatureWord(sel: number, v: number): void {
+    if (sel > 1 || (this.status & STATUS.FEATURES_OK)) return;
+    const shift = BigInt(32 * sel);
+    this.driverFeatures = (this.driverFeatures & ~(0xffff_ffffn << shift)) | (BigInt(v >>> 0) << shift);
+  }
+
+  /** A driver write to Status. */
+  writeStatus(v: number): void {
+    if (v === 0) {
+      this.reset();
+      return;
+    }
+    let next = v & 0xff;
+    if ((next & STATUS.FEATURES_OK) && !(this.status & STATUS.FEATURES_OK)) {
+      // Refuse FEATURES_OK if the driver acknowledged anything we did not offer.
+      if (this.driverFeatures & ~this.offered) next &= ~STATUS.FEATURES_OK;
+    }
+    const wasOk = (this.status & STATUS.DRIVER_OK) !== 0;
+    this.status = next | (this.status & STATUS.DEVICE_NEEDS_RESET);
+    if (!wasOk && (next & STATUS.DRIVER_OK)) this.activate();
+  }
+
+  private activate(): void {
+    if (this.modern && !(this.status & STATUS.FEATURES_OK)) {
+      this.needsReset("DRIVER_OK without FEATURES_OK");
+      return;
+    }
+    const features = this.driverFeatures & this.offered;
+    for (const q of this.queues) {
+      if (!q.ready) continue;
+      const why = q.validate(this.memory);
+      if (why) {
+        this.needsReset(why);
+        return;
+      }
+      q.indirect = (features & (1n << VIRTIO_F_INDIRECT_DESC)) !== 0n;
+      q.eventIdx = (features & (1n << VIRTIO_F_EVENT_IDX)) !== 0n;
+    }
+    this.activated = true;
+    try {
+      this.device.activate({ memory: this.memory, queues: this.queues, features, interrupt: this });
+    } catch (e) {
+      this.activated = false;
+      this.needsReset(`activation failed: ${(e as Error).message}`);
+    }
+  }
+
+  /** A driver notification (QueueNotify write or ioeventfd) for queue `index`. */
+  notify(index: number): void {
+    const q = this.queues[index];
+    if (!this.activated || (this.status & STATUS.DEVICE_NEEDS_RESET) || !q || !q.ready) {
+      this.counters.ignoredNotifies++;
+      return;
+    }
+    this.counters.notifies++;
+    this.device.notify(index);
+  }
+
+  /** A one-line summary of the transport state, for failure reports. */
+  describe(): string {
+    const qs = this.queues.map((q, i) =>
+      `q${i}:${q.ready ? "ready" : "off"} size=${q.size} avail=${q.nextAvail} used=${q.nextUsed}`
+    ).join(" ");
+    const c = this.counters;
+    return `${this.device.name} status=0x${this.status.toString(16)} features=0x${
+      (this.driverFeatures & this.offered).toString(16)
+    } isr=${this.interruptStatus} notifies=${c.notifies} ignored=${c.ignoredNotifies} irqs=${c.interrupts} ${qs}` +
+      (this.lastError ? ` error="${this.lastError}"` : "");
+  }
+
+  /** InterruptACK. */
+  ack(bits: number): void {
+    this.interruptStatus &= ~bits;
+  }
+
+  /** Writing 0 to Status: everything back to its initial state. */
+  reset(): void {
+    this.device.reset();
+    for (const q of this.queues) q.reset();
+    this.status = 0;
+    this.deviceFeaturesSel = this.driverFeaturesSel = 0;
+    this.driverFeatures = 0n;
+    this.queueSel = 0;
+    this.interruptStatus = 0;
+    this.activated = false;
+  }
+
+  /** VirtioInterrupt: used buffers on queue `index`. */
+  signalUsed(_index: number): void {
+    this.interruptStatus |= INT_USED_RING;
+    this.counters.interrupts++;
+    this.irq.trigger();
+  }
+
+  /** VirtioInterrupt: config space changed. */
+  signalConfig(): void {
+    this.configGeneration = (this.configGeneration + 1) >>> 0;
+    this.interruptStatus |= INT_CONFIG;
+    this.irq.trigger();
+  }
+
+  /** VirtioInterrupt: a driver error the device cannot go on from. */
+  needsReset(reason: string): void {
+    this.lastError = reason;
+    if (this.status & STATUS.DEVICE_NEEDS_RESET) return;
+    this.status |= STATUS.DEVICE_NEEDS_RESET;
+    this.activated = false;
+    this.device.reset();
+    if (this.status & STATUS.DRIVER_OK) this.signalConfig();
+  }
+}

@@ -1,0 +1,148 @@
+/**
+ * virtio-MMIO version 1, the legacy interface (virtio 1.2 section 4.2.4): GuestPageSize,
+ * QueuePFN and QueueAlign instead of 64-bit ring addresses and QueueReady, 32 feature bits,
+ * no FEATURES_OK. Same shared core as version 2.
+ */
+
+import type { GuestMemory } from "../vmm/memory.ts";
+import type { VirtioDevice } from "../devices/virtio/device.ts";
+import { type IrqLine, MmioCore } from "./mmio_core.ts";
+import { MMIO_CONFIG, MMIO_MAGIC, MMIO_VENDOR, putU32, REG, u32Of } from "./mmio.ts";
+
+/** Legacy-only register offsets. */
+export const LEGACY_REG = {
+  guestPageSize: 0x028,
+  queueAlign: 0x03c,
+  queuePfn: 0x040,
+} as const;
+
+/** A virtio device behind a version-1 (legacy) MMIO window. */
+export class VirtioMmioLegacy {
+  /** The shared state. */
+  readonly core: MmioCore;
+  private pageSize = 4096;
+  private readonly align: number[];
+  private readonly pfn: number[];
+
+  /** Puts `device` behind a legacy MMIO window (feature bits 0-31 only, no VERSION_1). */
+  constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine) {
+    this.core = new MmioCore(device, memory, irq, device.features & 0xffff_ffffn, false);
+    this.align = device.queueMaxSizes.map(() => 4096);
+    this.pfn = device.queueMaxSizes.map(() => 0);
+  }
+
+  /** A guest read. */
+  read(offset: number, data: Uint8Array): void {
+    const c = this.core;
+    if (offset >= MMIO_CONFIG) {
+      c.device.readConfig(offset - MMIO_CONFIG, data);
+      return;
+    }
+    if (data.length !== 4) {
+      data.fill(0);
+      return;
+    }
+    let v = 0;
+    switch (offset) {
+      case REG.magic:
+        v = MMIO_MAGIC;
+        break;
+      case REG.version:
+        v = 1;
+        break;
+      case REG.deviceId:
+        v = c.device.deviceType;
+        break;
+      case REG.vendorId:
+        v = MMIO_VENDOR;
+        break;
+      case REG.deviceFeatures:
+        v = c.deviceFeaturesSel === 0 ? c.deviceFeatureWord(0) : 0;
+        break;
+      case REG.queueNumMax:
+        v = c.queue?.maxSize ?? 0;
+        break;
+      case LEGACY_REG.queuePfn:
+        v = this.pfn[c.queueSel] ?? 0;
+        break;
+      case REG.interruptStatus:
+        v = c.interruptStatus;
+        break;
+      case REG.status:
+        v = c.status;
+        break;
+    }
+    putU32(data, v);
+  }
+
+  /** A guest write. */
+  write(offset: number, data: Uint8Array): void {
+    const c = this.core;
+    if (offset >= MMIO_CONFIG) {
+      c.device.writeConfig(offset - MMIO_CONFIG, data);
+      return;
+    }
+    if (data.length !== 4) return;
+    const v = u32Of(data);
+    const q = c.queue;
+    switch (offset) {
+      case REG.deviceFeaturesSel:
+        c.deviceFeaturesSel = v;
+        break;
+      case REG.driverFeatures:
+        if (c.driverFeaturesSel === 0) c.setDriverFeatureWord(0, v);
+        break;
+      case REG.driverFeaturesSel:
+        c.driverFeaturesSel = v;
+        break;
+      case LEGACY_REG.guestPageSize:
+        // A power of two; 0 or anything else leaves the queues unusable until fixed.
+        this.pageSize = v;
+        break;
+      case REG.queueSel:
+        c.queueSel = v;
+        break;
+      case REG.queueNum:
+        if (q && c.queueWritable) q.size = v;
+        break;
+      case LEGACY_REG.queueAlign:
+        if (q && c.queueWritable) this.align[c.queueSel] = v;
+        break;
+      case LEGACY_REG.queuePfn:
+        if (q && c.queueWritable) this.setPfn(c.queueSel, v);
+        break;
+      case REG.queueNotify:
+        c.notify(v & 0xffff);
+        break;
+      case REG.interruptAck:
+        c.ack(v);
+        break;
+      case REG.status:
+        c.writeStatus(v);
+        if (v === 0) this.pfn.fill(0);
+        break;
+    }
+  }
+
+  /** QueuePFN: the legacy ring layout, desc | avail | pad to QueueAlign | used. */
+  private setPfn(index: number, pfn: number): void {
+    const q = this.core.queues[index];
+    this.pfn[index] = pfn;
+    if (pfn === 0) {
+      q.ready = false;
+      return;
+    }
+    const align = this.align[index];
+    const page = this.pageSize;
+    if (!page || (page & (page - 1)) || !align || (align & (align - 1))) {
+      this.core.needsReset("legacy queue with a bad GuestPageSize or QueueAlign");
+      return;
+    }
+    const desc = pfn * page;
+    const availEnd = desc + 16 * q.size + 6 + 2 * q.size;
+    q.descAddr = desc;
+    q.availAddr = desc + 16 * q.size;
+    q.usedAddr = Math.ceil(availEnd / align) * align;
+    q.ready = true;
+  }
+}

@@ -1,0 +1,101 @@
+/**
+ * The device thread's event loop: epoll over eventfds (ioeventfds, later TAP and timers).
+ * One epoll_wait at a time runs on Deno's blocking pool; when it returns, the handlers
+ * of the ready fds run on the main thread. A private eventfd wakes the loop to stop it.
+ */
+
+import { errno, libc, sysClose, SysError, sysEventfd } from "./sys/libc.ts";
+
+const EPOLL_CLOEXEC = 0o2000000;
+const EPOLL_CTL_ADD = 1;
+const EPOLL_CTL_DEL = 2;
+const EPOLLIN = 0x001;
+const EVENT_SIZE = 12; // struct epoll_event is packed on x86-64
+const MAX_EVENTS = 64;
+const STOP_TOKEN = 0;
+
+/** Reads (and so clears) an eventfd's counter; returns 0 if it was not signalled. */
+export function drainEventfd(fd: number): number {
+  const b = new BigUint64Array(1);
+  const n = Number(libc().read_ptr(fd, Deno.UnsafePointer.of(b), 8n));
+  return n === 8 ? Number(b[0]) : 0;
+}
+
+/** Adds 1 to an eventfd's counter. */
+export function signalEventfd(fd: number): void {
+  const b = new BigUint64Array([1n]);
+  libc().write_ptr(fd, Deno.UnsafePointer.of(b), 8n);
+}
+
+/** An epoll-based loop of fd handlers. */
+export class EventLoop {
+  private readonly epfd: number;
+  private readonly stopFd: number;
+  private readonly handlers = new Map<number, { fd: number; fn: () => void }>();
+  private nextToken = 1;
+  private running: Promise<void> | undefined;
+  private stopping = false;
+  private readonly events = new Uint8Array(EVENT_SIZE * MAX_EVENTS);
+  /** Handler errors, reported once each to this callback (the loop keeps going). */
+  onError: (e: Error) => void = (e) => console.error(`event loop: ${e.message}`);
+
+  /** Creates the epoll instance. */
+  constructor() {
+    this.epfd = libc().epoll_create1(EPOLL_CLOEXEC);
+    if (this.epfd < 0) throw new SysError("epoll_create1", errno());
+    this.stopFd = sysEventfd();
+    this.ctl(EPOLL_CTL_ADD, this.stopFd, STOP_TOKEN);
+  }
+
+  private ctl(op: number, fd: number, token: number): void {
+    const ev = new Uint8Array(EVENT_SIZE);
+    const dv = new DataView(ev.buffer);
+    dv.setUint32(0, EPOLLIN, true);
+    dv.setBigUint64(4, BigInt(token), true);
+    if (libc().epoll_ctl(this.epfd, op, fd, ev) < 0) throw new SysError("epoll_ctl", errno());
+  }
+
+  /** Calls `fn` whenever `fd` is readable (the handler must drain it). Returns a remover. */
+  add(fd: number, fn: () => void): () => void {
+    const token = this.nextToken++;
+    this.handlers.set(token, { fd, fn });
+    this.ctl(EPOLL_CTL_ADD, fd, token);
+    return () => {
+      if (this.handlers.delete(token)) this.ctl(EPOLL_CTL_DEL, fd, token);
+    };
+  }
+
+  /** Starts dispatching. */
+  start(): void {
+    this.running ??= this.loop();
+  }
+
+  private async loop(): Promise<void> {
+    const evp = Deno.UnsafePointer.of(this.events);
+    const dv = new DataView(this.events.buffer);
+    while (!this.stopping) {
+      const n = await libc().epoll_wait_nb(this.epfd, evp, MAX_EVENTS, -1);
+      if (n < 0) continue; // EINTR
+      for (let i = 0; i < n; i++) {
+        const token = Number(dv.getBigUint64(i * EVENT_SIZE + 4, true));
+        if (token === STOP_TOKEN) continue;
+        const h = this.handlers.get(token);
+        if (!h) continue;
+        try {
+          h.fn();
+        } catch (e) {
+          this.onError(e as Error);
+        }
+      }
+    }
+  }
+
+  /** Stops the loop and closes the epoll instance (the watched fds are their owners'). */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    signalEventfd(this.stopFd);
+    if (this.running) await this.running;
+    sysClose(this.epfd);
+    sysClose(this.stopFd);
+  }
+}

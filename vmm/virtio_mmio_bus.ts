@@ -1,0 +1,104 @@
+/**
+ * Puts virtio devices on virtio-MMIO windows: a window and a GSI each, an irqfd for the
+ * device's interrupt and an ioeventfd per queue on QueueNotify (datamatch = queue index),
+ * served by the event loop, so the notification and interrupt paths never exit to a vCPU
+ * handler in userspace.
+ */
+
+import type { VmFd } from "./vm.ts";
+import type { Bus } from "./bus.ts";
+import type { GuestMemory } from "./memory.ts";
+import type { EventLoop } from "./event_loop.ts";
+import { drainEventfd, signalEventfd } from "./event_loop.ts";
+import { sysClose, sysEventfd } from "./sys/libc.ts";
+import { VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START } from "./arch/x86_64/layout.ts";
+import type { VirtioDevice } from "../devices/virtio/device.ts";
+import { MMIO_QUEUE_NOTIFY, VirtioMmio } from "../transports/mmio.ts";
+import { VirtioMmioLegacy } from "../transports/mmio_legacy.ts";
+import type { MmioDeviceInfo } from "./arch/x86_64/acpi.ts";
+
+/** The virtio-MMIO versions. */
+export type MmioTransportKind = "mmio" | "mmio-legacy";
+
+/** GSIs for virtio-MMIO devices: IOAPIC pins not used by the legacy ISA devices we emulate. */
+export const VIRTIO_MMIO_GSIS: readonly number[] = [
+  5,
+  6,
+  7,
+  9,
+  10,
+  11,
+  12,
+  13,
+  14,
+  15,
+  16,
+  17,
+  18,
+  19,
+  20,
+  21,
+  22,
+  23,
+];
+
+/** One placed device. */
+export interface PlacedDevice {
+  /** The device. */
+  device: VirtioDevice;
+  /** Its transport (register file + core). */
+  transport: VirtioMmio | VirtioMmioLegacy;
+  /** Window and GSI, for the DSDT. */
+  info: MmioDeviceInfo;
+}
+
+/** The VM's virtio-MMIO devices. */
+export class VirtioMmioDevices {
+  /** Devices in window order. */
+  readonly placed: PlacedDevice[] = [];
+  private readonly fds: number[] = [];
+
+  /** Devices on `mmio`, interrupts through `vm`'s irqfds, notifications through `loop`. */
+  constructor(
+    private readonly vm: VmFd,
+    private readonly mmio: Bus,
+    private readonly memory: GuestMemory,
+    private readonly loop: EventLoop,
+  ) {}
+
+  /** Adds a device on the next window. */
+  add(device: VirtioDevice, kind: MmioTransportKind): PlacedDevice {
+    const i = this.placed.length;
+    if (i >= VIRTIO_MMIO_GSIS.length) {
+      throw new RangeError(`at most ${VIRTIO_MMIO_GSIS.length} virtio-mmio devices`);
+    }
+    const base = VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE;
+    const gsi = VIRTIO_MMIO_GSIS[i];
+    const irqFd = sysEventfd();
+    this.fds.push(irqFd);
+    this.vm.irqfd(irqFd, gsi);
+    const irq = { trigger: () => signalEventfd(irqFd) };
+    const transport = kind === "mmio"
+      ? new VirtioMmio(device, this.memory, irq)
+      : new VirtioMmioLegacy(device, this.memory, irq);
+    this.mmio.register(base, VIRTIO_MMIO_SIZE, transport, `${device.name} (${kind})`);
+    device.queueMaxSizes.forEach((_, q) => {
+      const fd = sysEventfd();
+      this.fds.push(fd);
+      this.vm.ioeventfd(fd, base + MMIO_QUEUE_NOTIFY, 4, { datamatch: q });
+      this.loop.add(fd, () => {
+        if (drainEventfd(fd)) transport.core.notify(q);
+      });
+    });
+    const placed = { device, transport, info: { base, size: VIRTIO_MMIO_SIZE, gsi } };
+    this.placed.push(placed);
+    return placed;
+  }
+
+  /** Resets the devices and closes the eventfds (after the event loop stopped). */
+  close(): void {
+    for (const p of this.placed) p.device.reset();
+    for (const fd of this.fds) sysClose(fd);
+    this.fds.length = 0;
+  }
+}
