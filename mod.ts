@@ -165,6 +165,12 @@ export async function bootTest<T>(
   timeoutMs = 120_000,
 ): Promise<T> {
   const vm = await createVm(config);
+  if (Deno.env.get("TSVMM_ECHO_CONSOLE") === "1") {
+    // Debugging aid: the guest console, live, on stderr.
+    vm.output.pipeTo(
+      new WritableStream({ write: (c) => void Deno.stderr.writeSync(c) }),
+    ).catch(() => {});
+  }
   await vm.start();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {

@@ -17,6 +17,15 @@ export const VIRTIO_F_VERSION_1 = 32n;
 
 const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
 
+// A full memory barrier: an atomic read-modify-write on shared memory is a locked
+// instruction on x86, which orders our earlier stores before our later loads. The ring
+// protocol needs it where the device stores an index and then reads the driver's
+// (virtio 1.2 section 2.7.7.2 and 2.7.10.1): without it a notification can be lost.
+const fenceCell = new Int32Array(new SharedArrayBuffer(4));
+function memoryBarrier(): void {
+  Atomics.add(fenceCell, 0, 0);
+}
+
 /** A broken ring: the device must report DEVICE_NEEDS_RESET. */
 export class QueueError extends ChainError {}
 
@@ -107,6 +116,7 @@ export class SplitQueue {
    */
   enableNotification(mem: GuestMemory): boolean {
     if (this.eventIdx) this.setU16(mem, this.usedAddr + 4 + 8 * this.size, this.nextAvail);
+    memoryBarrier();
     return this.pending(mem) > 0;
   }
 
@@ -126,6 +136,7 @@ export class SplitQueue {
 
   /** Whether the driver wants an interrupt for the used entries added since the last one. */
   needsInterrupt(mem: GuestMemory): boolean {
+    memoryBarrier(); // our used.idx store before the driver's used_event / flags load
     const newUsed = this.nextUsed;
     const old = this.lastSignalledUsed;
     this.lastSignalledUsed = newUsed;

@@ -19,8 +19,13 @@ export interface CaseResult {
 }
 
 const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSVMM_GUEST_ASSETS")!));
-// The case filter (a regex source) comes in a file, so no shell splits it.
-const filterText = Deno.args[0] ? (await Deno.readTextFile(Deno.args[0])).trim() : "";
+// The case filter (a regex source) comes in a file, so no shell splits it. A leading "+"
+// asks for the guests' consoles live (TSVMM_ECHO_CONSOLE).
+let filterText = Deno.args[0] ? (await Deno.readTextFile(Deno.args[0])).trim() : "";
+if (filterText.startsWith("+")) {
+  Deno.env.set("TSVMM_ECHO_CONSOLE", "1");
+  filterText = filterText.slice(1);
+}
 const filter = filterText ? new RegExp(filterText) : undefined;
 for (const c of BOOT_CASES) {
   if (filter && !filter.test(c.name)) continue;

@@ -31,7 +31,8 @@ check_virtio() {
 }
 check_rng() {
   cur=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
-  n=$(dd if=/dev/hwrng bs=65536 count=16 iflag=fullblock 2>/dev/null | wc -c)
+  want=$(arg tsvmm.rngbytes); want=${want:-1048576}
+  n=$(dd if=/dev/hwrng bs=4096 count=$((want / 4096)) iflag=fullblock 2>/dev/null | wc -c)
   echo "TSVMM-CHECK rng current=$cur bytes=$n"
 }
 # tsvmm.blk=vda,vdb: what the guest sees of each disk.
