@@ -9,6 +9,54 @@ import type { GuestMemory } from "../vmm/memory.ts";
 import { STATUS, type VirtioDevice, type VirtioInterrupt } from "../devices/virtio/device.ts";
 import { SplitQueue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "../devices/virtio/queue.ts";
 
+/** "virt" */
+export const MMIO_MAGIC = 0x74726976;
+/** Our vendor ID ("TSVM" would not fit a spec'd vendor; QEMU's 0x554d4551 style). */
+export const MMIO_VENDOR = 0x4d565354;
+/** Size of a virtio-MMIO window. */
+export const MMIO_WINDOW = 0x1000;
+/** QueueNotify offset (an ioeventfd with datamatch = queue index sits here). */
+export const MMIO_QUEUE_NOTIFY = 0x050;
+/** Start of device config space. */
+export const MMIO_CONFIG = 0x100;
+
+/** Register offsets shared by both versions. */
+export const REG = {
+  magic: 0x000,
+  version: 0x004,
+  deviceId: 0x008,
+  vendorId: 0x00c,
+  deviceFeatures: 0x010,
+  deviceFeaturesSel: 0x014,
+  driverFeatures: 0x020,
+  driverFeaturesSel: 0x024,
+  queueSel: 0x030,
+  queueNumMax: 0x034,
+  queueNum: 0x038,
+  queueReady: 0x044,
+  queueNotify: 0x050,
+  interruptStatus: 0x060,
+  interruptAck: 0x064,
+  status: 0x070,
+  queueDescLow: 0x080,
+  queueDescHigh: 0x084,
+  queueDriverLow: 0x090,
+  queueDriverHigh: 0x094,
+  queueDeviceLow: 0x0a0,
+  queueDeviceHigh: 0x0a4,
+  configGeneration: 0x0fc,
+} as const;
+
+/** Reads/writes a 32-bit little-endian register value from an access buffer. */
+export function u32Of(data: Uint8Array): number {
+  return (data[0] | (data[1] << 8) | (data[2] << 16) | (data[3] << 24)) >>> 0;
+}
+
+/** Fills a read buffer with a 32-bit value. */
+export function putU32(data: Uint8Array, v: number): void {
+  for (let i = 0; i < data.length; i++) data[i] = i < 4 ? (v >>> (8 * i)) & 0xff : 0;
+}
+
 /** An interrupt line the transport raises (an irqfd in the VMM, a counter in tests). */
 export interface IrqLine {
   /** Raises the interrupt (edge). */
@@ -185,5 +233,89 @@ export class MmioCore implements VirtioInterrupt {
     this.activated = false;
     this.device.reset();
     if (this.status & STATUS.DRIVER_OK) this.signalConfig();
+  }
+}
+
+/**
+ * A virtio-MMIO register file: config space (any width) and the registers both versions
+ * share are handled here; each version adds its own in `readRegister` / `writeRegister`.
+ */
+export abstract class MmioRegisterFile {
+  /** The shared state. */
+  abstract readonly core: MmioCore;
+
+  /** A version-specific register read; undefined if `offset` is not one. */
+  protected abstract readRegister(offset: number): number | undefined;
+  /** A version-specific register write. */
+  protected abstract writeRegister(offset: number, v: number): void;
+
+  /** A guest read. */
+  read(offset: number, data: Uint8Array): void {
+    const c = this.core;
+    if (offset >= MMIO_CONFIG) {
+      c.device.readConfig(offset - MMIO_CONFIG, data);
+      return;
+    }
+    if (data.length !== 4) {
+      data.fill(0); // registers are 32 bits wide (virtio 1.2 section 4.2.2.2)
+      return;
+    }
+    let v: number | undefined;
+    switch (offset) {
+      case REG.magic:
+        v = MMIO_MAGIC;
+        break;
+      case REG.version:
+        v = c.modern ? 2 : 1;
+        break;
+      case REG.deviceId:
+        v = c.device.deviceType;
+        break;
+      case REG.vendorId:
+        v = MMIO_VENDOR;
+        break;
+      case REG.queueNumMax:
+        v = c.queue?.maxSize ?? 0;
+        break;
+      case REG.interruptStatus:
+        v = c.interruptStatus;
+        break;
+      case REG.status:
+        v = c.status;
+        break;
+      default:
+        v = this.readRegister(offset);
+    }
+    putU32(data, v ?? 0);
+  }
+
+  /** A guest write. */
+  write(offset: number, data: Uint8Array): void {
+    const c = this.core;
+    if (offset >= MMIO_CONFIG) {
+      c.device.writeConfig(offset - MMIO_CONFIG, data);
+      return;
+    }
+    if (data.length !== 4) return;
+    const v = u32Of(data);
+    switch (offset) {
+      case REG.deviceFeaturesSel:
+        c.deviceFeaturesSel = v;
+        break;
+      case REG.driverFeaturesSel:
+        c.driverFeaturesSel = v;
+        break;
+      case REG.queueSel:
+        c.queueSel = v;
+        break;
+      case REG.queueNotify:
+        c.notify(v & 0xffff);
+        break;
+      case REG.interruptAck:
+        c.ack(v);
+        break;
+      default:
+        this.writeRegister(offset, v);
+    }
   }
 }

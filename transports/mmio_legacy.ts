@@ -6,8 +6,7 @@
 
 import type { GuestMemory } from "../vmm/memory.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
-import { type IrqLine, MmioCore } from "./mmio_core.ts";
-import { MMIO_CONFIG, MMIO_MAGIC, MMIO_VENDOR, putU32, REG, u32Of } from "./mmio.ts";
+import { type IrqLine, MmioCore, MmioRegisterFile, REG } from "./mmio_core.ts";
 
 /** Legacy-only register offsets. */
 export const LEGACY_REG = {
@@ -17,7 +16,7 @@ export const LEGACY_REG = {
 } as const;
 
 /** A virtio device behind a version-1 (legacy) MMIO window. */
-export class VirtioMmioLegacy {
+export class VirtioMmioLegacy extends MmioRegisterFile {
   /** The shared state. */
   readonly core: MmioCore;
   private pageSize = 4096;
@@ -26,81 +25,35 @@ export class VirtioMmioLegacy {
 
   /** Puts `device` behind a legacy MMIO window (feature bits 0-31 only, no VERSION_1). */
   constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine) {
+    super();
     this.core = new MmioCore(device, memory, irq, device.features & 0xffff_ffffn, false);
     this.align = device.queueMaxSizes.map(() => 4096);
     this.pfn = device.queueMaxSizes.map(() => 0);
   }
 
-  /** A guest read. */
-  read(offset: number, data: Uint8Array): void {
+  /** Legacy register reads. */
+  protected readRegister(offset: number): number | undefined {
     const c = this.core;
-    if (offset >= MMIO_CONFIG) {
-      c.device.readConfig(offset - MMIO_CONFIG, data);
-      return;
-    }
-    if (data.length !== 4) {
-      data.fill(0);
-      return;
-    }
-    let v = 0;
     switch (offset) {
-      case REG.magic:
-        v = MMIO_MAGIC;
-        break;
-      case REG.version:
-        v = 1;
-        break;
-      case REG.deviceId:
-        v = c.device.deviceType;
-        break;
-      case REG.vendorId:
-        v = MMIO_VENDOR;
-        break;
       case REG.deviceFeatures:
-        v = c.deviceFeaturesSel === 0 ? c.deviceFeatureWord(0) : 0;
-        break;
-      case REG.queueNumMax:
-        v = c.queue?.maxSize ?? 0;
-        break;
+        return c.deviceFeaturesSel === 0 ? c.deviceFeatureWord(0) : 0;
       case LEGACY_REG.queuePfn:
-        v = this.pfn[c.queueSel] ?? 0;
-        break;
-      case REG.interruptStatus:
-        v = c.interruptStatus;
-        break;
-      case REG.status:
-        v = c.status;
-        break;
+        return this.pfn[c.queueSel] ?? 0;
     }
-    putU32(data, v);
+    return undefined;
   }
 
-  /** A guest write. */
-  write(offset: number, data: Uint8Array): void {
+  /** Legacy register writes; queue fields only before DRIVER_OK. */
+  protected writeRegister(offset: number, v: number): void {
     const c = this.core;
-    if (offset >= MMIO_CONFIG) {
-      c.device.writeConfig(offset - MMIO_CONFIG, data);
-      return;
-    }
-    if (data.length !== 4) return;
-    const v = u32Of(data);
     const q = c.queue;
     switch (offset) {
-      case REG.deviceFeaturesSel:
-        c.deviceFeaturesSel = v;
-        break;
       case REG.driverFeatures:
         if (c.driverFeaturesSel === 0) c.setDriverFeatureWord(0, v);
         break;
-      case REG.driverFeaturesSel:
-        c.driverFeaturesSel = v;
-        break;
       case LEGACY_REG.guestPageSize:
-        // A power of two; 0 or anything else leaves the queues unusable until fixed.
+        // A power of two; anything else leaves the queues unusable until fixed.
         this.pageSize = v;
-        break;
-      case REG.queueSel:
-        c.queueSel = v;
         break;
       case REG.queueNum:
         if (q && c.queueWritable) q.size = v;
@@ -110,12 +63,6 @@ export class VirtioMmioLegacy {
         break;
       case LEGACY_REG.queuePfn:
         if (q && c.queueWritable) this.setPfn(c.queueSel, v);
-        break;
-      case REG.queueNotify:
-        c.notify(v & 0xffff);
-        break;
-      case REG.interruptAck:
-        c.ack(v);
         break;
       case REG.status:
         c.writeStatus(v);

@@ -4,7 +4,7 @@
  * ring when its I/O finishes. A reset makes late completions harmless (generation check).
  */
 
-import { type ActivateContext, readConfigBytes, VIRTIO_ID, type VirtioDevice } from "./device.ts";
+import { type ActivateContext, drainQueue, readConfigBytes, VIRTIO_ID, type VirtioDevice } from "./device.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "./queue.ts";
 import { ChainError, scatter } from "./chain.ts";
 import {
@@ -129,27 +129,15 @@ export class VirtioBlk implements VirtioDevice {
     if (!ctx) return;
     const q = ctx.queues[0];
     if (!q?.ready) return;
-    try {
-      for (;;) {
-        const chain = q.pop(ctx.memory);
-        if (!chain) {
-          if (q.enableNotification(ctx.memory)) continue;
-          return;
-        }
-        const req = parseBlkRequest(chain);
-        if ("error" in req) {
-          ctx.interrupt.needsReset(`virtio-blk: ${req.error}`);
-          return;
-        }
-        this.start(req, chain.head);
+    drainQueue(ctx, q, (chain) => {
+      const req = parseBlkRequest(chain);
+      if ("error" in req) {
+        ctx.interrupt.needsReset(`virtio-blk: ${req.error}`);
+        return false;
       }
-    } catch (e) {
-      if (e instanceof ChainError) {
-        ctx.interrupt.needsReset(e.message);
-        return;
-      }
-      throw e;
-    }
+      this.start(req, chain.head);
+      return true;
+    });
   }
 
   private start(req: BlkRequest, head: number): void {

@@ -6,6 +6,7 @@
 
 import type { GuestMemory } from "../../vmm/memory.ts";
 import type { SplitQueue } from "./queue.ts";
+import { ChainError, type DescChain } from "./chain.ts";
 
 /** Virtio device IDs (virtio 1.2 section 5). */
 export const VIRTIO_ID = { NET: 1, BLOCK: 2, RNG: 4 } as const;
@@ -70,5 +71,35 @@ export function readConfigBytes(config: Uint8Array, offset: number, data: Uint8A
   for (let i = 0; i < data.length; i++) {
     const o = offset + i;
     if (o >= 0 && o < config.length) data[i] = config[o];
+  }
+}
+
+/**
+ * Takes chains off `q` and hands each to `take` until the queue is empty (re-arming the
+ * driver's notifications), `take` returns false, or `more` says to stop before popping.
+ * A broken ring or chain asks the driver for a reset; returns false then.
+ */
+export function drainQueue(
+  ctx: ActivateContext,
+  q: SplitQueue,
+  take: (chain: DescChain) => boolean,
+  more: () => boolean = () => true,
+): boolean {
+  try {
+    while (more()) {
+      const chain = q.pop(ctx.memory);
+      if (!chain) {
+        if (q.enableNotification(ctx.memory)) continue;
+        break;
+      }
+      if (!take(chain)) break;
+    }
+    return true;
+  } catch (e) {
+    if (e instanceof ChainError) {
+      ctx.interrupt.needsReset(e.message);
+      return false;
+    }
+    throw e;
   }
 }

@@ -4,9 +4,9 @@
  * request, optionally rate-limited by a token bucket.
  */
 
-import { type ActivateContext, VIRTIO_ID, type VirtioDevice } from "./device.ts";
+import { type ActivateContext, drainQueue, VIRTIO_ID, type VirtioDevice } from "./device.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "./queue.ts";
-import { ChainError, scatter } from "./chain.ts";
+import { scatter } from "./chain.ts";
 
 /** Where entropy comes from. */
 export interface EntropySource {
@@ -99,42 +99,32 @@ export class VirtioRng implements VirtioDevice {
     const q = ctx.queues[0];
     if (!q?.ready) return;
     let used = false;
-    try {
-      for (;;) {
-        this.refill();
-        if (this.tokens < 1) {
-          // Come back when a minimal answer's worth of tokens has accrued.
-          this.waiting = true;
-          const ms = Math.max(1, Math.ceil((1 - this.tokens) * 1000 / this.opts.rateBytesPerSec!));
-          this.later(() => {
-            this.waiting = false;
-            this.process();
-          }, ms);
-          break;
-        }
-        const chain = q.pop(ctx.memory);
-        if (!chain) {
-          if (q.enableNotification(ctx.memory)) continue;
-          break;
-        }
-        const n = Math.min(chain.writableLen, this.maxRequest, Math.floor(this.tokens));
-        const bytes = new Uint8Array(n);
-        for (let off = 0; off < n; off += 65536) {
-          this.source.fill(bytes.subarray(off, Math.min(n, off + 65536)));
-        }
-        scatter(chain.writable, 0, bytes);
-        if (this.opts.rateBytesPerSec) this.tokens -= n;
-        this.bytesServed += n;
-        q.pushUsed(ctx.memory, chain.head, n);
-        used = true;
+    const haveTokens = () => {
+      this.refill();
+      if (this.tokens >= 1) return true;
+      // Come back when a minimal answer's worth of tokens has accrued.
+      this.waiting = true;
+      const ms = Math.max(1, Math.ceil((1 - this.tokens) * 1000 / this.opts.rateBytesPerSec!));
+      this.later(() => {
+        this.waiting = false;
+        this.process();
+      }, ms);
+      return false;
+    };
+    const ok = drainQueue(ctx, q, (chain) => {
+      const n = Math.min(chain.writableLen, this.maxRequest, Math.floor(this.tokens));
+      const bytes = new Uint8Array(n);
+      for (let off = 0; off < n; off += 65536) {
+        this.source.fill(bytes.subarray(off, Math.min(n, off + 65536)));
       }
-    } catch (e) {
-      if (e instanceof ChainError) {
-        ctx.interrupt.needsReset(e.message);
-        return;
-      }
-      throw e;
-    }
+      scatter(chain.writable, 0, bytes);
+      if (this.opts.rateBytesPerSec) this.tokens -= n;
+      this.bytesServed += n;
+      q.pushUsed(ctx.memory, chain.head, n);
+      used = true;
+      return true;
+    }, haveTokens);
+    if (!ok) return;
     if (used && q.needsInterrupt(ctx.memory)) ctx.interrupt.signalUsed(0);
   }
 }

@@ -5,7 +5,7 @@
  * source, reading results back over L1's serial console (../shared/KVM_HERE.md).
  */
 
-import { type CpioEntry, writeCpio } from "../../vmm/guest/cpio.ts";
+import { CpioTree } from "../../vmm/guest/cpio.ts";
 import { loadOrder, parseModulesBuiltin, parseModulesDep } from "../../vmm/guest/modules.ts";
 import { buildGuest, type GuestAssets, userlandFiles } from "../../vmm/guest/build.ts";
 
@@ -105,31 +105,13 @@ export async function buildL1Initramfs(
     L1_MODULES,
     parseModulesBuiltin(await Deno.readTextFile(`${modRoot}/modules.builtin`)),
   );
-  const entries: CpioEntry[] = [];
-  const dirs = new Set<string>();
-  const seen = new Set<string>();
-  const addFile = async (path: string, host: string | Uint8Array, mode = 0o644) => {
-    if (seen.has(path)) return;
-    seen.add(path);
-    const parts = path.split("/");
-    for (let i = 1; i < parts.length; i++) {
-      const d = parts.slice(0, i).join("/");
-      if (!dirs.has(d)) {
-        dirs.add(d);
-        entries.push({ type: "dir", path: d });
-      }
-    }
-    entries.push({
-      type: "file",
-      path,
-      data: typeof host === "string" ? await Deno.readFile(host) : host,
-      mode,
-    });
-  };
+  const tree = new CpioTree();
+  const addFile = async (path: string, host: string | Uint8Array, mode = 0o644) =>
+    tree.file(path, typeof host === "string" ? await Deno.readFile(host) : host, mode);
   const enc = new TextEncoder();
   await addFile("init", `${ROOT}tests/nested/l1_init.sh`, 0o755);
   await addFile("bin/busybox", `${guest.dir}/busybox-static/bin/busybox`, 0o755);
-  entries.push({ type: "symlink", path: "bin/sh", target: "busybox" });
+  tree.symlink("bin/sh", "busybox");
   await addFile("etc/tsvmm/modules.order", enc.encode(order.join("\n") + "\n"));
   await addFile("etc/tsvmm/l1_args", enc.encode(program.args + "\n"));
   await addFile("etc/tsvmm/l1_program", enc.encode(program.script + "\n"));
@@ -141,12 +123,7 @@ export async function buildL1Initramfs(
     // e2fsck (and mke2fs) with their libraries, for the file-system checks on the L1 side.
     const ul = await userlandFiles(guest.userland);
     for (const [inside, file] of ul.files) await addFile(inside, file, 0o755);
-    for (const [inside, target] of ul.links) {
-      if (!seen.has(inside)) {
-        seen.add(inside);
-        entries.push({ type: "symlink", path: inside, target });
-      }
-    }
+    for (const [inside, target] of ul.links) tree.symlink(inside, target);
   }
   if (program.withQemu) {
     const qemu = await Deno.realPath("/usr/bin/qemu-system-x86_64");
@@ -176,7 +153,7 @@ export async function buildL1Initramfs(
   }
   inL1.initramfs = inL1.kernels["6.1"].initramfs;
   await addFile("proj/.cache/guest/assets.json", enc.encode(JSON.stringify(inL1)));
-  return { cpio: writeCpio(entries), kernel: l1.bzImage };
+  return { cpio: tree.bytes(), kernel: l1.bzImage };
 }
 
 /** What an L1 run produced. */

@@ -5,7 +5,7 @@
  * busybox-static, the virtio modules in dependency order, and our /init.
  */
 
-import { type CpioEntry, writeCpio } from "./cpio.ts";
+import { CpioTree } from "./cpio.ts";
 import { loadOrder, parseModulesBuiltin, parseModulesDep } from "./modules.ts";
 import { parseKernel } from "../boot/kernel_image.ts";
 import { unpackBzImage } from "../boot/unpack.ts";
@@ -15,6 +15,9 @@ export const GUEST_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet tsvmm.shell=
 
 /** Virtio modules the initramfs carries (with their dependencies). */
 export const GUEST_MODULES = ["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng"];
+
+/** Bumped when the initramfs layout changes, so cached images are rebuilt. */
+const RECIPE_VERSION = 2;
 
 /** Debian packages that give the guest (and the nested runner's L1) mke2fs and e2fsck. */
 export const E2FS_PACKAGES = ["e2fsprogs", "libext2fs2", "libcom-err2", "libblkid1", "libuuid1", "libc6"];
@@ -185,39 +188,21 @@ export async function buildInitramfs(
     await run("depmod", ["-b", stage, release]);
     const depText = await Deno.readTextFile(`${stage}/lib/modules/${release}/modules.dep`);
     const order = loadOrder(parseModulesDep(depText), GUEST_MODULES, builtin);
-    const entries: CpioEntry[] = [];
-    const dirs = new Set<string>();
-    const addDirs = (p: string) => {
-      const parts = p.split("/");
-      for (let i = 1; i < parts.length; i++) {
-        const d = parts.slice(0, i).join("/");
-        if (!dirs.has(d)) {
-          dirs.add(d);
-          entries.push({ type: "dir", path: d });
-        }
-      }
-    };
-    const add = (path: string, data: Uint8Array, mode = 0o644) => {
-      addDirs(path);
-      entries.push({ type: "file", path, data, mode });
-    };
-    for (const d of ["dev", "proc", "sys", "tmp", "mnt", "root"]) addDirs(`${d}/x`);
-    add(
-      "init",
-      new TextEncoder().encode(await Deno.readTextFile(new URL("./init.sh", import.meta.url))),
-      0o755,
-    );
-    add("bin/busybox", busybox, 0o755);
-    entries.push({ type: "symlink", path: "bin/sh", target: "busybox" });
-    add("etc/tsvmm/modules.order", new TextEncoder().encode(order.join("\n") + "\n"));
+    const tree = new CpioTree();
+    const enc = new TextEncoder();
+    for (const d of ["dev", "proc", "sys", "tmp", "mnt", "root"]) tree.dir(d);
+    tree.file("init", enc.encode(await Deno.readTextFile(new URL("./init.sh", import.meta.url))), 0o755);
+    tree.file("bin/busybox", busybox, 0o755);
+    tree.symlink("bin/sh", "busybox");
+    tree.file("etc/tsvmm/modules.order", enc.encode(order.join("\n") + "\n"));
     const ul = await userlandFiles(userland);
-    for (const [path, file] of ul.files) add(path, await Deno.readFile(file), 0o755);
-    for (const [path, target] of ul.links) entries.push({ type: "symlink", path, target });
-    add(`lib/modules/${release}/modules.dep`, new TextEncoder().encode(depText));
+    for (const [path, file] of ul.files) tree.file(path, await Deno.readFile(file), 0o755);
+    for (const [path, target] of ul.links) tree.symlink(path, target);
+    tree.file(`lib/modules/${release}/modules.dep`, enc.encode(depText));
     for (const [rel, data] of files.sort((a, b) => a[0].localeCompare(b[0]))) {
-      add(`lib/modules/${release}/${rel}`, data);
+      tree.file(`lib/modules/${release}/${rel}`, data);
     }
-    return writeCpio(entries);
+    return tree.bytes();
   } finally {
     await Deno.remove(stage, { recursive: true });
   }
@@ -246,7 +231,7 @@ export async function buildGuest(opts: { quiet?: boolean } = {}): Promise<GuestA
   // Outputs are keyed by the recipe (init script, module and program lists) so edits rebuild them.
   const recipe = new TextEncoder().encode(
     (await Deno.readTextFile(new URL("./init.sh", import.meta.url))) +
-      JSON.stringify([GUEST_MODULES, E2FS_PACKAGES, E2FS_PROGRAMS]),
+      JSON.stringify([RECIPE_VERSION, GUEST_MODULES, E2FS_PACKAGES, E2FS_PROGRAMS]),
   );
   const stamp = Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", recipe)).subarray(0, 6))
     .map((b) => b.toString(16).padStart(2, "0")).join("");

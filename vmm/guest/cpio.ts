@@ -60,3 +60,47 @@ export function writeCpio(entries: CpioEntry[]): Uint8Array {
   }
   return out;
 }
+
+/** Collects archive entries, adding parent directories once and skipping repeated paths. */
+export class CpioTree {
+  /** Entries in the order they were added. */
+  readonly entries: CpioEntry[] = [];
+  private readonly seen = new Set<string>();
+
+  private parents(path: string): void {
+    const parts = path.split("/");
+    for (let i = 1; i < parts.length; i++) {
+      const d = parts.slice(0, i).join("/");
+      if (!this.seen.has(d)) {
+        this.seen.add(d);
+        this.entries.push({ type: "dir", path: d });
+      }
+    }
+  }
+
+  /** Adds a directory. */
+  dir(path: string): void {
+    this.parents(`${path}/x`);
+  }
+
+  /** Adds a file (a path already present is kept as it was). */
+  file(path: string, data: Uint8Array, mode = 0o644): void {
+    if (this.seen.has(path)) return;
+    this.parents(path);
+    this.seen.add(path);
+    this.entries.push({ type: "file", path, data, mode });
+  }
+
+  /** Adds a symbolic link. */
+  symlink(path: string, target: string): void {
+    if (this.seen.has(path)) return;
+    this.parents(path);
+    this.seen.add(path);
+    this.entries.push({ type: "symlink", path, target });
+  }
+
+  /** The archive. */
+  bytes(): Uint8Array {
+    return writeCpio(this.entries);
+  }
+}
