@@ -3,6 +3,11 @@
  * device's interrupt and an ioeventfd per queue on QueueNotify (datamatch = queue index),
  * served by the event loop, so the notification and interrupt paths never exit to a vCPU
  * handler in userspace.
+ *
+ * The interrupt is level-triggered, as the InterruptStatus register it mirrors: the irqfd
+ * asserts the line, the guest's EOI de-asserts it and signals a resample eventfd, and the
+ * line is asserted again while InterruptStatus is still non-zero. An edge could be lost
+ * when it arrived while the previous one was being handled; a level cannot.
  */
 
 import type { VmFd } from "./vm.ts";
@@ -75,12 +80,16 @@ export class VirtioMmioDevices {
     const base = VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE;
     const gsi = VIRTIO_MMIO_GSIS[i];
     const irqFd = sysEventfd();
-    this.fds.push(irqFd);
-    this.vm.irqfd(irqFd, gsi);
+    const resampleFd = sysEventfd();
+    this.fds.push(irqFd, resampleFd);
+    this.vm.irqfd(irqFd, gsi, resampleFd);
     const irq = { trigger: () => signalEventfd(irqFd) };
     const transport = kind === "mmio"
       ? new VirtioMmio(device, this.memory, irq)
       : new VirtioMmioLegacy(device, this.memory, irq);
+    this.loop.add(resampleFd, () => {
+      if (drainEventfd(resampleFd) && transport.core.interruptStatus !== 0) irq.trigger();
+    });
     this.mmio.register(base, VIRTIO_MMIO_SIZE, transport, `${device.name} (${kind})`);
     device.queueMaxSizes.forEach((_, q) => {
       const fd = sysEventfd();

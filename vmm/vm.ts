@@ -6,6 +6,8 @@ import { KVM, SIZE } from "./sys/kvm_abi.ts";
 
 /** KVM_PIT_SPEAKER_DUMMY: the PIT's speaker port is emulated as a dummy. */
 const PIT_SPEAKER_DUMMY = 1;
+/** KVM_IRQFD_FLAG_RESAMPLE */
+const IRQFD_FLAG_RESAMPLE = 2;
 /** KVM_IOEVENTFD_FLAG_* */
 const IOEVENTFD_DATAMATCH = 1;
 const IOEVENTFD_PIO = 2;
@@ -65,12 +67,20 @@ export class VmFd {
     ioctlBuf(this.fd, KVM.IRQ_LINE, this.irqBuf, "KVM_IRQ_LINE");
   }
 
-  /** KVM_IRQFD: a write to `eventFd` raises `gsi` (edge). */
-  irqfd(eventFd: number, gsi: number): void {
+  /**
+   * KVM_IRQFD: a write to `eventFd` raises `gsi`. Without `resampleFd` that is an edge;
+   * with it the line stays asserted until the guest's EOI, which signals `resampleFd`
+   * (a level-triggered line the VMM re-asserts while its device still wants service).
+   */
+  irqfd(eventFd: number, gsi: number, resampleFd?: number): void {
     const b = new Uint8Array(SIZE.irqfd);
     const dv = new DataView(b.buffer);
     dv.setUint32(0, eventFd, true);
     dv.setUint32(4, gsi, true);
+    if (resampleFd !== undefined) {
+      dv.setUint32(8, IRQFD_FLAG_RESAMPLE, true);
+      dv.setUint32(12, resampleFd, true);
+    }
     ioctlBuf(this.fd, KVM.IRQFD, b, "KVM_IRQFD");
   }
 

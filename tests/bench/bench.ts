@@ -4,6 +4,7 @@
  */
 
 import { type BenchFigure, bootBench, median } from "./boot_bench.ts";
+import { deviceBench } from "./device_bench.ts";
 import { exitRoundTrip } from "./exit_bench.ts";
 import { hostKvmRunsStockKernels, nestedUnavailable, runNested } from "../nested/runner.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
@@ -23,7 +24,8 @@ const native = hostKvmRunsStockKernels();
 let figures: BenchFigure[];
 if (native) {
   console.log(`\n== boot to /init on this host's KVM, ${runs} runs each`);
-  figures = await bootBench(await buildGuest({ quiet: true }), runs);
+  const g = await buildGuest({ quiet: true });
+  figures = [...await bootBench(g, runs), ...await deviceBench(g, 3)];
 } else {
   const why = nestedUnavailable();
   if (why) throw new Error(`boot bench needs the nested runner: ${why}`);
@@ -40,8 +42,16 @@ if (native) {
   }
   figures = run.bench as unknown as BenchFigure[];
 }
-const qemu = figures.find((f) => f.name.startsWith("QEMU"))!;
+// Each tsvmm figure beside QEMU's figure of the same kind, with the ratio.
+const bootQemu = figures.find((f) => f.name.startsWith("QEMU microvm"))!;
 for (const f of figures) {
-  const ratio = f === qemu ? "" : `  ${(f.median / qemu.median).toFixed(2)}x QEMU's time`;
-  console.log(`${f.name.padEnd(58)} median ${fmt(f.median)} ms${ratio}  runs: ${f.runs.join(" ")}`);
+  const isBoot = f.name.includes("/init marker");
+  const peer = isBoot ? bootQemu : figures.find((x) => x.name === f.name.replace(/^tsvmm/, "QEMU"));
+  const unit = isBoot ? "ms" : "MB/s";
+  const ratio = f.name.startsWith("QEMU") || !peer
+    ? ""
+    : isBoot
+    ? `  ${(f.median / peer.median).toFixed(2)}x QEMU's time`
+    : `  ${(f.median / peer.median).toFixed(2)}x QEMU's rate`;
+  console.log(`${f.name.padEnd(58)} median ${fmt(f.median)} ${unit}${ratio}  runs: ${f.runs.join(" ")}`);
 }

@@ -1,12 +1,16 @@
 /** Runs inside the nested runner's L1: the boot benchmark, one "TSVMM-BENCH {json}" line per figure. */
 
 import { bootBench } from "./boot_bench.ts";
+import { deviceBench } from "./device_bench.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 
 const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSVMM_GUEST_ASSETS")!));
 const opts = JSON.parse((await Deno.readTextFile(Deno.args[0])).trim() || "{}");
 try {
   for (const f of await bootBench(assets, opts.runs ?? 5, opts.cpus ?? 1)) {
+    console.log("TSVMM-BENCH " + JSON.stringify(f));
+  }
+  for (const f of await deviceBench(assets, opts.deviceRuns ?? 3)) {
     console.log("TSVMM-BENCH " + JSON.stringify(f));
   }
 } catch (e) {

@@ -26,13 +26,17 @@ function assert(cond: unknown, msg: string, tail: string): asserts cond {
   if (!cond) throw new Error(`${msg}\n--- console tail ---\n${tail}`);
 }
 
-function kernelBoot(line: "6.1" | "6.12", cpus: number): BootCase {
+type Entry = "pvh" | "linux64" | "bzimage";
+
+function kernelBoot(line: "6.1" | "6.12", cpus: number, entry: Entry = "pvh"): BootCase {
+  const how = entry === "pvh" ? "" : entry === "linux64" ? " (ELF, 64-bit Linux entry)" : " (bzImage, 64-bit entry)";
   return {
-    name: `Debian ${line} cloud kernel boots to /init with ${cpus} vCPU${cpus > 1 ? "s" : ""} and powers off`,
+    name: `Debian ${line} cloud kernel${how} boots to /init with ${cpus} vCPU${cpus > 1 ? "s" : ""} and powers off`,
     run: async (g) => {
       const k = g.kernels[line];
       await bootTest({
-        kernel: k.vmlinux,
+        kernel: entry === "bzimage" ? k.bzImage : k.vmlinux,
+        bootProtocol: entry === "linux64" ? "linux64" : "auto",
         initrd: k.initramfs,
         cpus,
         memoryMiB: 256,
@@ -199,6 +203,8 @@ export const BOOT_CASES: BootCase[] = [
   kernelBoot("6.1", 2),
   kernelBoot("6.12", 1),
   kernelBoot("6.12", 2),
+  kernelBoot("6.1", 1, "bzimage"),
+  kernelBoot("6.12", 2, "linux64"),
   virtioDevices("mmio", "6.12"),
   virtioDevices("mmio-legacy", "6.12"),
   virtioDevices("mmio", "6.1", 256 * 1024),

@@ -73,6 +73,16 @@ check_mkfs() {
   echo "TSVMM-CHECK mkfs dev=$d ok=$ok md5=$sum"
 }
 
+# tsvmm.ddbench=vda[:MiB]: sequential read and write of the disk and a read of /dev/hwrng
+# with dd, each reported as busybox dd's "copied, T seconds" line.
+check_ddbench() {
+  spec=$(arg tsvmm.ddbench); d=${spec%%:*}; mb=${spec#*:}; [ "$mb" = "$spec" ] && mb=32
+  r=$(dd if=/dev/$d of=/dev/null bs=1048576 count=$mb 2>&1 | tail -n 1 | tr ' ' '_')
+  w=$(dd if=/dev/zero of=/dev/$d bs=1048576 count=$mb conv=fsync 2>&1 | tail -n 1 | tr ' ' '_')
+  g=$(dd if=/dev/hwrng of=/dev/null bs=4096 count=16 2>&1 | tail -n 1 | tr ' ' '_')
+  echo "TSVMM-CHECK ddbench mb=$mb read=$r write=$w rng=$g"
+}
+
 for c in $(arg tsvmm.checks | tr ',' ' '); do
   case "$c" in
     cpus) check_cpus ;;
@@ -82,6 +92,7 @@ for c in $(arg tsvmm.checks | tr ',' ' '); do
     write) check_write ;;
     read) check_read ;;
     mkfs) check_mkfs ;;
+    ddbench) check_ddbench ;;
     *) echo "TSVMM-CHECK $c unknown-check" ;;
   esac
 done

@@ -107,7 +107,7 @@ export function buildDsdt(cfg: AcpiConfig): Uint8Array {
       aml.name("_CCA", aml.int(1)),
       aml.name(
         "_CRS",
-        aml.resourceTemplate([aml.memory32Fixed(d.base, d.size), aml.extendedInterrupt(d.gsi, false)]),
+        aml.resourceTemplate([aml.memory32Fixed(d.base, d.size), aml.extendedInterrupt(d.gsi, true)]),
       ),
     ]));
   });
