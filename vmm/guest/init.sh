@@ -79,7 +79,7 @@ check_ddbench() {
   spec=$(arg tsvmm.ddbench); d=${spec%%:*}; mb=${spec#*:}; [ "$mb" = "$spec" ] && mb=32
   r=$(dd if=/dev/$d of=/dev/null bs=1048576 count=$mb 2>&1 | tail -n 1 | tr ' ' '_')
   w=$(dd if=/dev/zero of=/dev/$d bs=1048576 count=$mb conv=fsync 2>&1 | tail -n 1 | tr ' ' '_')
-  g=$(dd if=/dev/hwrng of=/dev/null bs=4096 count=16 2>&1 | tail -n 1 | tr ' ' '_')
+  g=$(dd if=/dev/hwrng of=/dev/null bs=4096 count=4 2>&1 | tail -n 1 | tr ' ' '_')
   echo "TSVMM-CHECK ddbench mb=$mb read=$r write=$w rng=$g"
 }
 
