@@ -186,5 +186,7 @@ self.onmessage = (ev: MessageEvent<VcpuInit>) => {
   } catch (e) {
     report = { index: init.index, reason: "error", detail: (e as Error).message };
   }
+  // The vCPU fd holds a reference to the VM: close it so the VM goes when the VMM lets go.
+  vcpu.close();
   post({ type: "exit", report });
 };
