@@ -144,9 +144,10 @@ export async function buildL1Initramfs(
     const base = `proj/.cache/guest/out/${k.release}`;
     await addFile(`${base}/vmlinux`, k.vmlinux);
     await addFile(`${base}/initramfs.cpio`, k.initramfs);
+    await addFile(`${base}/bzImage`, k.bzImage);
     inL1.kernels[line] = {
       ...k,
-      bzImage: "",
+      bzImage: `/${base}/bzImage`,
       vmlinux: `/${base}/vmlinux`,
       initramfs: `/${base}/initramfs.cpio`,
     };
