@@ -16,6 +16,8 @@ export interface CaseResult {
   ms: number;
   /** Failure text. */
   error?: string;
+  /** The first attempt's failure, when the case passed only on its second attempt. */
+  retriedAfter?: string;
 }
 
 const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSVMM_GUEST_ASSETS")!));

@@ -160,7 +160,7 @@ export async function buildL1Initramfs(
 /** What an L1 run produced. */
 export interface L1Run {
   /** Payloads of the "TSVMM-RESULT " lines, parsed. */
-  results: Array<{ name: string; ok: boolean; ms: number; error?: string }>;
+  results: Array<{ name: string; ok: boolean; ms: number; error?: string; retriedAfter?: string }>;
   /** Payloads of the "TSVMM-BENCH " lines, parsed. */
   bench: Array<Record<string, unknown>>;
   /** Whether L1 reported completion. */
