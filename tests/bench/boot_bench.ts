@@ -22,6 +22,21 @@ const MARKER = "TSVMM-INIT-MARKER";
 const CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet";
 const MEMORY_MIB = 256;
 
+/** QEMU's command line for the peer: microvm with ACPI, KVM, serial on stdio, direct kernel boot. */
+export function qemuMicrovmArgs(
+  kernel: string,
+  initrd: string,
+  cmdline: string,
+  memMiB: number,
+  cpus = 1,
+): string[] {
+  return [
+    ...["-accel", "kvm", "-M", "microvm,acpi=on", "-cpu", "host", "-m", String(memMiB), "-smp", String(cpus)],
+    ...["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"],
+    ...["-kernel", kernel, "-initrd", initrd, "-append", cmdline],
+  ];
+}
+
 /** The median of a list. */
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -82,31 +97,10 @@ export async function bootBench(g: GuestAssets, runs: number, cpus = 1): Promise
       ]),
     );
     qemu.push(
-      await spawnToMarker("qemu-system-x86_64", [
-        "-accel",
-        "kvm",
-        "-M",
-        "microvm,acpi=on",
-        "-cpu",
-        "host",
-        "-m",
-        String(MEMORY_MIB),
-        "-smp",
-        String(cpus),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-        k.vmlinux,
-        "-initrd",
-        k.initramfs,
-        "-append",
-        CMDLINE,
-      ]),
+      await spawnToMarker(
+        "qemu-system-x86_64",
+        qemuMicrovmArgs(k.vmlinux, k.initramfs, CMDLINE, MEMORY_MIB, cpus),
+      ),
     );
   }
   const fig = (name: string, r: number[]) => ({

@@ -5,7 +5,7 @@
 
 import { bootTest, waitForConsole } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
-import { type BenchFigure, median } from "./boot_bench.ts";
+import { type BenchFigure, median, qemuMicrovmArgs } from "./boot_bench.ts";
 
 const MIB = 1024 * 1024;
 const DISK_MIB = 64;
@@ -62,29 +62,9 @@ async function qemu(g: GuestAssets) {
     const k = g.kernels["6.1"];
     const out = await new Deno.Command("qemu-system-x86_64", {
       args: [
-        "-accel",
-        "kvm",
-        "-M",
-        "microvm,acpi=on",
-        "-cpu",
-        "host",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-        k.vmlinux,
-        "-initrd",
-        k.initramfs,
-        "-append",
-        CMDLINE,
+        ...qemuMicrovmArgs(k.vmlinux, k.initramfs, CMDLINE, 256),
         "-drive",
-        `id=d0,file=${img},format=raw,if=none,cache=none,aio=threads`,
+        `id=d0,file=${img},format=raw,if=none`,
         "-device",
         "virtio-blk-device,drive=d0",
         "-object",
