@@ -37,13 +37,12 @@ if (native) {
     echo: Deno.env.get("TSVMM_ECHO_L1") === "1",
   });
   const err = run.bench.find((b) => "error" in b);
-  if (err || run.bench.length === 0) {
-    throw new Error(`boot bench failed in L1: ${err?.error ?? "no figures"}\n${run.tail}`);
-  }
-  figures = run.bench as unknown as BenchFigure[];
+  if (run.bench.length === 0) throw new Error(`bench failed in L1: no figures\n${run.tail}`);
+  if (err) console.error(`bench in L1 stopped early: ${err.error}`);
+  figures = run.bench.filter((b) => !("error" in b)) as unknown as BenchFigure[];
 }
 // Each tsvmm figure beside QEMU's figure of the same kind, with the ratio.
-const bootQemu = figures.find((f) => f.name.startsWith("QEMU microvm"))!;
+const bootQemu = figures.find((f) => f.name.startsWith("QEMU microvm"));
 for (const f of figures) {
   const isBoot = f.name.includes("/init marker");
   const peer = isBoot ? bootQemu : figures.find((x) => x.name === f.name.replace(/^tsvmm/, "QEMU"));

@@ -12,17 +12,18 @@ const DISK_MIB = 64;
 const RW_MIB = 32;
 const CMDLINE = `console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=ddbench tsvmm.ddbench=vda:${RW_MIB}`;
 
-/** MB/s from busybox dd's last line ("N bytes (..) copied, T seconds, R"). */
-function rate(line: string): number {
-  const m = /^(\d+)_bytes.*copied,_([\d.]+)_seconds/.exec(line);
-  if (!m) throw new Error(`cannot read dd's output: ${line}`);
-  return Number(m[1]) / MIB / Math.max(Number(m[2]), 1e-6);
-}
-
+/** MB/s from the guest's ddbench line (seconds measured in the guest with /proc/uptime). */
 function parse(text: string): { read: number; write: number; rng: number } {
-  const m = /TSVMM-CHECK ddbench mb=\d+ read=(\S+) write=(\S+) rng=(\S+)/.exec(text);
+  const m = /TSVMM-CHECK ddbench mb=(\d+) read_s=([\d.]+) write_s=([\d.]+) rng_kib=(\d+) rng_s=([\d.]+)/.exec(
+    text,
+  );
   if (!m) throw new Error("no ddbench line on the console");
-  return { read: rate(m[1]), write: rate(m[2]), rng: rate(m[3]) };
+  const rate = (mib: number, s: string) => mib / Math.max(Number(s), 0.01);
+  return {
+    read: rate(Number(m[1]), m[2]),
+    write: rate(Number(m[1]), m[3]),
+    rng: rate(Number(m[4]) / 1024, m[5]),
+  };
 }
 
 async function image(): Promise<string> {

@@ -74,13 +74,14 @@ check_mkfs() {
 }
 
 # tsvmm.ddbench=vda[:MiB]: sequential read and write of the disk and a read of /dev/hwrng
-# with dd, each reported as busybox dd's "copied, T seconds" line.
+# with dd, each timed with /proc/uptime (10 ms resolution; busybox dd prints no rate).
 check_ddbench() {
   spec=$(arg tsvmm.ddbench); d=${spec%%:*}; mb=${spec#*:}; [ "$mb" = "$spec" ] && mb=32
-  r=$(dd if=/dev/$d of=/dev/null bs=1048576 count=$mb 2>&1 | tail -n 1 | tr ' ' '_')
-  w=$(dd if=/dev/zero of=/dev/$d bs=1048576 count=$mb conv=fsync 2>&1 | tail -n 1 | tr ' ' '_')
-  g=$(dd if=/dev/hwrng of=/dev/null bs=4096 count=4 2>&1 | tail -n 1 | tr ' ' '_')
-  echo "TSVMM-CHECK ddbench mb=$mb read=$r write=$w rng=$g"
+  up() { cut -d' ' -f1 /proc/uptime; }
+  a=$(up); dd if=/dev/$d of=/dev/null bs=1048576 count=$mb 2>/dev/null; b=$(up)
+  dd if=/dev/zero of=/dev/$d bs=1048576 count=$mb conv=fsync 2>/dev/null; c=$(up)
+  dd if=/dev/hwrng of=/dev/null bs=4096 count=4 iflag=fullblock 2>/dev/null; e=$(up)
+  echo "TSVMM-CHECK ddbench mb=$mb read_s=$(echo $b $a | awk '{print $1-$2}') write_s=$(echo $c $b | awk '{print $1-$2}') rng_kib=16 rng_s=$(echo $e $c | awk '{print $1-$2}')"
 }
 
 for c in $(arg tsvmm.checks | tr ',' ' '); do
