@@ -10,7 +10,7 @@ import { hostKvmRunsStockKernels, nestedUnavailable, runNested } from "../nested
 import { buildGuest } from "../../vmm/guest/build.ts";
 
 const runs = Number(Deno.env.get("TSVMM_BENCH_RUNS") ?? "5");
-const fmt = (x: number) => x.toFixed(1).padStart(8);
+const fmt = (x: number) => (x < 1 ? x.toFixed(3) : x.toFixed(1)).padStart(8);
 
 console.log("== vCPU exit round trip on this host's /dev/kvm (guest write -> device -> resume)");
 for (const kind of ["pio", "mmio"] as const) {
