@@ -38,11 +38,6 @@ export class Bus {
     this.entries.sort((a, b) => a.base - b.base);
   }
 
-  /** Removes the range starting at `base`. */
-  unregister(base: number): void {
-    this.entries = this.entries.filter((e) => e.base !== base);
-  }
-
   private find(addr: number): Entry | undefined {
     let lo = 0, hi = this.entries.length - 1;
     while (lo <= hi) {

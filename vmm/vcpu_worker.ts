@@ -56,7 +56,7 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
   const run = vcpu.run;
   const rv = vcpu.runView;
 
-  // One device access through the mailbox. Returns false if the VM is stopping.
+  // One device access through the mailbox; returns when the device thread has answered.
   const access = (kind: number, isWrite: boolean, addr: number, size: number, data: Uint8Array): void => {
     mb[MB.kind] = kind;
     mb[MB.isWrite] = isWrite ? 1 : 0;

@@ -117,7 +117,8 @@ export class VcpuThreads {
     t.worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
       if (ev.data.type === "exit") this.finish(t, ev.data.report);
     };
-    const data = t.mbBytes.subarray(MB.dataByte, MB.dataByte + 8);
+    // One view per access width, made once: the exit path allocates nothing.
+    const views = [0, 1, 2, 3, 4, 5, 6, 7, 8].map((n) => t.mbBytes.subarray(MB.dataByte, MB.dataByte + n));
     while (!t.done) {
       const v = Atomics.load(mb, MB.state);
       if (v === MB_REQUEST) {
@@ -125,7 +126,7 @@ export class VcpuThreads {
         const size = mb[MB.size];
         const addr = (mb[MB.addrLo] >>> 0) + (mb[MB.addrHi] >>> 0) * 0x1_0000_0000;
         const bus = mb[MB.kind] === KIND_PIO ? this.pio : this.mmio;
-        const d = data.subarray(0, size);
+        const d = views[size] ?? views[8];
         try {
           if (mb[MB.isWrite]) bus.write(addr, d);
           else bus.read(addr, d);

@@ -18,14 +18,11 @@ const SYMBOLS = {
   munmap: { parameters: ["pointer", "usize"], result: "i32" },
   madvise: { parameters: ["pointer", "usize", "i32"], result: "i32" },
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
-  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" },
   gettid: { parameters: [], result: "i32" },
   getpid: { parameters: [], result: "i32" },
   tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
-  isatty: { parameters: ["i32"], result: "i32" },
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" },
   flock: { parameters: ["i32", "i32"], result: "i32" },
   epoll_create1: { parameters: ["i32"], result: "i32" },
@@ -143,6 +140,11 @@ export function sysClose(fd: number): void {
   libc().close(fd);
 }
 
+/** Throws SysError naming `what` if mmap returned MAP_FAILED. */
+function checkMapped(p: Deno.PointerValue, what: string): asserts p is Deno.PointerObject {
+  if (p === null || Deno.UnsafePointer.value(p) === MAP_FAILED) throw new SysError(what, errno());
+}
+
 /** Private anonymous memory for guest RAM, with transparent huge pages asked for. */
 export function mmapAnonymous(size: number): Deno.PointerObject {
   const p = libc().mmap(
@@ -153,9 +155,7 @@ export function mmapAnonymous(size: number): Deno.PointerObject {
     -1,
     0n,
   );
-  if (p === null || Deno.UnsafePointer.value(p) === MAP_FAILED) {
-    throw new SysError(`mmap of ${size} bytes`, errno());
-  }
+  checkMapped(p, `mmap of ${size} bytes`);
   libc().madvise(p, BigInt(size), MADV_HUGEPAGE); // best effort
   return p;
 }
@@ -163,9 +163,7 @@ export function mmapAnonymous(size: number): Deno.PointerObject {
 /** Maps `size` bytes of a file descriptor shared (e.g. a vCPU's kvm_run). */
 export function mmapShared(fd: number, size: number): Deno.PointerObject {
   const p = libc().mmap(null, BigInt(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0n);
-  if (p === null || Deno.UnsafePointer.value(p) === MAP_FAILED) {
-    throw new SysError(`mmap of fd ${fd}`, errno());
-  }
+  checkMapped(p, `mmap of fd ${fd}`);
   return p;
 }
 
