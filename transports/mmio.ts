@@ -4,6 +4,7 @@
  */
 
 import type { GuestMemory } from "../vmm/memory.ts";
+import type { SharedCell } from "../vmm/shared_regs.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { VIRTIO_F_VERSION_1 } from "../devices/virtio/queue.ts";
 import { type IrqLine, MmioCore, MmioRegisterFile, REG } from "./mmio_core.ts";
@@ -29,9 +30,9 @@ export class VirtioMmio extends MmioRegisterFile {
   readonly core: MmioCore;
 
   /** Puts `device` behind a modern MMIO window. */
-  constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine) {
+  constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine, isr?: SharedCell) {
     super();
-    this.core = new MmioCore(device, memory, irq, device.features | (1n << VIRTIO_F_VERSION_1), true);
+    this.core = new MmioCore(device, memory, irq, device.features | (1n << VIRTIO_F_VERSION_1), true, isr);
   }
 
   /** Version-2 register reads. */

@@ -6,6 +6,7 @@
  */
 
 import type { GuestMemory } from "../vmm/memory.ts";
+import { privateCell, type SharedCell } from "../vmm/shared_regs.ts";
 import { STATUS, type VirtioDevice, type VirtioInterrupt } from "../devices/virtio/device.ts";
 import { SplitQueue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "../devices/virtio/queue.ts";
 
@@ -80,8 +81,11 @@ export class MmioCore implements VirtioInterrupt {
   driverFeatures = 0n;
   /** Selected queue. */
   queueSel = 0;
-  /** InterruptStatus. */
-  interruptStatus = 0;
+  /**
+   * InterruptStatus lives in a shared cell: in the VMM the vCPU threads answer the
+   * driver's InterruptStatus reads and InterruptACK writes from it (vmm/shared_regs.ts).
+   */
+  readonly isr: SharedCell;
   /** ConfigGeneration. */
   configGeneration = 0;
   /** The device's queues. */
@@ -103,8 +107,21 @@ export class MmioCore implements VirtioInterrupt {
     readonly irq: IrqLine,
     readonly offered: bigint,
     readonly modern: boolean,
+    isr: SharedCell = privateCell(),
   ) {
     this.queues = device.queueMaxSizes.map((m) => new SplitQueue(m));
+    this.isr = isr;
+    Atomics.store(isr.array, isr.index, 0);
+  }
+
+  /** InterruptStatus. */
+  get interruptStatus(): number {
+    return Atomics.load(this.isr.array, this.isr.index);
+  }
+
+  private raise(bits: number): void {
+    Atomics.or(this.isr.array, this.isr.index, bits);
+    this.irq.trigger();
   }
 
   /** The selected queue, or undefined if QueueSel is out of range. */
@@ -196,7 +213,7 @@ export class MmioCore implements VirtioInterrupt {
 
   /** InterruptACK. */
   ack(bits: number): void {
-    this.interruptStatus &= ~bits;
+    Atomics.and(this.isr.array, this.isr.index, ~bits);
   }
 
   /** Writing 0 to Status: everything back to its initial state. */
@@ -207,22 +224,20 @@ export class MmioCore implements VirtioInterrupt {
     this.deviceFeaturesSel = this.driverFeaturesSel = 0;
     this.driverFeatures = 0n;
     this.queueSel = 0;
-    this.interruptStatus = 0;
+    Atomics.store(this.isr.array, this.isr.index, 0);
     this.activated = false;
   }
 
   /** VirtioInterrupt: used buffers on queue `index`. */
   signalUsed(_index: number): void {
-    this.interruptStatus |= INT_USED_RING;
     this.counters.interrupts++;
-    this.irq.trigger();
+    this.raise(INT_USED_RING);
   }
 
   /** VirtioInterrupt: config space changed. */
   signalConfig(): void {
     this.configGeneration = (this.configGeneration + 1) >>> 0;
-    this.interruptStatus |= INT_CONFIG;
-    this.irq.trigger();
+    this.raise(INT_CONFIG);
   }
 
   /** VirtioInterrupt: a driver error the device cannot go on from. */

@@ -5,6 +5,7 @@
  */
 
 import type { GuestMemory } from "../vmm/memory.ts";
+import type { SharedCell } from "../vmm/shared_regs.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { type IrqLine, MmioCore, MmioRegisterFile, REG } from "./mmio_core.ts";
 
@@ -24,9 +25,9 @@ export class VirtioMmioLegacy extends MmioRegisterFile {
   private readonly pfn: number[];
 
   /** Puts `device` behind a legacy MMIO window (feature bits 0-31 only, no VERSION_1). */
-  constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine) {
+  constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine, isr?: SharedCell) {
     super();
-    this.core = new MmioCore(device, memory, irq, device.features & 0xffff_ffffn, false);
+    this.core = new MmioCore(device, memory, irq, device.features & 0xffff_ffffn, false, isr);
     this.align = device.queueMaxSizes.map(() => 4096);
     this.pfn = device.queueMaxSizes.map(() => 0);
   }

@@ -24,6 +24,7 @@ import { AcpiPm } from "../devices/legacy/acpi_pm.ts";
 import type { VcpuStart } from "./vcpus.ts";
 import { EventLoop } from "./event_loop.ts";
 import { VirtioMmioDevices } from "./virtio_mmio_bus.ts";
+import { SharedRegisters } from "./shared_regs.ts";
 import { DiskError, FileBackend } from "./block_file.ts";
 import { VirtioBlk } from "../devices/virtio/blk.ts";
 import { VirtioRng } from "../devices/virtio/rng.ts";
@@ -127,7 +128,8 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     const pio = new Bus("pio");
     const mmio = new Bus("mmio");
     loop = new EventLoop();
-    virtio = new VirtioMmioDevices(vm, mmio, memory, loop);
+    const shared = new SharedRegisters();
+    virtio = new VirtioMmioDevices(vm, mmio, memory, loop, shared);
     cfg.disks.forEach((d, i) => virtio!.add(new VirtioBlk(backends[i], { serial: d.serial }), d.transport));
     if (cfg.rng) {
       const rng = new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, cfg.rng);
@@ -201,6 +203,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
         cpuid: encodeCpuid(normalizeCpuid(supported, i, cfg.cpus, cfg.cpuid)),
         msrs: BOOT_MSRS.map(([k, v]) => [k, v]),
         entry: i === 0 ? entry : null,
+        sharedRegs: shared.buffer,
       });
     }
     const services = loop;

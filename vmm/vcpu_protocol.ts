@@ -53,6 +53,8 @@ export interface VcpuInit {
   mailbox: SharedArrayBuffer;
   /** The control block (stop flag). */
   control: SharedArrayBuffer;
+  /** Registers this thread answers itself (vmm/shared_regs.ts). */
+  sharedRegs: SharedArrayBuffer;
 }
 
 /** Why a vCPU stopped. */

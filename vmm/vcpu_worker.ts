@@ -9,6 +9,7 @@ import { VcpuFd } from "./vcpu.ts";
 import { applyBootSregs, bootRegs } from "./arch/x86_64/regs.ts";
 import { EXIT, EXIT_NAMES, REGS, RUN, SREGS, SYSTEM_EVENT } from "./sys/kvm_abi.ts";
 import { sysGettid } from "./sys/libc.ts";
+import { sharedAccess } from "./shared_regs.ts";
 import {
   CTL,
   KIND_MMIO,
@@ -53,6 +54,7 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
   const mb = new Int32Array(init.mailbox);
   const mbBytes = new Uint8Array(init.mailbox);
   const ctl = new Int32Array(init.control);
+  const shared = new Int32Array(init.sharedRegs);
   const run = vcpu.run;
   const rv = vcpu.runView;
 
@@ -96,7 +98,8 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
         const addr = Number(rv.getBigUint64(RUN.mmioPhysAddr, true));
         const len = Math.min(rv.getUint32(RUN.mmioLen, true), 8);
         const isWrite = run[RUN.mmioIsWrite] === 1;
-        access(KIND_MMIO, isWrite, addr, len, run.subarray(RUN.mmioData, RUN.mmioData + 8));
+        const data = run.subarray(RUN.mmioData, RUN.mmioData + 8);
+        if (!sharedAccess(shared, addr, isWrite, len, data)) access(KIND_MMIO, isWrite, addr, len, data);
         break;
       }
       case EXIT.HLT:

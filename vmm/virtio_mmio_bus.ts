@@ -21,6 +21,8 @@ import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { MMIO_QUEUE_NOTIFY, VirtioMmio } from "../transports/mmio.ts";
 import { VirtioMmioLegacy } from "../transports/mmio_legacy.ts";
 import type { MmioDeviceInfo } from "./arch/x86_64/acpi.ts";
+import { REG } from "../transports/mmio_core.ts";
+import { SHARED_CLEAR, SHARED_READ, type SharedRegisters } from "./shared_regs.ts";
 
 /** The virtio-MMIO versions. */
 export type MmioTransportKind = "mmio" | "mmio-legacy";
@@ -63,12 +65,16 @@ export class VirtioMmioDevices {
   readonly placed: PlacedDevice[] = [];
   private readonly fds: number[] = [];
 
-  /** Devices on `mmio`, interrupts through `vm`'s irqfds, notifications through `loop`. */
+  /**
+   * Devices on `mmio`, interrupts through `vm`'s irqfds, notifications through `loop`;
+   * with `shared`, the vCPU threads answer the interrupt registers.
+   */
   constructor(
     private readonly vm: VmFd,
     private readonly mmio: Bus,
     private readonly memory: GuestMemory,
     private readonly loop: EventLoop,
+    private readonly shared?: SharedRegisters,
   ) {}
 
   /** Adds a device on the next window. */
@@ -84,9 +90,16 @@ export class VirtioMmioDevices {
     this.fds.push(irqFd, resampleFd);
     this.vm.irqfd(irqFd, gsi, resampleFd);
     const irq = { trigger: () => signalEventfd(irqFd) };
+    // InterruptStatus and InterruptACK are answered on the vCPU threads (same offsets in
+    // both versions), so taking an interrupt costs the driver no device-thread handoff.
+    const isr = this.shared?.cell();
+    if (isr) {
+      this.shared!.map(base + REG.interruptStatus, SHARED_READ, isr);
+      this.shared!.map(base + REG.interruptAck, SHARED_CLEAR, isr);
+    }
     const transport = kind === "mmio"
-      ? new VirtioMmio(device, this.memory, irq)
-      : new VirtioMmioLegacy(device, this.memory, irq);
+      ? new VirtioMmio(device, this.memory, irq, isr)
+      : new VirtioMmioLegacy(device, this.memory, irq, isr);
     this.loop.add(resampleFd, () => {
       if (drainEventfd(resampleFd) && transport.core.interruptStatus !== 0) irq.trigger();
     });

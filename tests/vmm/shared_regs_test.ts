@@ -1,0 +1,86 @@
+import { deepEqual, equal, throws } from "node:assert/strict";
+import { SHARED_CLEAR, SHARED_READ, sharedAccess, SharedRegisters } from "../../vmm/shared_regs.ts";
+import { VirtioMmio } from "../../transports/mmio.ts";
+import { REG } from "../../transports/mmio_core.ts";
+import { GuestMemory } from "../../vmm/memory.ts";
+import type { ActivateContext, VirtioDevice } from "../../devices/virtio/device.ts";
+
+const le = (v: number) => new Uint8Array([v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, v >>> 24]);
+
+Deno.test("shared registers: a mapped read returns the cell, a mapped write clears bits, others fall through", () => {
+  const t = new SharedRegisters();
+  const c = t.cell();
+  t.map(0xd000_0060, SHARED_READ, c);
+  t.map(0xd000_0064, SHARED_CLEAR, c);
+  const w = new Int32Array(t.buffer);
+  Atomics.store(c.array, c.index, 0b111);
+  const d = new Uint8Array(8);
+  equal(sharedAccess(w, 0xd000_0060, false, 4, d), true);
+  deepEqual([...d.subarray(0, 4)], [7, 0, 0, 0]);
+  equal(sharedAccess(w, 0xd000_0064, true, 4, le(0b101)), true);
+  equal(Atomics.load(c.array, c.index), 0b010);
+  // Not ours: other widths, other addresses, a write to the read-only register, a read of ACK.
+  equal(sharedAccess(w, 0xd000_0060, false, 2, d), false);
+  equal(sharedAccess(w, 0xd000_0068, false, 4, d), false);
+  equal(sharedAccess(w, 0x1_d000_0060, false, 4, d), false);
+  equal(sharedAccess(w, 0xd000_0060, true, 4, le(0)), false);
+  equal(sharedAccess(w, 0xd000_0064, false, 4, d), false);
+  equal(Atomics.load(c.array, c.index), 0b010);
+});
+
+Deno.test("shared registers: cells belong to their table", () => {
+  const a = new SharedRegisters();
+  const b = new SharedRegisters();
+  throws(() => a.map(0x1000, SHARED_READ, b.cell()), /another table/);
+});
+
+Deno.test("virtio-mmio InterruptStatus/ACK answered from the shared cell agree with the register file", () => {
+  const t = new SharedRegisters();
+  const isr = t.cell();
+  const base = 0xd000_0000;
+  t.map(base + REG.interruptStatus, SHARED_READ, isr);
+  t.map(base + REG.interruptAck, SHARED_CLEAR, isr);
+  let ctx: ActivateContext | undefined;
+  const dev: VirtioDevice = {
+    deviceType: 4,
+    name: "test",
+    features: 0n,
+    queueMaxSizes: [8],
+    readConfig: (_o, d) => d.fill(0),
+    writeConfig: () => {},
+    activate: (c) => ctx = c,
+    notify: () => {},
+    reset: () => ctx = undefined,
+  };
+  let irqs = 0;
+  const mem = new GuestMemory([{ gpa: 0, bytes: new Uint8Array(0x10000) }]);
+  const m = new VirtioMmio(dev, mem, { trigger: () => irqs++ }, isr);
+  const w32 = (o: number, v: number) => m.write(o, le(v));
+  w32(REG.status, 1);
+  w32(REG.status, 3);
+  w32(REG.driverFeaturesSel, 1);
+  w32(REG.driverFeatures, 1); // word 1: VERSION_1
+  w32(REG.status, 11);
+  w32(REG.queueSel, 0);
+  w32(REG.queueNum, 8);
+  w32(0x080, 0x1000);
+  w32(0x090, 0x2000);
+  w32(0x0a0, 0x3000);
+  w32(REG.queueReady, 1);
+  w32(REG.status, 15);
+  equal(ctx !== undefined, true, "device activated");
+  ctx!.interrupt.signalUsed(0);
+  equal(irqs, 1);
+  const words = new Int32Array(t.buffer);
+  const d = new Uint8Array(4);
+  equal(sharedAccess(words, base + REG.interruptStatus, false, 4, d), true);
+  equal(d[0], 1, "the vCPU side sees the used-ring bit");
+  const viaFile = new Uint8Array(4);
+  m.read(REG.interruptStatus, viaFile);
+  equal(viaFile[0], 1, "the register file reads the same cell");
+  equal(sharedAccess(words, base + REG.interruptAck, true, 4, le(1)), true);
+  equal(m.core.interruptStatus, 0, "an ACK on the vCPU side clears the core's status");
+  ctx!.interrupt.signalUsed(0);
+  w32(REG.status, 0);
+  equal(Atomics.load(isr.array, isr.index), 0, "reset clears the shared status");
+});
