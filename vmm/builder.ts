@@ -11,6 +11,7 @@ import { Bus } from "./bus.ts";
 import { ConsoleHub } from "./console.ts";
 import { Machine } from "./machine.ts";
 import { mmapAnonymous, sysMunmap } from "./sys/libc.ts";
+import { CAP } from "./sys/kvm_abi.ts";
 import { type KernelImage, NotAKernelError, parseKernel } from "./boot/kernel_image.ts";
 import { unpackBzImage } from "./boot/unpack.ts";
 import { loadKernel } from "./boot/loader.ts";
@@ -194,13 +195,16 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     pio.register(L.ACPI_SLEEP_CONTROL_PORT, 3, pm, "ACPI power");
 
     const supported = kvm.supportedCpuid();
+    // Guests program the LAPIC timer by TSC deadline where offered, as on hardware; without
+    // it Linux falls back to the one-shot count mode.
+    const tscDeadline = kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
     const starts: VcpuStart[] = [];
     for (let i = 0; i < cfg.cpus; i++) {
       starts.push({
         vmFd: vm.fd,
         index: i,
         runSize: kvm.vcpuMmapSize(),
-        cpuid: encodeCpuid(normalizeCpuid(supported, i, cfg.cpus, cfg.cpuid)),
+        cpuid: encodeCpuid(normalizeCpuid(supported, i, cfg.cpus, cfg.cpuid, { tscDeadline })),
         msrs: BOOT_MSRS.map(([k, v]) => [k, v]),
         entry: i === 0 ? entry : null,
         sharedRegs: shared.buffer,

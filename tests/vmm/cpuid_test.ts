@@ -74,3 +74,11 @@ Deno.test("CPUID: user masks clear and set bits; the supported table is not modi
   assert.throws(() => parseCpuidMask("-nosuch"), /neither a known feature/);
   assert.throws(() => parseCpuidMask("-1:ecx:32"), /neither a known feature/);
 });
+
+Deno.test("CPUID: the TSC-deadline timer bit follows KVM's capability, and a user mask still wins", () => {
+  const bit = 1 << 24;
+  assert.equal(find(normalizeCpuid(SUPPORTED, 0, 1), 1).ecx & bit, 0, "not without the capability");
+  assert.equal(find(normalizeCpuid(SUPPORTED, 0, 1, [], { tscDeadline: true }), 1).ecx & bit, bit);
+  const masked = normalizeCpuid(SUPPORTED, 0, 1, parseCpuidMask("-tsc-deadline"), { tscDeadline: true });
+  assert.equal(find(masked, 1).ecx & bit, 0);
+});

@@ -71,6 +71,7 @@ export const CAP = {
   PIT2: 33,
   IRQFD: 32,
   IOEVENTFD: 36,
+  TSC_DEADLINE_TIMER: 72,
   IMMEDIATE_EXIT: 136,
 } as const;
 

@@ -108,13 +108,16 @@ function log2ceil(n: number): number {
 
 /**
  * The CPUID table for vCPU `index` of `cpus`: a copy of KVM's supported table with
- * APIC ID and topology filled in, the hypervisor bit set, and the user's changes applied.
+ * APIC ID and topology filled in, the hypervisor bit set, the TSC-deadline timer bit set
+ * when KVM emulates it (KVM_CAP_TSC_DEADLINE_TIMER: KVM's table never shows it, the VMM
+ * must), and the user's changes applied.
  */
 export function normalizeCpuid(
   supported: readonly CpuidEntry[],
   index: number,
   cpus: number,
   changes: readonly CpuidBitChange[] = [],
+  opts: { tscDeadline?: boolean } = {},
 ): CpuidEntry[] {
   const out = supported.map((e) => ({ ...e }));
   const coreShift = log2ceil(cpus);
@@ -124,6 +127,7 @@ export function normalizeCpuid(
         // EBX: [31:24] initial APIC ID, [23:16] logical processors, [15:8] CLFLUSH line / 8.
         e.ebx = ((index << 24) | ((cpus & 0xff) << 16) | (8 << 8) | (e.ebx & 0xff)) >>> 0;
         e.ecx = (e.ecx | (1 << 31)) >>> 0; // hypervisor
+        if (opts.tscDeadline) e.ecx = (e.ecx | (1 << 24)) >>> 0;
         if (cpus > 1) e.edx = (e.edx | (1 << 28)) >>> 0; // HTT: EBX[23:16] valid
         else e.edx = (e.edx & ~(1 << 28)) >>> 0;
         break;
