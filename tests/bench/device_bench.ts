@@ -32,23 +32,36 @@ async function image(): Promise<string> {
   return p;
 }
 
-async function ours(g: GuestAssets) {
+/** Extra disks and devices of one bench boot. */
+interface BenchVm {
+  cmdline: string;
+  memoryMiB: number;
+  /** The line the guest prints when done. */
+  marker: RegExp;
+  rng?: boolean;
+  /** A read-only second disk. */
+  tools?: string;
+}
+
+/** Boots tsvmm with a fresh data disk (plus `b`'s devices); returns the console text. */
+async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
   const img = await image();
   try {
     const k = g.kernels["6.1"];
+    const disks = [{ path: img }, ...(b.tools ? [{ path: b.tools, readonly: true }] : [])];
     return await bootTest(
       {
         kernel: k.vmlinux,
         initrd: k.initramfs,
-        memoryMiB: 256,
-        disks: [{ path: img }],
-        rng: true,
-        cmdline: CMDLINE,
+        memoryMiB: b.memoryMiB,
+        disks,
+        rng: b.rng,
+        cmdline: b.cmdline,
       },
       async (vm) => {
-        await waitForConsole(vm, /TSVMM-CHECK ddbench .*/, 600_000);
+        await waitForConsole(vm, b.marker, 600_000);
         await vm.wait();
-        return parse(vm.consoleText);
+        return vm.consoleText;
       },
       660_000,
     );
@@ -57,49 +70,100 @@ async function ours(g: GuestAssets) {
   }
 }
 
-async function qemu(g: GuestAssets) {
+/** The same boot under QEMU microvm with its virtio-mmio devices; returns the console text. */
+async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
   const img = await image();
   try {
     const k = g.kernels["6.1"];
+    const args = [
+      ...qemuMicrovmArgs(k.vmlinux, k.initramfs, b.cmdline, b.memoryMiB),
+      ...["-drive", `id=d0,file=${img},format=raw,if=none`, "-device", "virtio-blk-device,drive=d0"],
+    ];
+    if (b.tools) {
+      args.push("-drive", `id=d1,file=${b.tools},format=raw,if=none,readonly=on`);
+      args.push("-device", "virtio-blk-device,drive=d1");
+    }
+    if (b.rng) {
+      args.push("-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0");
+    }
     const out = await new Deno.Command("qemu-system-x86_64", {
-      args: [
-        ...qemuMicrovmArgs(k.vmlinux, k.initramfs, CMDLINE, 256),
-        "-drive",
-        `id=d0,file=${img},format=raw,if=none`,
-        "-device",
-        "virtio-blk-device,drive=d0",
-        "-object",
-        "rng-random,id=r0,filename=/dev/urandom",
-        "-device",
-        "virtio-rng-device,rng=r0",
-      ],
+      args,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
     }).output();
-    return parse(new TextDecoder().decode(out.stdout));
+    return new TextDecoder().decode(out.stdout);
   } finally {
     await Deno.remove(img);
   }
 }
 
-/** Device throughput, `runs` alternating runs each. */
-export async function deviceBench(g: GuestAssets, runs: number): Promise<BenchFigure[]> {
+const DD: BenchVm = { cmdline: CMDLINE, memoryMiB: 256, marker: /TSVMM-CHECK ddbench .*/, rng: true };
+
+const FIO_SECONDS = 5;
+const FIO_JOBS = ["randread_qd1", "randread_qd32", "randwrite_qd1", "randwrite_qd32"] as const;
+
+/** fio's boot: the tools disk is found by the guest, whatever order the VMM gives the disks. */
+function fioVm(tools: string): BenchVm {
+  return {
+    cmdline: `console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=fio tsvmm.fio=${FIO_SECONDS}`,
+    memoryMiB: 512,
+    marker: /TSVMM-CHECK fio .*/,
+    tools,
+  };
+}
+
+/** IOPS per fio job from the guest's fio line. */
+function parseFio(text: string): Record<string, number> {
+  const m = /TSVMM-CHECK fio (.*)/.exec(text);
+  if (!m || m[1].includes("error=")) {
+    throw new Error(`fio did not run in the guest: ${m?.[0] ?? "no fio line"}`);
+  }
+  const r: Record<string, number> = {};
+  for (const j of FIO_JOBS) {
+    const v = Number(new RegExp(`${j}=([\\d.]+)`).exec(m[1])?.[1]);
+    if (!(v > 0)) throw new Error(`fio reported no IOPS for ${j}: ${m[0]}`);
+    r[j] = v;
+  }
+  return r;
+}
+
+/** Device throughput, `runs` alternating runs each; `errors` says what could not be measured. */
+export async function deviceBench(
+  g: GuestAssets,
+  runs: number,
+): Promise<{ figures: BenchFigure[]; errors: string[] }> {
+  const errors: string[] = [];
   const r: Record<string, number[]> = {};
   const push = (k: string, v: number) => (r[k] ??= []).push(v);
   for (let i = 0; i < runs; i++) {
-    const a = await ours(g);
-    const b = await qemu(g);
+    const a = parse(await ours(g, DD));
+    const b = parse(await qemu(g, DD));
     push("tsvmm blk sequential read MB/s", a.read);
     push("QEMU blk sequential read MB/s", b.read);
     push("tsvmm blk sequential write MB/s (fsync)", a.write);
     push("QEMU blk sequential write MB/s (fsync)", b.write);
     push("tsvmm rng MB/s (/dev/hwrng)", a.rng);
     push("QEMU rng MB/s (/dev/hwrng)", b.rng);
+    if (g.fioImage && errors.length === 0) {
+      // A failed fio boot is reported and ends the fio part; the other figures stand.
+      try {
+        const fa = parseFio(await ours(g, fioVm(g.fioImage)));
+        const fb = parseFio(await qemu(g, fioVm(g.fioImage)));
+        for (const j of FIO_JOBS) {
+          push(`tsvmm blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, fa[j]);
+          push(`QEMU blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, fb[j]);
+        }
+      } catch (e) {
+        errors.push(`fio random IOPS: ${(e as Error).message}`);
+      }
+    }
   }
-  return Object.entries(r).map(([name, v]) => ({
+  if (!g.fioImage) errors.push("no fio tools disk: the random IOPS figures are missing");
+  const figures = Object.entries(r).map(([name, v]) => ({
     name,
     runs: v.map((x) => Math.round(x * 100) / 100),
     median: median(v),
   }));
+  return { figures, errors };
 }

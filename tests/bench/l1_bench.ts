@@ -10,9 +10,9 @@ try {
   for (const f of await bootBench(assets, opts.runs ?? 5, opts.cpus ?? 1)) {
     console.log("TSVMM-BENCH " + JSON.stringify(f));
   }
-  for (const f of await deviceBench(assets, opts.deviceRuns ?? 3)) {
-    console.log("TSVMM-BENCH " + JSON.stringify(f));
-  }
+  const dev = await deviceBench(assets, opts.deviceRuns ?? 3);
+  for (const f of dev.figures) console.log("TSVMM-BENCH " + JSON.stringify(f));
+  for (const error of dev.errors) console.log("TSVMM-BENCH " + JSON.stringify({ error }));
 } catch (e) {
   console.log("TSVMM-BENCH " + JSON.stringify({ error: String((e as Error).message) }));
 }

@@ -18,13 +18,12 @@ export interface BootCase {
 }
 
 const CASE_TIMEOUT_MS = 240_000;
-// Under the nested runner every virtio-rng request (64 bytes from Linux's hwrng core) costs
-// 3-10 ms of emulated time, so reading 1 MiB takes minutes there.
+// Inside the nested runner a virtio-rng request (64 bytes from Linux's hwrng core) takes about
+// 1.5 ms, so reading 1 MiB takes about half a minute.
 const VIRTIO_TIMEOUT_MS = 480_000;
-// Linux's hwrng core asks virtio-rng for 64 bytes per request. Inside the nested runner
-// (QEMU-emulated SVM) runs of thousands of such round trips have ended with L2 hung or
-// triple-faulted (L1 reports its vCPU thread stuck in VMRUN), so the suite reads 16 KiB
-// (256 requests) there; natively it reads the full 1 MiB.
+// Inside the nested runner, runs of 2,000-13,000 such requests have ended with L2 hung or
+// triple-faulted, where QEMU's virtio-rng in the same L1 reads 1 MiB every time (README, Known
+// problems), so the suite reads 16 KiB (256 requests) there; natively it reads the full 1 MiB.
 const RNG_BYTES = Deno.env.get("TSVMM_GUEST_ASSETS") ? 16 * 1024 : 1024 * 1024;
 
 function assert(cond: unknown, msg: string, tail: string): asserts cond {
@@ -225,7 +224,7 @@ export const BOOT_CASES: BootCase[] = [
   virtioDevices("mmio", "6.12"),
   virtioDevices("mmio-legacy", "6.12"),
   // 6.1 + virtio-rng is left out: under the nested runner that combination has triple-faulted L2
-  // after as few as 35 requests (KVM_EXIT_SHUTDOWN, nothing printed); see the closing note.
+  // (KVM_EXIT_SHUTDOWN, nothing printed) in most long runs; see README, Known problems.
   virtioDevices("mmio", "6.1", false),
   virtioDevices("mmio-legacy", "6.1", false),
   mkfsCase(),

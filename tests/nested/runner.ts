@@ -8,6 +8,7 @@
 import { CpioTree } from "../../vmm/guest/cpio.ts";
 import { loadOrder, parseModulesBuiltin, parseModulesDep } from "../../vmm/guest/modules.ts";
 import { buildGuest, type GuestAssets, userlandFiles } from "../../vmm/guest/build.ts";
+import { buildFioImage } from "../../vmm/guest/fio.ts";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
 const PROJECT_DIRS = ["mod.ts", "deno.json", "vmm", "devices", "transports", "tests", "examples"];
@@ -90,6 +91,8 @@ export interface L1Program {
   args: string;
   /** Also put QEMU (binary, libraries, firmware) into L1. */
   withQemu?: boolean;
+  /** Also put the fio tools disk (vmm/guest/fio.ts) into L1. */
+  withFio?: boolean;
 }
 
 /** Builds the L1 initramfs: busybox, KVM modules, Deno and its libraries, the project, the guest. */
@@ -153,6 +156,10 @@ export async function buildL1Initramfs(
     };
   }
   inL1.initramfs = inL1.kernels["6.1"].initramfs;
+  if (program.withFio) {
+    inL1.fioImage = "/proj/.cache/guest/out/fio-tools.ext4";
+    await addFile(inL1.fioImage.slice(1), await buildFioImage({ quiet: true }));
+  }
   await addFile("proj/.cache/guest/assets.json", enc.encode(JSON.stringify(inL1)));
   return { cpio: tree.bytes(), kernel: l1.bzImage };
 }
@@ -181,13 +188,16 @@ export interface L1Options {
   timeoutMs?: number;
   /** Print L1's console as it comes. */
   echo?: boolean;
+  /** Also put QEMU into L1 (for cases that run it beside us). */
+  withQemu?: boolean;
 }
 
 /** Boots L1, runs the selected boot cases inside it, and returns their results. */
 export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const t0 = performance.now();
   const guest = await buildGuest({ quiet: true });
-  const program = opts.program ?? { script: "tests/nested/l1_main.ts", args: opts.filter ?? "" };
+  const program = opts.program ??
+    { script: "tests/nested/l1_main.ts", args: opts.filter ?? "", withQemu: opts.withQemu };
   const { cpio, kernel } = await buildL1Initramfs(guest, program);
   const dir = await Deno.makeTempDir({ prefix: "tsvmm-l1-" });
   const initrd = `${dir}/l1.cpio`;
@@ -250,6 +260,11 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
 }
 
 if (import.meta.main) {
-  const r = await runNested({ filter: Deno.args[0], echo: true });
+  // TSVMM_L1_QEMU=1 puts QEMU into L1 too, for cases that compare against it.
+  const r = await runNested({
+    filter: Deno.args[0],
+    echo: true,
+    withQemu: Deno.env.get("TSVMM_L1_QEMU") === "1",
+  });
   console.log(JSON.stringify({ ...r, tail: undefined }, null, 2));
 }

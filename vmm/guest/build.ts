@@ -57,6 +57,8 @@ export interface GuestAssets {
   kernels: Record<string, GuestKernel>;
   /** initramfs of the 6.1 kernel (the default). */
   initramfs: string;
+  /** The fio tools disk (vmm/guest/fio.ts), when the benchmark built it. */
+  fioImage?: string;
 }
 
 /** The cache directory: $TSVMM_CACHE or .cache/guest in the project. */
@@ -64,7 +66,8 @@ export function guestDir(): string {
   return Deno.env.get("TSVMM_GUEST_DIR") ?? new URL("../../.cache/guest", import.meta.url).pathname;
 }
 
-async function run(cmd: string, args: string[], cwd?: string): Promise<string> {
+/** Runs a command; resolves with its stdout, throws with the last lines of stderr. */
+export async function run(cmd: string, args: string[], cwd?: string): Promise<string> {
   let out;
   try {
     out = await new Deno.Command(cmd, { args, cwd, stdout: "piped", stderr: "piped" }).output();
@@ -78,7 +81,8 @@ async function run(cmd: string, args: string[], cwd?: string): Promise<string> {
   return new TextDecoder().decode(out.stdout);
 }
 
-async function exists(p: string): Promise<boolean> {
+/** Whether a path exists. */
+export async function exists(p: string): Promise<boolean> {
   try {
     await Deno.stat(p);
     return true;
@@ -96,7 +100,7 @@ async function resolveKernelPackage(meta: string): Promise<string> {
 }
 
 /** Downloads a package's .deb into `dir` (if absent) and extracts it to `into`. */
-async function fetchAndExtract(pkg: string, dir: string, into: string): Promise<void> {
+export async function fetchAndExtract(pkg: string, dir: string, into: string): Promise<void> {
   await Deno.mkdir(dir, { recursive: true });
   const has = async () => {
     for await (const e of Deno.readDir(dir)) {

@@ -84,6 +84,34 @@ check_ddbench() {
   echo "TSVMM-CHECK ddbench mb=$mb read_s=$(echo $b $a | awk '{print $1-$2}') write_s=$(echo $c $b | awk '{print $1-$2}') rng_kib=16 rng_s=$(echo $e $c | awk '{print $1-$2}')"
 }
 
+# tsvmm.fio=SECONDS: 4 KiB random read and write IOPS at queue depth 1 and 32 (libaio,
+# O_DIRECT) on the first virtio disk that is not the read-only fio tools disk
+# (vmm/guest/fio.ts), which is found by mounting each disk; VMMs number disks differently.
+check_fio() {
+  s=$(arg tsvmm.fio); s=${s:-5}; tools=""; d=""
+  mkdir -p /tools
+  for b in /sys/block/vd*; do
+    b=${b##*/}
+    if [ -z "$tools" ] && mount -t ext4 -o ro /dev/$b /tools 2>/dev/null; then
+      if [ -x /tools/fio ]; then tools=$b; continue; fi
+      umount /tools
+    fi
+    [ -z "$d" ] && d=$b
+  done
+  if [ -z "$tools" ] || [ -z "$d" ]; then echo "TSVMM-CHECK fio error=no-disks tools=$tools dev=$d"; return; fi
+  out=""
+  for job in randread:1 randread:32 randwrite:1 randwrite:32; do
+    rw=${job%%:*}; qd=${job#*:}
+    # terse v3: field 8 is read IOPS, field 49 write IOPS
+    iops=$(/tools/ld.so --library-path /tools/lib /tools/fio --name=j --filename=/dev/$d --direct=1 \
+      --rw=$rw --bs=4k --iodepth=$qd --ioengine=libaio --runtime=$s --time_based \
+      --output-format=terse --terse-version=3 2>/dev/null | awk -F';' '{print ($8 > 0) ? $8 : $49}')
+    out="$out ${rw}_qd${qd}=${iops:-0}"
+  done
+  umount /tools
+  echo "TSVMM-CHECK fio dev=$d$out"
+}
+
 for c in $(arg tsvmm.checks | tr ',' ' '); do
   case "$c" in
     cpus) check_cpus ;;
@@ -94,6 +122,7 @@ for c in $(arg tsvmm.checks | tr ',' ' '); do
     read) check_read ;;
     mkfs) check_mkfs ;;
     ddbench) check_ddbench ;;
+    fio) check_fio ;;
     *) echo "TSVMM-CHECK $c unknown-check" ;;
   esac
 done
