@@ -100,6 +100,15 @@ export class Vm {
       (devices.length ? `\n[devices]\n${devices.join("\n")}` : "");
   }
 
+  /**
+   * Where a running guest is, for hung-guest reports: each vCPU's RIP, interrupt flag, run
+   * state and LAPIC vectors (pending and in service), and the IOAPIC's live pins.
+   */
+  async diagnose(): Promise<string> {
+    const lines = await this.machine.diagnose();
+    return lines.length ? `\n[cpu]\n${lines.join("\n")}` : "";
+  }
+
   /** Resolves on the next console output or VM end (for helpers that poll the text). */
   nextOutput(): Promise<void> {
     return new Promise((resolve) => {
@@ -147,7 +156,10 @@ export async function waitForConsole(
     }
     const left = deadline - Date.now();
     if (left <= 0) {
-      throw new ConsoleTimeoutError(`no ${pattern} on the console within ${timeoutMs} ms`, vm.consoleTail());
+      throw new ConsoleTimeoutError(
+        `no ${pattern} on the console within ${timeoutMs} ms`,
+        vm.consoleTail() + await vm.diagnose(),
+      );
     }
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([vm.nextOutput(), new Promise((r) => timer = setTimeout(r, Math.min(left, 1000)))]);
@@ -178,9 +190,12 @@ export async function bootTest<T>(
       body(vm),
       new Promise<never>((_, reject) =>
         timer = setTimeout(
-          () =>
+          async () =>
             reject(
-              new ConsoleTimeoutError(`boot test did not finish within ${timeoutMs} ms`, vm.consoleTail()),
+              new ConsoleTimeoutError(
+                `boot test did not finish within ${timeoutMs} ms`,
+                vm.consoleTail() + await vm.diagnose(),
+              ),
             ),
           timeoutMs,
         )

@@ -17,6 +17,7 @@ import { unpackBzImage } from "./boot/unpack.ts";
 import { loadKernel } from "./boot/loader.ts";
 import { buildAcpiTables } from "./arch/x86_64/acpi.ts";
 import { normalizeCpuid } from "./arch/x86_64/cpuid.ts";
+import { describeIoapic } from "./arch/x86_64/diag.ts";
 import { BOOT_MSRS, type EntryState, writeBootTables } from "./arch/x86_64/regs.ts";
 import * as L from "./arch/x86_64/layout.ts";
 import { Serial } from "../devices/legacy/serial.ts";
@@ -220,6 +221,13 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       starts,
       { start: () => services.start(), release },
       () => devices.placed.map((p) => p.transport.core.describe()),
+      () => {
+        try {
+          return released.done ? [] : [describeIoapic(vm.getIrqchip(2))];
+        } catch (e) {
+          return [`ioapic: unreadable: ${(e as Error).message}`];
+        }
+      },
     );
     return machine;
   } catch (e) {

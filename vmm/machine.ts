@@ -92,6 +92,7 @@ export class Machine {
     private readonly starts: VcpuStart[],
     private readonly teardown: Teardown,
     private readonly describeDevices: () => string[] = () => [],
+    private readonly describeIrqchip: () => string[] = () => [],
   ) {
     this.exited = new Promise((r) => this.exitResolve = r);
     this.threads = new VcpuThreads(pio, mmio, (r) => this.end(describeExit(r, memory)));
@@ -123,6 +124,16 @@ export class Machine {
   stop(): Promise<VmExit> {
     this.end({ code: 0, reason: "stopped", message: "stopped by the host" });
     return this.exited;
+  }
+
+  /**
+   * Where a running guest is: one line per vCPU (kicked out of KVM_RUN, read, resumed)
+   * and the interrupt controller's live pins. Empty once the VM has ended.
+   */
+  async diagnose(): Promise<string[]> {
+    if (this.ended) return [];
+    const vcpus = await this.threads.diagnose();
+    return this.ended ? vcpus : [...vcpus, ...this.describeIrqchip()];
   }
 
   /** One line per device describing its state (diagnostics for failure reports). */

@@ -112,6 +112,27 @@ export class VcpuFd {
     ioctlBuf(this.fd, KVM.SET_LAPIC, b, "KVM_SET_LAPIC");
   }
 
+  /** KVM_GET_LAPIC: the 1 KiB register page. */
+  getLapic(): Uint8Array {
+    const b = new Uint8Array(SIZE.lapic);
+    ioctlBuf(this.fd, KVM.GET_LAPIC, b, "KVM_GET_LAPIC");
+    return b;
+  }
+
+  /** KVM_GET_MP_STATE (0 runnable, 1 uninitialized, 2 INIT received, 3 halted, 4 SIPI received). */
+  getMpState(): number {
+    const b = new Uint8Array(4);
+    ioctlBuf(this.fd, KVM.GET_MP_STATE, b, "KVM_GET_MP_STATE");
+    return new DataView(b.buffer).getUint32(0, true);
+  }
+
+  /** KVM_GET_VCPU_EVENTS: struct kvm_vcpu_events. */
+  getEvents(): Uint8Array {
+    const b = new Uint8Array(SIZE.vcpuEvents);
+    ioctlBuf(this.fd, KVM.GET_VCPU_EVENTS, b, "KVM_GET_VCPU_EVENTS");
+    return b;
+  }
+
   /** Unmaps kvm_run and closes the fd. */
   close(): void {
     sysMunmap(this.runPtr, this.runSize);

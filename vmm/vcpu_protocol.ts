@@ -32,8 +32,8 @@ export const KIND_PIO = 0;
 /** MMIO access. */
 export const KIND_MMIO = 1;
 
-/** Int32 indexes in the control block. */
-export const CTL = { stop: 0, bytes: 16 } as const;
+/** Int32 indexes in the control block: stop the vCPU; report its state once (then go on). */
+export const CTL = { stop: 0, diagnose: 1, bytes: 16 } as const;
 
 /** What the device thread sends a vCPU thread to start it. */
 export interface VcpuInit {
@@ -93,4 +93,5 @@ export interface VcpuExitReport {
 /** Messages from a vCPU thread. */
 export type VcpuMessage =
   | { type: "ready"; index: number; tid: number; fd: number }
-  | { type: "exit"; report: VcpuExitReport };
+  | { type: "exit"; report: VcpuExitReport }
+  | { type: "diag"; index: number; text: string };

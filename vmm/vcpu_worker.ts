@@ -10,6 +10,7 @@ import { applyBootSregs, bootRegs } from "./arch/x86_64/regs.ts";
 import { EXIT, EXIT_NAMES, REGS, RUN, SREGS, SYSTEM_EVENT } from "./sys/kvm_abi.ts";
 import { sysGettid } from "./sys/libc.ts";
 import { sharedAccess } from "./shared_regs.ts";
+import { describeVcpu } from "./arch/x86_64/diag.ts";
 import {
   CTL,
   KIND_MMIO,
@@ -50,6 +51,23 @@ function stateOf(
   return r;
 }
 
+function diagnosis(vcpu: VcpuFd, index: number): VcpuMessage {
+  let text: string;
+  try {
+    const regs = new DataView(vcpu.getRegs().buffer);
+    text = describeVcpu(index, {
+      rip: regs.getBigUint64(REGS.rip, true),
+      rflags: regs.getBigUint64(REGS.rflags, true),
+      mpState: vcpu.getMpState(),
+      lapic: vcpu.getLapic(),
+      events: vcpu.getEvents(),
+    });
+  } catch (e) {
+    text = `vCPU ${index}: state unreadable: ${(e as Error).message}`;
+  }
+  return { type: "diag", index, text };
+}
+
 function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
   const mb = new Int32Array(init.mailbox);
   const mbBytes = new Uint8Array(init.mailbox);
@@ -78,6 +96,7 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
     if (Atomics.load(ctl, CTL.stop)) return { index: init.index, reason: "stopped", detail: "stopped" };
     if (vcpu.runOnce() === "interrupted") {
       run[RUN.immediateExit] = 0;
+      if (Atomics.compareExchange(ctl, CTL.diagnose, 1, 0) === 1) post(diagnosis(vcpu, init.index));
       continue;
     }
     const reason = rv.getUint32(RUN.exitReason, true);
@@ -148,6 +167,7 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
         );
       }
       case EXIT.INTR:
+        if (Atomics.compareExchange(ctl, CTL.diagnose, 1, 0) === 1) post(diagnosis(vcpu, init.index));
         break;
       default:
         return stateOf(

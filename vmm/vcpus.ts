@@ -30,6 +30,7 @@ interface Thread {
   ctl: Int32Array;
   tid?: number;
   done: boolean;
+  onDiag?: (text: string) => void;
 }
 
 /** The set of vCPU threads of one VM. */
@@ -75,7 +76,7 @@ export class VcpuThreads {
             if (m.type === "ready") {
               t.tid = m.tid;
               resolve();
-            } else {
+            } else if (m.type === "exit") {
               this.finish(t, m.report);
               reject(new Error(`vCPU ${s.index}: ${m.report.detail}`));
             }
@@ -116,6 +117,7 @@ export class VcpuThreads {
     const mb = t.mb;
     t.worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
       if (ev.data.type === "exit") this.finish(t, ev.data.report);
+      else if (ev.data.type === "diag") t.onDiag?.(ev.data.text);
     };
     // One view per access width, made once: the exit path allocates nothing.
     const views = [0, 1, 2, 3, 4, 5, 6, 7, 8].map((n) => t.mbBytes.subarray(MB.dataByte, MB.dataByte + n));
@@ -151,6 +153,35 @@ export class VcpuThreads {
       const w = Atomics.waitAsync(mb, MB.state, v);
       if (w.async) await w.value;
     }
+  }
+
+  /**
+   * Each running vCPU's state, one line each (vmm/arch/x86_64/diag.ts): the vCPU is kicked
+   * out of KVM_RUN, reports, and runs on. A vCPU that does not come out within `timeoutMs`
+   * is reported as such (stuck inside KVM_RUN).
+   */
+  async diagnose(timeoutMs = 1000): Promise<string[]> {
+    const live = this.threads.map((t, i) => ({ t, i })).filter(({ t }) => !t.done && t.tid);
+    const lines = await Promise.all(live.map(({ t, i }) =>
+      new Promise<string>((resolve) => {
+        const kick = setInterval(() => sysTgkill(t.tid!, KICK_SIGNAL), 20);
+        const give = setTimeout(
+          () => finish(`vCPU ${i}: no answer to a kick within ${timeoutMs} ms`),
+          timeoutMs,
+        );
+        const finish = (text: string) => {
+          clearInterval(kick);
+          clearTimeout(give);
+          t.onDiag = undefined;
+          Atomics.store(t.ctl, CTL.diagnose, 0);
+          resolve(text);
+        };
+        t.onDiag = finish;
+        Atomics.store(t.ctl, CTL.diagnose, 1);
+        sysTgkill(t.tid!, KICK_SIGNAL);
+      })
+    ));
+    return lines;
   }
 
   /** Stops every vCPU: sets the stop flags and kicks threads out of KVM_RUN. */

@@ -60,6 +60,14 @@ export class VmFd {
     ioctlBuf(this.fd, KVM.CREATE_PIT2, b, "KVM_CREATE_PIT2");
   }
 
+  /** KVM_GET_IRQCHIP for chip `id` (0 PIC master, 1 PIC slave, 2 IOAPIC): its 512-byte state. */
+  getIrqchip(id: number): Uint8Array {
+    const b = new Uint8Array(SIZE.irqchip);
+    new DataView(b.buffer).setUint32(0, id, true);
+    ioctlBuf(this.fd, KVM.GET_IRQCHIP, b, "KVM_GET_IRQCHIP");
+    return b.subarray(8);
+  }
+
   /** KVM_IRQ_LINE: drives GSI `gsi` to `level`. */
   irqLine(gsi: number, level: boolean): void {
     this.irqView.setUint32(0, gsi, true);

@@ -190,6 +190,8 @@ export interface L1Options {
   echo?: boolean;
   /** Also put QEMU into L1 (for cases that run it beside us). */
   withQemu?: boolean;
+  /** Also put the fio tools disk into L1. */
+  withFio?: boolean;
 }
 
 /** Boots L1, runs the selected boot cases inside it, and returns their results. */
@@ -197,7 +199,12 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const t0 = performance.now();
   const guest = await buildGuest({ quiet: true });
   const program = opts.program ??
-    { script: "tests/nested/l1_main.ts", args: opts.filter ?? "", withQemu: opts.withQemu };
+    {
+      script: "tests/nested/l1_main.ts",
+      args: opts.filter ?? "",
+      withQemu: opts.withQemu,
+      withFio: opts.withFio,
+    };
   const { cpio, kernel } = await buildL1Initramfs(guest, program);
   const dir = await Deno.makeTempDir({ prefix: "tsvmm-l1-" });
   const initrd = `${dir}/l1.cpio`;
@@ -260,11 +267,12 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
 }
 
 if (import.meta.main) {
-  // TSVMM_L1_QEMU=1 puts QEMU into L1 too, for cases that compare against it.
+  // TSVMM_L1_QEMU=1 puts QEMU into L1 too, TSVMM_L1_FIO=1 the fio tools disk (for experiments).
   const r = await runNested({
     filter: Deno.args[0],
     echo: true,
     withQemu: Deno.env.get("TSVMM_L1_QEMU") === "1",
+    withFio: Deno.env.get("TSVMM_L1_FIO") === "1",
   });
   console.log(JSON.stringify({ ...r, tail: undefined }, null, 2));
 }

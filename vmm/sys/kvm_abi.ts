@@ -29,6 +29,8 @@ export const SIZE = {
   irqfd: 32,
   ioeventfd: 64,
   irqLevel: 8,
+  irqchip: 520,
+  vcpuEvents: 64,
 } as const;
 
 /** ioctl request numbers. */
@@ -44,6 +46,7 @@ export const KVM = {
   SET_IDENTITY_MAP_ADDR: iow(0x48, 8),
   CREATE_IRQCHIP: io(0x60),
   IRQ_LINE: iow(0x61, SIZE.irqLevel),
+  GET_IRQCHIP: iowr(0x62, SIZE.irqchip),
   IRQFD: iow(0x76, SIZE.irqfd),
   CREATE_PIT2: iow(0x77, SIZE.pitConfig),
   IOEVENTFD: iow(0x79, SIZE.ioeventfd),
@@ -58,6 +61,8 @@ export const KVM = {
   GET_LAPIC: ior(0x8e, SIZE.lapic),
   SET_LAPIC: iow(0x8f, SIZE.lapic),
   SET_CPUID2: iow(0x90, 8),
+  GET_MP_STATE: ior(0x98, 4),
+  GET_VCPU_EVENTS: ior(0x9f, SIZE.vcpuEvents),
 } as const;
 
 /** KVM_CHECK_EXTENSION capability numbers we ask about. */

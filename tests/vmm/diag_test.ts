@@ -1,0 +1,38 @@
+import assert from "node:assert/strict";
+import { describeIoapic, describeVcpu, lapicVectors } from "../../vmm/arch/x86_64/diag.ts";
+
+Deno.test("diag: LAPIC vector registers decode to vector numbers", () => {
+  const lapic = new Uint8Array(1024);
+  const dv = new DataView(lapic.buffer);
+  dv.setUint32(0x200, 1 << 5, true); // IRR vector 0x05
+  dv.setUint32(0x200 + 16 * 1, 1 << 1, true); // 0x21
+  dv.setUint32(0x200 + 16 * 7, 1 << 31, true); // 0xff
+  dv.setUint32(0x100 + 16 * 1, 1 << 1, true); // ISR 0x21
+  assert.deepEqual(lapicVectors(lapic, 0x200), [0x05, 0x21, 0xff]);
+  assert.deepEqual(lapicVectors(lapic, 0x100), [0x21]);
+  const events = new Uint8Array(64);
+  events[8] = 1; // interrupt.injected
+  events[9] = 0x21;
+  const line = describeVcpu(1, { rip: 0xffffffff81000000n, rflags: 0x202n, mpState: 3, lapic, events });
+  assert.match(
+    line,
+    /^vCPU 1: rip=0xffffffff81000000 IF=1 halted injecting=0x21 lapic irr=\[0x5,0x21,0xff\] isr=\[0x21\]/,
+  );
+});
+
+Deno.test("diag: the IOAPIC line lists unmasked, remote-IRR and asserted pins only", () => {
+  const st = new Uint8Array(512);
+  const dv = new DataView(st.buffer);
+  const entry = (vector: number, level: boolean, masked: boolean, remoteIrr: boolean) =>
+    BigInt(vector) | (BigInt(remoteIrr) << 14n) | (BigInt(level) << 15n) | (BigInt(masked) << 16n);
+  for (let p = 0; p < 24; p++) dv.setBigUint64(24 + p * 8, entry(0, false, true, false), true);
+  dv.setBigUint64(24 + 4 * 8, entry(0x24, false, false, false), true);
+  dv.setBigUint64(24 + 16 * 8, entry(0x31, true, false, true), true);
+  dv.setUint32(16, 1 << 16, true); // irr: pin 16 asserted
+  assert.equal(describeIoapic(st), "ioapic: 4:0x24/edge 16:0x31/level/remote-irr/asserted");
+  assert.equal(
+    describeIoapic(new Uint8Array(512).fill(0xff).fill(0, 16, 24)),
+    "ioapic: " +
+      Array.from({ length: 24 }, (_, p) => `${p}:0xff/level/masked/remote-irr`).join(" "),
+  );
+});
