@@ -132,7 +132,13 @@ export class Machine {
    */
   async diagnose(): Promise<string[]> {
     if (this.ended) return [];
-    const vcpus = await this.threads.diagnose();
+    const vcpus = (await this.threads.diagnose()).map(({ text, at }) => {
+      if (!at || this.ended) return text;
+      // The code around RIP: the 15 bytes before it and the 15 at it (a loop shows itself).
+      const hex = (b?: number[]) => b?.map((x) => x.toString(16).padStart(2, "0")).join(" ") ?? "?";
+      const before = readInstructionBytes(this.memory, { ...at, rip: at.rip - 15n });
+      return `${text} code=${hex(before)} | ${hex(readInstructionBytes(this.memory, at))}`;
+    });
     return this.ended ? vcpus : [...vcpus, ...this.describeIrqchip()];
   }
 

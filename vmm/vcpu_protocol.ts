@@ -94,4 +94,16 @@ export interface VcpuExitReport {
 export type VcpuMessage =
   | { type: "ready"; index: number; tid: number; fd: number }
   | { type: "exit"; report: VcpuExitReport }
-  | { type: "diag"; index: number; text: string };
+  | { type: "diag"; index: number; text: string; at?: VcpuCodeAt };
+
+/** What locating a vCPU's code needs: RIP and the paging registers. */
+export interface VcpuCodeAt {
+  /** RIP. */
+  rip: bigint;
+  /** CR0 (paging on or off). */
+  cr0: bigint;
+  /** Page table root. */
+  cr3: bigint;
+  /** CS base (for non-paged modes). */
+  csBase: bigint;
+}

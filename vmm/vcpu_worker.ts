@@ -17,6 +17,7 @@ import {
   KIND_PIO,
   MB,
   MB_REQUEST,
+  type VcpuCodeAt,
   type VcpuExitReport,
   type VcpuInit,
   type VcpuMessage,
@@ -53,8 +54,16 @@ function stateOf(
 
 function diagnosis(vcpu: VcpuFd, index: number): VcpuMessage {
   let text: string;
+  let at: VcpuCodeAt | undefined;
   try {
     const regs = new DataView(vcpu.getRegs().buffer);
+    const s = new DataView(vcpu.getSregs().buffer);
+    at = {
+      rip: regs.getBigUint64(REGS.rip, true),
+      cr0: s.getBigUint64(SREGS.cr0, true),
+      cr3: s.getBigUint64(SREGS.cr3, true),
+      csBase: s.getBigUint64(SREGS.cs, true),
+    };
     text = describeVcpu(index, {
       rip: regs.getBigUint64(REGS.rip, true),
       rflags: regs.getBigUint64(REGS.rflags, true),
@@ -65,7 +74,7 @@ function diagnosis(vcpu: VcpuFd, index: number): VcpuMessage {
   } catch (e) {
     text = `vCPU ${index}: state unreadable: ${(e as Error).message}`;
   }
-  return { type: "diag", index, text };
+  return { type: "diag", index, text, at };
 }
 
 function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {

@@ -12,6 +12,7 @@ import {
   MB_IDLE,
   MB_REQUEST,
   MB_RESPONSE,
+  type VcpuCodeAt,
   type VcpuExitReport,
   type VcpuInit,
   type VcpuMessage,
@@ -30,7 +31,7 @@ interface Thread {
   ctl: Int32Array;
   tid?: number;
   done: boolean;
-  onDiag?: (text: string) => void;
+  onDiag?: (text: string, at?: VcpuCodeAt) => void;
 }
 
 /** The set of vCPU threads of one VM. */
@@ -117,7 +118,7 @@ export class VcpuThreads {
     const mb = t.mb;
     t.worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
       if (ev.data.type === "exit") this.finish(t, ev.data.report);
-      else if (ev.data.type === "diag") t.onDiag?.(ev.data.text);
+      else if (ev.data.type === "diag") t.onDiag?.(ev.data.text, ev.data.at);
     };
     // One view per access width, made once: the exit path allocates nothing.
     const views = [0, 1, 2, 3, 4, 5, 6, 7, 8].map((n) => t.mbBytes.subarray(MB.dataByte, MB.dataByte + n));
@@ -160,27 +161,29 @@ export class VcpuThreads {
    * out of KVM_RUN, reports, and runs on. A vCPU that does not come out within `timeoutMs`
    * is reported as such (stuck inside KVM_RUN).
    */
-  async diagnose(timeoutMs = 1000): Promise<string[]> {
+  async diagnose(timeoutMs = 1000): Promise<Array<{ text: string; at?: VcpuCodeAt }>> {
     const live = this.threads.map((t, i) => ({ t, i })).filter(({ t }) => !t.done && t.tid);
-    const lines = await Promise.all(live.map(({ t, i }) =>
-      new Promise<string>((resolve) => {
-        const kick = setInterval(() => sysTgkill(t.tid!, KICK_SIGNAL), 20);
-        const give = setTimeout(
-          () => finish(`vCPU ${i}: no answer to a kick within ${timeoutMs} ms`),
-          timeoutMs,
-        );
-        const finish = (text: string) => {
-          clearInterval(kick);
-          clearTimeout(give);
-          t.onDiag = undefined;
-          Atomics.store(t.ctl, CTL.diagnose, 0);
-          resolve(text);
-        };
-        t.onDiag = finish;
-        Atomics.store(t.ctl, CTL.diagnose, 1);
-        sysTgkill(t.tid!, KICK_SIGNAL);
-      })
-    ));
+    const lines = await Promise.all(
+      live.map(({ t, i }) =>
+        new Promise<{ text: string; at?: VcpuCodeAt }>((resolve) => {
+          const kick = setInterval(() => sysTgkill(t.tid!, KICK_SIGNAL), 20);
+          const give = setTimeout(
+            () => finish(`vCPU ${i}: no answer to a kick within ${timeoutMs} ms`),
+            timeoutMs,
+          );
+          const finish = (text: string, at?: VcpuCodeAt) => {
+            clearInterval(kick);
+            clearTimeout(give);
+            t.onDiag = undefined;
+            Atomics.store(t.ctl, CTL.diagnose, 0);
+            resolve({ text, at });
+          };
+          t.onDiag = finish;
+          Atomics.store(t.ctl, CTL.diagnose, 1);
+          sysTgkill(t.tid!, KICK_SIGNAL);
+        })
+      ),
+    );
     return lines;
   }
 

@@ -214,7 +214,10 @@ Deno.test({
     assert.match(err.message, /no \/never printed\/ on the console within 1500 ms/);
     assert.match(err.message, /--- console tail ---\nspin\n/);
     // Where the guest is: both vCPUs answered the kick (the spinner runs with interrupts off).
-    assert.match(err.message, /\[cpu\]\nvCPU 0: rip=0x[0-9a-f]+ IF=0 runnable .*lapic irr=\[/);
+    assert.match(
+      err.message,
+      /\[cpu\]\nvCPU 0: rip=0x[0-9a-f]+ IF=0 runnable .*lapic irr=\[.* code=.* \| eb fe /,
+    );
     assert.match(err.message, /\nvCPU 1: rip=0x[0-9a-f]+ IF=\d /);
     assert.match(err.message, /\nioapic: /);
     const exit = await vmRef!.wait();
