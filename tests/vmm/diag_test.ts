@@ -13,10 +13,11 @@ Deno.test("diag: LAPIC vector registers decode to vector numbers", () => {
   const events = new Uint8Array(64);
   events[8] = 1; // interrupt.injected
   events[9] = 0x21;
+  events[11] = 1; // interrupt shadow
   const line = describeVcpu(1, { rip: 0xffffffff81000000n, rflags: 0x202n, mpState: 3, lapic, events });
   assert.match(
     line,
-    /^vCPU 1: rip=0xffffffff81000000 IF=1 halted injecting=0x21 lapic irr=\[0x5,0x21,0xff\] isr=\[0x21\]/,
+    /^vCPU 1: rip=0xffffffff81000000 IF=1 halted injecting=0x21 shadow=1 lapic irr=\[0x5,0x21,0xff\] isr=\[0x21\]/,
   );
 });
 

@@ -29,7 +29,9 @@ export function describeVcpu(
   const l = new DataView(s.lapic.buffer, s.lapic.byteOffset, s.lapic.byteLength);
   const ev = s.events;
   // struct kvm_vcpu_events: exception (8 bytes), then interrupt { injected, nr, soft, shadow }.
-  const injected = ev[8] ? ` injecting=${hex(ev[9])}${ev[11] ? " (interrupt shadow)" : ""}` : "";
+  // interrupt.shadow: STI / MOV SS blocking (1 and 2), which holds interrupts back for one instruction.
+  const injected = (ev[8] ? ` injecting=${hex(ev[9])}` : "") + (ev[11] ? ` shadow=${ev[11]}` : "") +
+    (ev[0] ? ` exception=${hex(ev[1])}` : "") + (ev[12] ? " nmi" : "");
   return `vCPU ${index}: rip=${hex(s.rip)} IF=${(s.rflags >> 9n) & 1n} ${MP_STATES[s.mpState] ?? s.mpState}` +
     `${injected} lapic irr=${list(lapicVectors(s.lapic, 0x200))} isr=${list(lapicVectors(s.lapic, 0x100))}` +
     ` tmr=${list(lapicVectors(s.lapic, 0x180))} tpr=${hex(l.getUint32(0x80, true))}` +
