@@ -5,7 +5,7 @@ import type { GuestMemory } from "./memory.ts";
 import type { ConsoleHub } from "./console.ts";
 import { type VcpuStart, VcpuThreads } from "./vcpus.ts";
 import type { VcpuExitReport } from "./vcpu_protocol.ts";
-import { readInstructionBytes } from "./arch/x86_64/pagewalk.ts";
+import { describeWalk, readInstructionBytes } from "./arch/x86_64/pagewalk.ts";
 
 /** How a VM ended. */
 export interface VmExit {
@@ -137,7 +137,12 @@ export class Machine {
       // The code around RIP: the 15 bytes before it and the 15 at it (a loop shows itself).
       const hex = (b?: number[]) => b?.map((x) => x.toString(16).padStart(2, "0")).join(" ") ?? "?";
       const before = readInstructionBytes(this.memory, { ...at, rip: at.rip - 15n });
-      return `${text} code=${hex(before)} | ${hex(readInstructionBytes(this.memory, at))}`;
+      const code = readInstructionBytes(this.memory, at);
+      // Unreadable code: show the walk, which tells a bad CR3 from an unmapped page.
+      const walk = code || !(at.cr0 & 0x8000_0000n)
+        ? ""
+        : ` cr3=0x${at.cr3.toString(16)} walk: ${describeWalk(this.memory, at.cr3, at.rip)}`;
+      return `${text} code=${hex(before)} | ${hex(code)}${walk}`;
     });
     return this.ended ? vcpus : [...vcpus, ...this.describeIrqchip()];
   }

@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
 import { describeIoapic, describeVcpu, lapicVectors } from "../../vmm/arch/x86_64/diag.ts";
+import { describeWalk, translate } from "../../vmm/arch/x86_64/pagewalk.ts";
+import { GuestMemory } from "../../vmm/memory.ts";
 
 Deno.test("diag: LAPIC vector registers decode to vector numbers", () => {
   const lapic = new Uint8Array(1024);
@@ -36,4 +38,24 @@ Deno.test("diag: the IOAPIC line lists unmasked, remote-IRR and asserted pins on
     "ioapic: " +
       Array.from({ length: 24 }, (_, p) => `${p}:0xff/level/masked/remote-irr`).join(" "),
   );
+});
+
+Deno.test("diag: page walks translate and describe 4-level tables, large pages and holes", () => {
+  const ram = new Uint8Array(0x10_0000);
+  const mem = new GuestMemory([{ gpa: 0, bytes: ram }]);
+  const dv = new DataView(ram.buffer);
+  dv.setBigUint64(0x1000, 0x2003n, true); // l4[0] -> l3 at 0x2000
+  dv.setBigUint64(0x2000, 0x3003n, true); // l3[0] -> l2 at 0x3000
+  dv.setBigUint64(0x3000, 0x83n, true); // l2[0]: 2 MiB page at 0
+  dv.setBigUint64(0x3008, 0x4003n, true); // l2[1] -> l1 at 0x4000
+  dv.setBigUint64(0x4000 + 5 * 8, 0x7003n, true); // l1[5]: 4 KiB page at 0x7000
+  assert.equal(translate(mem, 0x1000n, 0x1234n), 0x1234);
+  assert.equal(translate(mem, 0x1000n, 0x20_5010n), 0x7010);
+  assert.equal(describeWalk(mem, 0x1000n, 0x1234n), "l4[0]=0x2003 l3[0]=0x3003 l2[0]=0x83");
+  assert.equal(translate(mem, 0x1000n, 0x20_6000n), undefined);
+  assert.equal(
+    describeWalk(mem, 0x1000n, 0x20_6000n),
+    "l4[0]=0x2003 l3[0]=0x3003 l2[1]=0x4003 l1[6]=0x0 not present",
+  );
+  assert.equal(describeWalk(mem, 0xf000_0000n, 0n), "l4 table 0xf0000000 outside RAM");
 });

@@ -38,3 +38,22 @@ export function readInstructionBytes(
   const v = mem.tryView(gpa, n) ?? mem.tryView(gpa, 1);
   return v ? Array.from(v) : undefined;
 }
+
+/** The page-table entries met translating `va` (for reports): "l4[511]=0x... l3[510]=0x0 not present". */
+export function describeWalk(mem: GuestMemory, cr3: bigint, va: bigint): string {
+  let table = cr3 & ADDR_MASK;
+  const names = ["l4", "l3", "l2", "l1"];
+  const shifts = [39n, 30n, 21n, 12n];
+  const out: string[] = [];
+  for (let level = 0; level < 4; level++) {
+    const idx = (va >> shifts[level]) & 0x1ffn;
+    const v = mem.tryView(Number(table + idx * 8n), 8);
+    if (!v) return `${out.join(" ")} ${names[level]} table 0x${table.toString(16)} outside RAM`.trim();
+    const e = new DataView(v.buffer, v.byteOffset, 8).getBigUint64(0, true);
+    out.push(`${names[level]}[${idx}]=0x${e.toString(16)}`);
+    if (!(e & PRESENT)) return `${out.join(" ")} not present`;
+    if ((level === 1 || level === 2) && (e & PAGE_SIZE_BIT)) break;
+    table = e & ADDR_MASK;
+  }
+  return out.join(" ");
+}
