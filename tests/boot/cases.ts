@@ -121,7 +121,7 @@ function virtioDevices(transport: TransportKind, line: "6.1" | "6.12", withRng =
           disks: [{ path: rw, serial, transport }, { path: ro, readonly: true, transport }],
           rng: withRng ? { transport } : undefined,
           cmdline: `console=ttyS0 reboot=k panic=-1 quiet tsvmm.rngbytes=${rngBytes} ` +
-            `tsvmm.checks=virtio,${withRng ? "rng," : ""}blk,read,write ` +
+            `tsvmm.checks=virtio,modules,${withRng ? "rng," : ""}blk,read,write ` +
             `tsvmm.blk=vda,vdb tsvmm.read=vda:${2 * MIB}:${hostText.length} ` +
             `tsvmm.write=vda:${MIB}:${guestText}+vdb:0:SHOULD-NOT-LAND`,
         }, async (vm) => {
@@ -135,6 +135,13 @@ function virtioDevices(transport: TransportKind, line: "6.1" | "6.12", withRng =
                 withRng ? ["virtio_blk", "virtio_blk", "virtio_rng"] : ["virtio_blk", "virtio_blk"],
               ),
             `virtio drivers bound: ${drivers.join(",")}`,
+            tail,
+          );
+          // Module addresses, for matching a hung vCPU's RIP: the drivers are listed with one each.
+          const modules = /TSVMM-CHECK modules (.*)/.exec(text)?.[1] ?? "";
+          assert(
+            /\bvirtio_blk@0x(?!0{16})[0-9a-f]{16}\+\d+/.test(modules),
+            `modules line: "${modules}"`,
             tail,
           );
           if (withRng) {

@@ -29,6 +29,10 @@ check_virtio() {
   done
   echo "TSVMM-CHECK virtio-count n=$(ls /sys/bus/virtio/devices 2>/dev/null | wc -l)"
 }
+# Where each module's code is (for matching a hung vCPU's RIP in a failure report).
+check_modules() {
+  echo "TSVMM-CHECK modules $(awk '{printf "%s@%s+%s ", $1, $6, $2}' /proc/modules)"
+}
 check_rng() {
   cur=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
   want=$(arg tsvmm.rngbytes); want=${want:-1048576}
@@ -116,6 +120,7 @@ for c in $(arg tsvmm.checks | tr ',' ' '); do
   case "$c" in
     cpus) check_cpus ;;
     virtio) check_virtio ;;
+    modules) check_modules ;;
     rng) check_rng ;;
     blk) check_blk ;;
     write) check_write ;;
