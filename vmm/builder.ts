@@ -228,6 +228,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
           return [`ioapic: unreadable: ${(e as Error).message}`];
         }
       },
+      cfg.pinVcpus,
     );
     return machine;
   } catch (e) {

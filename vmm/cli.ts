@@ -31,6 +31,7 @@ Options:
   --cpuid-mask=LIST     CPUID bits to clear or set: --cpuid-mask=-cx16,-xsave,+0x1:ecx:31
                         (names: ${Object.keys(CPUID_FEATURES).join(" ")})
   --unpack-kernel       boot a bzImage's unpacked vmlinux (skips the decompressor)
+  --pin-vcpus           give each vCPU a host CPU of its own (the VMM's other threads on CPU 0)
   --boot-protocol P     ELF entry: auto (PVH when the kernel has the note), linux64, pvh
   --disk SPEC           a virtio-blk disk (repeatable): PATH[,readonly][,serial=ID]
                         [,transport=mmio|mmio-legacy]
@@ -69,6 +70,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
         memory: { type: "string" },
         "cpuid-mask": { type: "string" },
         "unpack-kernel": { type: "boolean" },
+        "pin-vcpus": { type: "boolean" },
         "boot-protocol": { type: "string" },
         kvm: { type: "string" },
         disk: { type: "string", multiple: true },
@@ -93,6 +95,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
     memoryMiB: v.memory === undefined ? undefined : parseMemory(v.memory),
     cpuidMask: v["cpuid-mask"],
     unpackKernel: v["unpack-kernel"],
+    pinVcpus: v["pin-vcpus"],
     bootProtocol: v["boot-protocol"] as VmConfig["bootProtocol"],
     kvmDevice: v.kvm,
     disks: (v.disk ?? []).map(parseDisk),

@@ -51,6 +51,11 @@ export interface VmConfig {
   cpuidMask?: string | CpuidBitChange[];
   /** Boot a bzImage's unpacked vmlinux instead of running its decompressor. */
   unpackKernel?: boolean;
+  /**
+   * Give the vCPUs host CPUs of their own: vCPU i on CPU 1 + (i mod (n - 1)), every other
+   * thread of this process on CPU 0, for the VM's life (needs 2 or more host CPUs).
+   */
+  pinVcpus?: boolean;
   /** For ELF kernels: PVH entry when the note is there ("auto"), or force one. */
   bootProtocol?: BootProtocol;
   /** Connect the serial console to this process's stdin/stdout. */
@@ -96,6 +101,8 @@ export interface ResolvedConfig {
   cpuid: CpuidBitChange[];
   /** Unpack bzImage. */
   unpackKernel: boolean;
+  /** Pin vCPU threads. */
+  pinVcpus: boolean;
   /** Entry protocol choice. */
   bootProtocol: BootProtocol;
   /** Console on stdio. */
@@ -188,6 +195,7 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
     memoryBytes: mib * 1024 * 1024,
     cpuid,
     unpackKernel: c.unpackKernel ?? false,
+    pinVcpus: c.pinVcpus ?? false,
     bootProtocol: proto,
     stdio: c.stdio ?? false,
     kvmDevice: c.kvmDevice ?? "/dev/kvm",

@@ -93,9 +93,10 @@ export class Machine {
     private readonly teardown: Teardown,
     private readonly describeDevices: () => string[] = () => [],
     private readonly describeIrqchip: () => string[] = () => [],
+    pinVcpus = false,
   ) {
     this.exited = new Promise((r) => this.exitResolve = r);
-    this.threads = new VcpuThreads(pio, mmio, (r) => this.end(describeExit(r, memory)));
+    this.threads = new VcpuThreads(pio, mmio, (r) => this.end(describeExit(r, memory)), pinVcpus);
   }
 
   /** Starts the vCPUs. */

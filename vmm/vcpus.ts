@@ -4,7 +4,7 @@
  */
 
 import type { Bus } from "./bus.ts";
-import { installNoopSignalHandler, sysTgkill } from "./sys/libc.ts";
+import { installNoopSignalHandler, sysSetAffinity, sysTgkill } from "./sys/libc.ts";
 import {
   CTL,
   KIND_PIO,
@@ -34,10 +34,16 @@ interface Thread {
   onDiag?: (text: string, at?: VcpuCodeAt) => void;
 }
 
+/** Thread IDs of this process. */
+function processThreads(): number[] {
+  return [...Deno.readDirSync("/proc/self/task")].map((e) => Number(e.name));
+}
+
 /** The set of vCPU threads of one VM. */
 export class VcpuThreads {
   private threads: Thread[] = [];
   private stopping = false;
+  private pinned = false;
   private readonly exited: Promise<void>;
   private resolveExited!: () => void;
   /** Exits handled, per kind, for diagnostics. */
@@ -48,6 +54,7 @@ export class VcpuThreads {
     private readonly pio: Bus,
     private readonly mmio: Bus,
     private readonly onExit: (r: VcpuExitReport) => void,
+    private readonly pinVcpus = false,
   ) {
     this.exited = new Promise((r) => this.resolveExited = r);
   }
@@ -97,10 +104,41 @@ export class VcpuThreads {
       await this.stop();
       throw e;
     }
+    if (this.pinVcpus) this.pin();
     for (const t of this.threads) {
       Atomics.store(t.mb, MB.state, MB_IDLE);
       Atomics.notify(t.mb, MB.state);
       this.pump(t);
+    }
+  }
+
+  /**
+   * vCPU i alone on host CPU 1 + (i mod (n - 1)); every other thread of this process on
+   * CPU 0. Undone when the vCPUs stop.
+   */
+  private pin(): void {
+    const n = navigator.hardwareConcurrency;
+    if (n < 2) return;
+    const vcpuTids = new Set(this.threads.map((t) => t.tid));
+    for (const tid of processThreads()) {
+      if (vcpuTids.has(tid)) continue;
+      try {
+        sysSetAffinity(tid, [0]);
+      } catch { /* the thread ended meanwhile */ }
+    }
+    this.threads.forEach((t, i) => sysSetAffinity(t.tid!, [1 + (i % (n - 1))]));
+    this.pinned = true;
+  }
+
+  /** Lets every thread of this process run anywhere again. */
+  private unpin(): void {
+    if (!this.pinned) return;
+    this.pinned = false;
+    const all = Array.from({ length: navigator.hardwareConcurrency }, (_, i) => i);
+    for (const tid of processThreads()) {
+      try {
+        sysSetAffinity(tid, all);
+      } catch { /* the thread ended meanwhile */ }
     }
   }
 
@@ -206,5 +244,6 @@ export class VcpuThreads {
     for (const t of this.threads) {
       if (!t.done) this.finish(t, { index: -1, reason: "stopped", detail: "terminated" });
     }
+    this.unpin();
   }
 }

@@ -224,3 +224,34 @@ Deno.test({
     assert.equal(exit.reason, "stopped");
   },
 });
+
+/** Each thread of this process: [tid, name, the CPUs it may run on (Cpus_allowed_list)]. */
+function affinities(): Array<[number, string, string]> {
+  const out: Array<[number, string, string]> = [];
+  for (const e of Deno.readDirSync("/proc/self/task")) {
+    try {
+      const st = Deno.readTextFileSync(`/proc/self/task/${e.name}/status`);
+      out.push([Number(e.name), /Name:\s*(.*)/.exec(st)![1], /Cpus_allowed_list:\s*(\S+)/.exec(st)![1]]);
+    } catch { /* the thread ended */ }
+  }
+  return out;
+}
+
+Deno.test({
+  name: "tiny guest: pinVcpus gives the vCPUs CPU 1 and the VMM's threads CPU 0, and undoes it at the end",
+  ignore: !requireKvm("tiny guest") || navigator.hardwareConcurrency !== 2,
+  fn: async () => {
+    await bootTest({ program: { code: SPINNER }, memoryMiB: 16, cpus: 2, pinVcpus: true }, async (vm) => {
+      await waitForConsole(vm, /spin/, 5000);
+      const a = affinities();
+      const show = a.map(([, n, c]) => `${n}:${c}`).join(" ");
+      assert.equal(a.find(([tid]) => tid === Deno.pid)?.[2], "0", `main thread: ${show}`);
+      // The two vCPU workers, and any thread they start (KVM's own per-VM worker), on CPU 1;
+      // the runtime's pools on CPU 0.
+      assert.ok(a.filter(([, , c]) => c === "1").length >= 2, show);
+      assert.ok(a.filter(([, n]) => /tokio|V8/.test(n)).every(([, , c]) => c === "0"), show);
+    });
+    const after = affinities();
+    assert.ok(after.every(([, , c]) => c === "0-1"), `after the VM: ${after.map(([, n, c]) => `${n}:${c}`)}`);
+  },
+});

@@ -21,6 +21,7 @@ const SYMBOLS = {
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" },
   gettid: { parameters: [], result: "i32" },
+  sched_setaffinity: { parameters: ["i32", "usize", "buffer"], result: "i32" },
   getpid: { parameters: [], result: "i32" },
   tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" },
@@ -185,6 +186,15 @@ export function sysEventfd(): number {
 /** The calling thread's kernel id. */
 export function sysGettid(): number {
   return libc().gettid();
+}
+
+/** Lets thread `tid` run only on `cpus`; throws on failure. */
+export function sysSetAffinity(tid: number, cpus: readonly number[]): void {
+  const mask = new Uint8Array(128); // cpu_set_t: 1024 CPUs
+  for (const c of cpus) mask[c >> 3] |= 1 << (c & 7);
+  if (libc().sched_setaffinity(tid, BigInt(mask.length), mask) !== 0) {
+    throw new SysError(`sched_setaffinity(${tid})`, errno());
+  }
 }
 
 /** Sends `sig` to thread `tid` of this process. */
