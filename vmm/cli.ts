@@ -31,7 +31,7 @@ Options:
   --cpuid-mask=LIST     CPUID bits to clear or set: --cpuid-mask=-cx16,-xsave,+0x1:ecx:31
                         (names: ${Object.keys(CPUID_FEATURES).join(" ")})
   --unpack-kernel       boot a bzImage's unpacked vmlinux (skips the decompressor)
-  --pin-vcpus           give each vCPU a host CPU of its own (the VMM's other threads on CPU 0)
+  --pin-vcpus           give the vCPUs host CPUs of their own (the VMM's other threads on the first)
   --boot-protocol P     ELF entry: auto (PVH when the kernel has the note), linux64, pvh
   --disk SPEC           a virtio-blk disk (repeatable): PATH[,readonly][,serial=ID]
                         [,transport=mmio|mmio-legacy]

@@ -52,8 +52,9 @@ export interface VmConfig {
   /** Boot a bzImage's unpacked vmlinux instead of running its decompressor. */
   unpackKernel?: boolean;
   /**
-   * Give the vCPUs host CPUs of their own: vCPU i on CPU 1 + (i mod (n - 1)), every other
-   * thread of this process on CPU 0, for the VM's life (needs 2 or more host CPUs).
+   * Give the vCPUs host CPUs of their own: of the CPUs this process may use, the first runs
+   * every other thread of the process and vCPU i the (i mod (n - 1))-th of the rest, for
+   * the VM's life (needs 2 or more).
    */
   pinVcpus?: boolean;
   /** For ELF kernels: PVH entry when the note is there ("auto"), or force one. */
@@ -140,6 +141,11 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
   const host = hostMemoryMiB();
   if (host !== undefined && mib > host) {
     throw new ConfigError(`--memory ${mib} MiB is more than this host's ${host} MiB of RAM`);
+  }
+  if (c.pinVcpus && navigator.hardwareConcurrency < 2) {
+    throw new ConfigError(
+      `--pin-vcpus needs at least 2 host CPUs (one for the VMM, one or more for vCPUs); this process may use ${navigator.hardwareConcurrency}`,
+    );
   }
   let cpuid: CpuidBitChange[] = [];
   try {

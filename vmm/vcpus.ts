@@ -4,7 +4,7 @@
  */
 
 import type { Bus } from "./bus.ts";
-import { installNoopSignalHandler, sysSetAffinity, sysTgkill } from "./sys/libc.ts";
+import { installNoopSignalHandler, sysGetAffinity, sysSetAffinity, sysTgkill } from "./sys/libc.ts";
 import {
   CTL,
   KIND_PIO,
@@ -43,7 +43,8 @@ function processThreads(): number[] {
 export class VcpuThreads {
   private threads: Thread[] = [];
   private stopping = false;
-  private pinned = false;
+  /** The CPUs the process could use before pinning (set while pinned). */
+  private allowed: number[] | undefined;
   private readonly exited: Promise<void>;
   private resolveExited!: () => void;
   /** Exits handled, per kind, for diagnostics. */
@@ -113,28 +114,29 @@ export class VcpuThreads {
   }
 
   /**
-   * vCPU i alone on host CPU 1 + (i mod (n - 1)); every other thread of this process on
-   * CPU 0. Undone when the vCPUs stop.
+   * Of the CPUs this process may use, the first is left to the VMM's threads and vCPU i
+   * runs on the (i mod (n - 1))-th of the others. Undone when the vCPUs stop.
    */
   private pin(): void {
-    const n = navigator.hardwareConcurrency;
-    if (n < 2) return;
+    const allowed = sysGetAffinity();
+    if (allowed.length < 2) return; // refused at config time; nothing to split here
+    this.allowed = allowed;
+    const [vmm, ...rest] = allowed;
     const vcpuTids = new Set(this.threads.map((t) => t.tid));
     for (const tid of processThreads()) {
       if (vcpuTids.has(tid)) continue;
       try {
-        sysSetAffinity(tid, [0]);
+        sysSetAffinity(tid, [vmm]);
       } catch { /* the thread ended meanwhile */ }
     }
-    this.threads.forEach((t, i) => sysSetAffinity(t.tid!, [1 + (i % (n - 1))]));
-    this.pinned = true;
+    this.threads.forEach((t, i) => sysSetAffinity(t.tid!, [rest[i % rest.length]]));
   }
 
   /** Lets every thread of this process run anywhere again. */
   private unpin(): void {
-    if (!this.pinned) return;
-    this.pinned = false;
-    const all = Array.from({ length: navigator.hardwareConcurrency }, (_, i) => i);
+    const all = this.allowed;
+    if (!all) return;
+    this.allowed = undefined;
     for (const tid of processThreads()) {
       try {
         sysSetAffinity(tid, all);

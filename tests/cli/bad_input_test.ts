@@ -8,9 +8,13 @@ import { buildGuest } from "../../vmm/guest/build.ts";
 
 const CLI = new URL("../../vmm/cli.ts", import.meta.url).pathname;
 
-async function cli(args: string[], opts: { asNobody?: boolean } = {}) {
+async function cli(args: string[], opts: { asNobody?: boolean; cpus?: string } = {}) {
   let cmd = Deno.execPath();
   let argv = ["run", "-A", CLI, ...args];
+  if (opts.cpus) {
+    argv = ["-c", opts.cpus, cmd, ...argv]; // taskset: the CPUs the process may use
+    cmd = "taskset";
+  }
   const env: Record<string, string> = { NO_COLOR: "1" };
   if (opts.asNobody) {
     argv = ["--reuid=65534", "--regid=65534", "--clear-groups", cmd, ...argv];
@@ -99,4 +103,9 @@ Deno.test("bad input: bad flags and values", async () => {
   assertOneLine(await cli(["--kernel", kernel, "--cpus", "0"]), /--cpus must be an integer from 1/);
   assertOneLine(await cli(["--kernel", kernel, "--cpus", "two"]), /--cpus "two" is not a whole number/);
   assertOneLine(await cli(["--kernel", kernel, "--cpuid-mask=-nosuch"]), /neither a known feature/);
+});
+
+Deno.test("bad input: --pin-vcpus in a process limited to one CPU", async () => {
+  const r = await cli(["--kernel", kernel, "--pin-vcpus"], { cpus: "0" });
+  assertOneLine(r, /--pin-vcpus needs at least 2 host CPUs .* this process may use 1$/);
 });

@@ -22,6 +22,7 @@ const SYMBOLS = {
   strerror: { parameters: ["i32"], result: "pointer" },
   gettid: { parameters: [], result: "i32" },
   sched_setaffinity: { parameters: ["i32", "usize", "buffer"], result: "i32" },
+  sched_getaffinity: { parameters: ["i32", "usize", "buffer"], result: "i32" },
   getpid: { parameters: [], result: "i32" },
   tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" },
@@ -186,6 +187,17 @@ export function sysEventfd(): number {
 /** The calling thread's kernel id. */
 export function sysGettid(): number {
   return libc().gettid();
+}
+
+/** The CPUs thread `tid` (0: the caller) may run on. */
+export function sysGetAffinity(tid = 0): number[] {
+  const mask = new Uint8Array(128);
+  if (libc().sched_getaffinity(tid, BigInt(mask.length), mask) < 0) {
+    throw new SysError(`sched_getaffinity(${tid})`, errno());
+  }
+  const cpus: number[] = [];
+  for (let c = 0; c < mask.length * 8; c++) if (mask[c >> 3] & (1 << (c & 7))) cpus.push(c);
+  return cpus;
 }
 
 /** Lets thread `tid` run only on `cpus`; throws on failure. */
