@@ -220,15 +220,17 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       hub,
       starts,
       { start: () => services.start(), release },
-      () => devices.placed.map((p) => p.transport.core.describe()),
-      () => {
-        try {
-          return released.done ? [] : [describeIoapic(vm.getIrqchip(2))];
-        } catch (e) {
-          return [`ioapic: unreadable: ${(e as Error).message}`];
-        }
+      {
+        describeDevices: () => devices.placed.map((p) => p.transport.core.describe()),
+        describeIrqchip: () => {
+          try {
+            return released.done ? [] : [describeIoapic(vm.getIrqchip(2))];
+          } catch (e) {
+            return [`ioapic: unreadable: ${(e as Error).message}`];
+          }
+        },
+        pinVcpus: cfg.pinVcpus,
       },
-      cfg.pinVcpus,
     );
     return machine;
   } catch (e) {

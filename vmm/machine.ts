@@ -38,6 +38,11 @@ function hex(v: bigint | number): string {
   return "0x" + v.toString(16);
 }
 
+/** Bytes as "0f 01 d9". */
+function hexBytes(b: number[]): string {
+  return b.map((x) => x.toString(16).padStart(2, "0")).join(" ");
+}
+
 /** Turns a vCPU's stop report into the VM's exit. */
 export function describeExit(r: VcpuExitReport, mem: GuestMemory): VmExit {
   const where = r.rip === undefined ? "" : ` at RIP ${hex(r.rip)}`;
@@ -45,9 +50,7 @@ export function describeExit(r: VcpuExitReport, mem: GuestMemory): VmExit {
   if ((!insn || insn.length === 0) && r.rip !== undefined && r.cr0 !== undefined && r.cr3 !== undefined) {
     insn = readInstructionBytes(mem, { rip: r.rip, cr0: r.cr0, cr3: r.cr3, csBase: r.csBase });
   }
-  const bytes = insn && insn.length
-    ? `, instruction bytes: ${insn.map((b) => b.toString(16).padStart(2, "0")).join(" ")}`
-    : "";
+  const bytes = insn && insn.length ? `, instruction bytes: ${hexBytes(insn)}` : "";
   const cpu = r.index >= 0 ? `vCPU ${r.index}: ` : "";
   switch (r.reason) {
     case "poweroff":
@@ -75,6 +78,16 @@ export function describeExit(r: VcpuExitReport, mem: GuestMemory): VmExit {
   }
 }
 
+/** What a machine reports about itself, and how its vCPUs are placed. */
+export interface MachineOptions {
+  /** One line per device (failure reports). */
+  describeDevices?: () => string[];
+  /** The interrupt controller's state (hung-guest reports). */
+  describeIrqchip?: () => string[];
+  /** Give the vCPU threads host CPUs of their own. */
+  pinVcpus?: boolean;
+}
+
 /** A built VM, ready to start. */
 export class Machine {
   private threads: VcpuThreads;
@@ -91,12 +104,10 @@ export class Machine {
     readonly console: ConsoleHub,
     private readonly starts: VcpuStart[],
     private readonly teardown: Teardown,
-    private readonly describeDevices: () => string[] = () => [],
-    private readonly describeIrqchip: () => string[] = () => [],
-    pinVcpus = false,
+    private readonly opts: MachineOptions = {},
   ) {
     this.exited = new Promise((r) => this.exitResolve = r);
-    this.threads = new VcpuThreads(pio, mmio, (r) => this.end(describeExit(r, memory)), pinVcpus);
+    this.threads = new VcpuThreads(pio, mmio, (r) => this.end(describeExit(r, memory)), opts.pinVcpus);
   }
 
   /** Starts the vCPUs. */
@@ -136,21 +147,20 @@ export class Machine {
     const vcpus = (await this.threads.diagnose()).map(({ text, at }) => {
       if (!at || this.ended) return text;
       // The code around RIP: the 15 bytes before it and the 15 at it (a loop shows itself).
-      const hex = (b?: number[]) => b?.map((x) => x.toString(16).padStart(2, "0")).join(" ") ?? "?";
       const before = readInstructionBytes(this.memory, { ...at, rip: at.rip - 15n });
       const code = readInstructionBytes(this.memory, at);
       // Unreadable code: show the walk, which tells a bad CR3 from an unmapped page.
       const walk = code || !(at.cr0 & 0x8000_0000n)
         ? ""
-        : ` cr3=0x${at.cr3.toString(16)} walk: ${describeWalk(this.memory, at.cr3, at.rip)}`;
-      return `${text} code=${hex(before)} | ${hex(code)}${walk}`;
+        : ` cr3=${hex(at.cr3)} walk: ${describeWalk(this.memory, at.cr3, at.rip)}`;
+      return `${text} code=${before ? hexBytes(before) : "?"} | ${code ? hexBytes(code) : "?"}${walk}`;
     });
-    return this.ended ? vcpus : [...vcpus, ...this.describeIrqchip()];
+    return this.ended ? vcpus : [...vcpus, ...(this.opts.describeIrqchip?.() ?? [])];
   }
 
   /** One line per device describing its state (diagnostics for failure reports). */
   deviceReport(): string[] {
-    return this.describeDevices();
+    return this.opts.describeDevices?.() ?? [];
   }
 
   /** The exit, if the VM has ended. */

@@ -17,7 +17,6 @@ import {
   KIND_PIO,
   MB,
   MB_REQUEST,
-  type VcpuCodeAt,
   type VcpuExitReport,
   type VcpuInit,
   type VcpuMessage,
@@ -30,6 +29,21 @@ function post(m: VcpuMessage): void {
   self.postMessage(m);
 }
 
+/** The registers reports need: RIP, RFLAGS, and what translating RIP takes. Throws if unreadable. */
+function cpuState(vcpu: VcpuFd) {
+  const regs = new DataView(vcpu.getRegs().buffer);
+  const s = new DataView(vcpu.getSregs().buffer);
+  return {
+    rip: regs.getBigUint64(REGS.rip, true),
+    rflags: regs.getBigUint64(REGS.rflags, true),
+    cr0: s.getBigUint64(SREGS.cr0, true),
+    cr3: s.getBigUint64(SREGS.cr3, true),
+    cr4: s.getBigUint64(SREGS.cr4, true),
+    efer: s.getBigUint64(SREGS.efer, true),
+    csBase: s.getBigUint64(SREGS.cs, true),
+  };
+}
+
 function stateOf(
   vcpu: VcpuFd,
   index: number,
@@ -38,14 +52,8 @@ function stateOf(
 ): VcpuExitReport {
   const r: VcpuExitReport = { index, reason, detail };
   try {
-    const regs = new DataView(vcpu.getRegs().buffer);
-    const s = new DataView(vcpu.getSregs().buffer);
-    r.rip = regs.getBigUint64(REGS.rip, true);
-    r.cr0 = s.getBigUint64(SREGS.cr0, true);
-    r.cr3 = s.getBigUint64(SREGS.cr3, true);
-    r.cr4 = s.getBigUint64(SREGS.cr4, true);
-    r.efer = s.getBigUint64(SREGS.efer, true);
-    r.csBase = s.getBigUint64(SREGS.cs, true);
+    const { rflags: _, ...st } = cpuState(vcpu);
+    Object.assign(r, st);
   } catch {
     // registers unreadable: the report goes without them
   }
@@ -53,28 +61,18 @@ function stateOf(
 }
 
 function diagnosis(vcpu: VcpuFd, index: number): VcpuMessage {
-  let text: string;
-  let at: VcpuCodeAt | undefined;
   try {
-    const regs = new DataView(vcpu.getRegs().buffer);
-    const s = new DataView(vcpu.getSregs().buffer);
-    at = {
-      rip: regs.getBigUint64(REGS.rip, true),
-      cr0: s.getBigUint64(SREGS.cr0, true),
-      cr3: s.getBigUint64(SREGS.cr3, true),
-      csBase: s.getBigUint64(SREGS.cs, true),
-    };
-    text = describeVcpu(index, {
-      rip: regs.getBigUint64(REGS.rip, true),
-      rflags: regs.getBigUint64(REGS.rflags, true),
+    const at = cpuState(vcpu);
+    const text = describeVcpu(index, {
+      ...at,
       mpState: vcpu.getMpState(),
       lapic: vcpu.getLapic(),
       events: vcpu.getEvents(),
     });
+    return { type: "diag", index, text, at };
   } catch (e) {
-    text = `vCPU ${index}: state unreadable: ${(e as Error).message}`;
+    return { type: "diag", index, text: `vCPU ${index}: state unreadable: ${(e as Error).message}` };
   }
-  return { type: "diag", index, text, at };
 }
 
 function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {

@@ -67,14 +67,14 @@ export class VirtioMmioDevices {
 
   /**
    * Devices on `mmio`, interrupts through `vm`'s irqfds, notifications through `loop`;
-   * with `shared`, the vCPU threads answer the interrupt registers.
+   * the vCPU threads answer the interrupt registers from `shared`.
    */
   constructor(
     private readonly vm: VmFd,
     private readonly mmio: Bus,
     private readonly memory: GuestMemory,
     private readonly loop: EventLoop,
-    private readonly shared?: SharedRegisters,
+    private readonly shared: SharedRegisters,
   ) {}
 
   /** Adds a device on the next window. */
@@ -92,11 +92,9 @@ export class VirtioMmioDevices {
     const irq = { trigger: () => signalEventfd(irqFd) };
     // InterruptStatus and InterruptACK are answered on the vCPU threads (same offsets in
     // both versions), so taking an interrupt costs the driver no device-thread handoff.
-    const isr = this.shared?.cell();
-    if (isr) {
-      this.shared!.map(base + REG.interruptStatus, SHARED_READ, isr);
-      this.shared!.map(base + REG.interruptAck, SHARED_CLEAR, isr);
-    }
+    const isr = this.shared.cell();
+    this.shared.map(base + REG.interruptStatus, SHARED_READ, isr);
+    this.shared.map(base + REG.interruptAck, SHARED_CLEAR, isr);
     const transport = kind === "mmio"
       ? new VirtioMmio(device, this.memory, irq, isr)
       : new VirtioMmioLegacy(device, this.memory, irq, isr);
