@@ -20,6 +20,15 @@ export {
   u32Of,
 } from "./mmio_core.ts";
 
+/** Shared memory region registers (version 2 only). */
+export const SHM_REG = {
+  sel: 0x0ac,
+  lenLow: 0x0b0,
+  lenHigh: 0x0b4,
+  baseLow: 0x0b8,
+  baseHigh: 0x0bc,
+} as const;
+
 function setHalf(old: number, v: number, high: boolean): number {
   return high ? (old % 2 ** 32) + v * 2 ** 32 : Math.floor(old / 2 ** 32) * 2 ** 32 + v;
 }
@@ -45,12 +54,19 @@ export class VirtioMmio extends MmioRegisterFile {
         return c.queue?.ready ? 1 : 0;
       case REG.configGeneration:
         return c.configGeneration;
+      case SHM_REG.lenLow:
+      case SHM_REG.lenHigh:
+      case SHM_REG.baseLow:
+      case SHM_REG.baseHigh:
+        // No shared memory regions: every SHMSel names a missing one, whose length is -1
+        // and whose base is all ones (virtio 1.2 section 4.2.2).
+        return 0xffff_ffff;
     }
     return undefined;
   }
 
   /** Version-2 register writes; queue fields only before DRIVER_OK and while the queue is not ready. */
-  protected writeRegister(offset: number, v: number): void {
+  protected writeRegister(offset: number, v: number): void | Promise<void> {
     const c = this.core;
     const q = c.queue;
     const qw = q && c.queueWritable && !q.ready;
@@ -62,11 +78,12 @@ export class VirtioMmio extends MmioRegisterFile {
         if (qw) q.size = v;
         break;
       case REG.queueReady:
-        if (q && c.queueWritable) q.ready = (v & 1) === 1;
+        // 1 only before DRIVER_OK; 0 at any time takes the queue out of service.
+        if ((v & 1) === 0) c.disableQueue(c.queueSel);
+        else if (q && c.queueWritable) q.ready = true;
         break;
       case REG.status:
-        c.writeStatus(v);
-        break;
+        return c.writeStatus(v);
       case REG.queueDescLow:
       case REG.queueDescHigh:
         if (qw) q.descAddr = setHalf(q.descAddr, v, offset === REG.queueDescHigh);

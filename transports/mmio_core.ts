@@ -92,6 +92,12 @@ export class MmioCore implements VirtioInterrupt {
   readonly queues: SplitQueue[];
   /** Whether the device has been activated (DRIVER_OK accepted). */
   activated = false;
+  /**
+   * Set while a reset waits for the device's in-flight work: Status keeps reading its old
+   * value, notifications are ignored, and the Status write that asked for it is answered
+   * only when this settles.
+   */
+  resetting: Promise<void> | undefined;
   /** The last reason the device asked for a reset (for logs and tests). */
   lastError: string | undefined;
   /** Counters for diagnostics: notifications taken, notifications ignored, interrupts raised. */
@@ -147,20 +153,32 @@ export class MmioCore implements VirtioInterrupt {
     this.driverFeatures = (this.driverFeatures & ~(0xffff_ffffn << shift)) | (BigInt(v >>> 0) << shift);
   }
 
-  /** A driver write to Status. */
-  writeStatus(v: number): void {
-    if (v === 0) {
-      this.reset();
+  /**
+   * A driver write to Status. The register is 8 bits wide: a value whose low byte is 0
+   * resets. Otherwise the driver may only set bits (virtio 1.2 section 2.1.2: it must not
+   * clear one); a write that would clear a bit is ignored. DRIVER_OK activates only when
+   * the device does not need a reset. Returns a promise when the reset must wait for the
+   * device's in-flight work (see `resetting`).
+   */
+  writeStatus(value: number): void | Promise<void> {
+    const v = value & 0xff;
+    if (v === 0) return this.reset();
+    if (this.resetting) return this.resetting;
+    let next = v & ~STATUS.DEVICE_NEEDS_RESET;
+    const had = this.status & ~STATUS.DEVICE_NEEDS_RESET;
+    if (had & ~next) {
+      this.lastError = `driver tried to clear status bits 0x${(had & ~next).toString(16)}; ignored`;
       return;
     }
-    let next = v & 0xff;
-    if ((next & STATUS.FEATURES_OK) && !(this.status & STATUS.FEATURES_OK)) {
+    if ((next & STATUS.FEATURES_OK) && !(had & STATUS.FEATURES_OK)) {
       // Refuse FEATURES_OK if the driver acknowledged anything we did not offer.
       if (this.driverFeatures & ~this.offered) next &= ~STATUS.FEATURES_OK;
     }
-    const wasOk = (this.status & STATUS.DRIVER_OK) !== 0;
     this.status = next | (this.status & STATUS.DEVICE_NEEDS_RESET);
-    if (!wasOk && (next & STATUS.DRIVER_OK)) this.activate();
+    if (!(had & STATUS.DRIVER_OK) && (next & STATUS.DRIVER_OK)) {
+      if (this.status & STATUS.DEVICE_NEEDS_RESET) return; // stays stopped until a reset
+      this.activate();
+    }
   }
 
   private activate(): void {
@@ -190,7 +208,7 @@ export class MmioCore implements VirtioInterrupt {
 
   /** A driver notification (QueueNotify write or ioeventfd) for queue `index`. */
   notify(index: number): void {
-    const q = this.queues[index];
+    const q = Number.isInteger(index) ? this.queues[index] : undefined;
     if (!this.activated || (this.status & STATUS.DEVICE_NEEDS_RESET) || !q || !q.ready) {
       this.counters.ignoredNotifies++;
       return;
@@ -216,9 +234,27 @@ export class MmioCore implements VirtioInterrupt {
     Atomics.and(this.isr.array, this.isr.index, ~bits);
   }
 
-  /** Writing 0 to Status: everything back to its initial state. */
-  reset(): void {
-    this.device.reset();
+  /**
+   * Writing 0 to Status: everything back to its initial state. The device stops at once;
+   * if it still has work touching guest memory, the state is cleared (and Status reads 0)
+   * only when that work has finished, and the returned promise settles then.
+   */
+  reset(): void | Promise<void> {
+    if (this.resetting) return this.resetting;
+    this.activated = false;
+    const quiet = this.device.reset();
+    if (!quiet) {
+      this.clear();
+      return;
+    }
+    this.resetting = quiet.then(() => {
+      this.resetting = undefined;
+      this.clear();
+    });
+    return this.resetting;
+  }
+
+  private clear(): void {
     for (const q of this.queues) q.reset();
     this.status = 0;
     this.deviceFeaturesSel = this.driverFeaturesSel = 0;
@@ -226,6 +262,12 @@ export class MmioCore implements VirtioInterrupt {
     this.queueSel = 0;
     Atomics.store(this.isr.array, this.isr.index, 0);
     this.activated = false;
+  }
+
+  /** The driver disabled queue `index` (QueueReady 0, QueuePFN 0): it is not served any more. */
+  disableQueue(index: number): void {
+    const q = this.queues[index];
+    if (q) q.ready = false;
   }
 
   /** VirtioInterrupt: used buffers on queue `index`. */
@@ -246,7 +288,8 @@ export class MmioCore implements VirtioInterrupt {
     if (this.status & STATUS.DEVICE_NEEDS_RESET) return;
     this.status |= STATUS.DEVICE_NEEDS_RESET;
     this.activated = false;
-    this.device.reset();
+    // In-flight work finishes on its own; the driver's reset waits for it.
+    void this.device.reset();
     if (this.status & STATUS.DRIVER_OK) this.signalConfig();
   }
 }
@@ -261,8 +304,8 @@ export abstract class MmioRegisterFile {
 
   /** A version-specific register read; undefined if `offset` is not one. */
   protected abstract readRegister(offset: number): number | undefined;
-  /** A version-specific register write. */
-  protected abstract writeRegister(offset: number, v: number): void;
+  /** A version-specific register write (a promise while a Status reset waits, see `write`). */
+  protected abstract writeRegister(offset: number, v: number): void | Promise<void>;
 
   /** A guest read. */
   read(offset: number, data: Uint8Array): void {
@@ -304,8 +347,11 @@ export abstract class MmioRegisterFile {
     putU32(data, v ?? 0);
   }
 
-  /** A guest write. */
-  write(offset: number, data: Uint8Array): void {
+  /**
+   * A guest write. Returns a promise when the write may not be answered yet (a reset
+   * waiting for in-flight I/O): the vCPU that wrote stays in its exit until it settles.
+   */
+  write(offset: number, data: Uint8Array): void | Promise<void> {
     const c = this.core;
     if (offset >= MMIO_CONFIG) {
       c.device.writeConfig(offset - MMIO_CONFIG, data);
@@ -324,13 +370,15 @@ export abstract class MmioRegisterFile {
         c.queueSel = v;
         break;
       case REG.queueNotify:
-        c.notify(v & 0xffff);
+        // The whole value is the queue index (no VIRTIO_F_NOTIFICATION_DATA): 0x10000 is
+        // no queue, not queue 0.
+        c.notify(v);
         break;
       case REG.interruptAck:
         c.ack(v);
         break;
       default:
-        this.writeRegister(offset, v);
+        return this.writeRegister(offset, v);
     }
   }
 }

@@ -39,13 +39,13 @@ export class VirtioMmioLegacy extends MmioRegisterFile {
       case REG.deviceFeatures:
         return c.deviceFeaturesSel === 0 ? c.deviceFeatureWord(0) : 0;
       case LEGACY_REG.queuePfn:
-        return this.pfn[c.queueSel] ?? 0;
+        return c.queue?.ready ? this.pfn[c.queueSel] : 0;
     }
     return undefined;
   }
 
   /** Legacy register writes; queue fields only before DRIVER_OK. */
-  protected writeRegister(offset: number, v: number): void {
+  protected writeRegister(offset: number, v: number): void | Promise<void> {
     const c = this.core;
     const q = c.queue;
     switch (offset) {
@@ -63,12 +63,12 @@ export class VirtioMmioLegacy extends MmioRegisterFile {
         if (q && c.queueWritable) this.align[c.queueSel] = v;
         break;
       case LEGACY_REG.queuePfn:
-        if (q && c.queueWritable) this.setPfn(c.queueSel, v);
+        // A page number only before DRIVER_OK; 0 at any time takes the queue out of service.
+        if (v === 0) c.disableQueue(c.queueSel);
+        else if (q && c.queueWritable) this.setPfn(c.queueSel, v);
         break;
       case REG.status:
-        c.writeStatus(v);
-        if (v === 0) this.pfn.fill(0);
-        break;
+        return c.writeStatus(v);
     }
   }
 
@@ -76,10 +76,6 @@ export class VirtioMmioLegacy extends MmioRegisterFile {
   private setPfn(index: number, pfn: number): void {
     const q = this.core.queues[index];
     this.pfn[index] = pfn;
-    if (pfn === 0) {
-      q.ready = false;
-      return;
-    }
     const align = this.align[index];
     const page = this.pageSize;
     if (!page || (page & (page - 1)) || !align || (align & (align - 1))) {

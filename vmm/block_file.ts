@@ -6,7 +6,7 @@
  */
 
 import type { BlockBackend } from "../devices/virtio/blk_backend.ts";
-import { errno, libc, sysClose, SysError, sysOpen } from "./sys/libc.ts";
+import { errno, libc, pinnedCall, sysClose, SysError, sysOpen } from "./sys/libc.ts";
 
 const O_RDONLY = 0;
 const O_RDWR = 2;
@@ -34,7 +34,9 @@ export class FileBackend implements BlockBackend {
   readonly size: number;
   /** Identity for derived serials: the absolute path. */
   readonly identity: string;
-  private closed = false;
+  private closing: Promise<void> | undefined;
+  private inFlight = 0;
+  private idle: (() => void) | undefined;
 
   private constructor(
     private readonly fd: number,
@@ -95,7 +97,22 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  /** An iovec array for `bufs` (kept alive by the caller until the call resolves). */
+  /**
+   * Runs one host call on the image. Calls are counted so that `close()` waits for them:
+   * the fd is closed only after the last one settled, so a queued call can never run on
+   * an fd number the process has since reused for another file.
+   */
+  private async op<T>(call: () => Promise<T>): Promise<T> {
+    if (this.closing) throw new Error("disk image is closed");
+    this.inFlight++;
+    try {
+      return await call();
+    } finally {
+      if (--this.inFlight === 0) this.idle?.();
+    }
+  }
+
+  /** An iovec array for `bufs` (pinned with them by `pinnedCall` until the call settles). */
   private static iovecs(bufs: Uint8Array[]): { iov: BigUint64Array; total: number } {
     const iov = new BigUint64Array(bufs.length * 2);
     let total = 0;
@@ -113,11 +130,13 @@ export class FileBackend implements BlockBackend {
     while (rest.length > 0) {
       const batch = rest.slice(0, IOV_MAX);
       const { iov, total } = FileBackend.iovecs(batch);
-      const p = Deno.UnsafePointer.of(iov);
       const n = Number(
-        write
-          ? await libc().pwritev_nb(this.fd, p, batch.length, BigInt(off))
-          : await libc().preadv_nb(this.fd, p, batch.length, BigInt(off)),
+        await pinnedCall([iov, ...batch], () => {
+          const p = Deno.UnsafePointer.of(iov);
+          return write
+            ? libc().pwritev_nb(this.fd, p, batch.length, BigInt(off))
+            : libc().preadv_nb(this.fd, p, batch.length, BigInt(off));
+        }),
       );
       let done = n;
       if (n <= 0) {
@@ -144,28 +163,29 @@ export class FileBackend implements BlockBackend {
 
   /** Reads into guest buffers. */
   read(bufs: Uint8Array[], offset: number): Promise<void> {
-    return this.vectored(false, bufs, offset);
+    return this.op(() => this.vectored(false, bufs, offset));
   }
 
   /** Writes guest buffers. */
   write(bufs: Uint8Array[], offset: number): Promise<void> {
     if (this.readonly) return Promise.reject(new Error("read-only disk"));
-    return this.vectored(true, bufs, offset);
+    return this.op(() => this.vectored(true, bufs, offset));
   }
 
   /** fdatasync. */
   async flush(): Promise<void> {
     if (this.readonly) return;
-    if ((await libc().fdatasync_nb(this.fd)) < 0) throw new Error("fdatasync failed");
+    this.syncs++;
+    if ((await this.op(() => libc().fdatasync_nb(this.fd))) < 0) throw new Error("fdatasync failed");
   }
+
+  /** fdatasync calls made so far. */
+  syncs = 0;
 
   /** Punches a hole (reads back zeros; the file keeps its size). */
   async discard(offset: number, len: number): Promise<void> {
-    const r = await libc().fallocate_nb(
-      this.fd,
-      FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-      BigInt(offset),
-      BigInt(len),
+    const r = await this.op(() =>
+      libc().fallocate_nb(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, BigInt(offset), BigInt(len))
     );
     if (r < 0) throw new Error("fallocate(PUNCH_HOLE) failed");
   }
@@ -175,17 +195,31 @@ export class FileBackend implements BlockBackend {
     const mode = unmap
       ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
       : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-    if ((await libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len))) >= 0) return;
+    if ((await this.op(() => libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len)))) >= 0) return;
     const chunk = new Uint8Array(Math.min(len, 1 << 20));
     for (let at = 0; at < len; at += chunk.length) {
-      await this.vectored(true, [chunk.subarray(0, Math.min(chunk.length, len - at))], offset + at);
+      await this.write([chunk.subarray(0, Math.min(chunk.length, len - at))], offset + at);
     }
   }
 
-  /** Closes (and so unlocks) the image. */
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    sysClose(this.fd);
+  /** Host calls on the image not yet settled. */
+  get pending(): number {
+    return this.inFlight;
+  }
+
+  /**
+   * Refuses new calls, waits for the ones in flight, then closes (and so unlocks) the
+   * image. Resolves once the fd is closed.
+   */
+  close(): Promise<void> {
+    this.closing ??= new Promise<void>((resolve) => {
+      const finish = () => {
+        sysClose(this.fd);
+        resolve();
+      };
+      if (this.inFlight === 0) finish();
+      else this.idle = finish;
+    });
+    return this.closing;
   }
 }

@@ -68,7 +68,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
 
   // Disks open (and lock) before anything else, so a missing or locked image is a clear error.
   const backends: FileBackend[] = [];
-  const closeBackends = () => backends.forEach((b) => b.close());
+  const closeBackends = () => Promise.all(backends.map((b) => b.close()));
   try {
     for (const d of cfg.disks) backends.push(FileBackend.open(d.path, d.readonly));
   } catch (e) {
@@ -99,9 +99,11 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
   const release = async () => {
     if (released.done) return;
     released.done = true;
+    // Order matters: stop new work, drain in-flight I/O, and only then close the images
+    // (a queued call must never run on a reused fd number) and unmap guest RAM.
     if (loop) await loop.stop();
-    virtio?.close();
-    closeBackends();
+    await virtio?.close();
+    await closeBackends();
     vm.close();
     kvm.close();
     sysMunmap(ptr, cfg.memoryBytes);

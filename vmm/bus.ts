@@ -4,8 +4,12 @@
 export interface BusDevice {
   /** Fills `data` (1, 2, 4 or 8 bytes) for a guest read at `offset`. */
   read(offset: number, data: Uint8Array): void;
-  /** Handles a guest write of `data` at `offset`. */
-  write(offset: number, data: Uint8Array): void;
+  /**
+   * Handles a guest write of `data` at `offset`. A device that may not answer yet (a
+   * virtio reset waiting for in-flight I/O) returns a promise; the vCPU stays in its
+   * exit until it settles.
+   */
+  write(offset: number, data: Uint8Array): void | Promise<void>;
 }
 
 interface Entry {
@@ -62,14 +66,16 @@ export class Bus {
     return true;
   }
 
-  /** Dispatches a write; a miss is dropped. Returns whether a device took it. */
-  write(addr: number, data: Uint8Array): boolean {
+  /**
+   * Dispatches a write; a miss is dropped. Returns the device's promise when the write
+   * may not be answered yet (see BusDevice.write).
+   */
+  write(addr: number, data: Uint8Array): void | Promise<void> {
     const e = this.find(addr);
     if (!e) {
       this.unhandled++;
-      return false;
+      return;
     }
-    e.dev.write(addr - e.base, data);
-    return true;
+    return e.dev.write(addr - e.base, data);
   }
 }

@@ -4,7 +4,7 @@
  * of the ready fds run on the main thread. A private eventfd wakes the loop to stop it.
  */
 
-import { errno, libc, sysClose, SysError, sysEventfd } from "./sys/libc.ts";
+import { errno, libc, pinnedCall, sysClose, SysError, sysEventfd } from "./sys/libc.ts";
 
 const EPOLL_CLOEXEC = 0o2000000;
 const EPOLL_CTL_ADD = 1;
@@ -71,10 +71,13 @@ export class EventLoop {
   }
 
   private async loop(): Promise<void> {
-    const evp = Deno.UnsafePointer.of(this.events);
-    const dv = new DataView(this.events.buffer);
+    const events = this.events;
+    const dv = new DataView(events.buffer);
     while (!this.stopping) {
-      const n = await libc().epoll_wait_nb(this.epfd, evp, MAX_EVENTS, -1);
+      const n = await pinnedCall(
+        [events],
+        () => libc().epoll_wait_nb(this.epfd, Deno.UnsafePointer.of(events), MAX_EVENTS, -1),
+      );
       if (n < 0) continue; // EINTR
       for (let i = 0; i < n; i++) {
         const token = Number(dv.getBigUint64(i * EVENT_SIZE + 4, true));

@@ -115,9 +115,13 @@ export class VirtioMmioDevices {
     return placed;
   }
 
-  /** Resets the devices and closes the eventfds (after the event loop stopped). */
-  close(): void {
-    for (const p of this.placed) p.device.reset();
+  /**
+   * Resets the devices, waits until none has I/O in flight (so nothing reads or writes
+   * guest RAM or an image afterwards), then closes the eventfds. Call after the vCPUs and
+   * the event loop stopped, before the images are closed and RAM is unmapped.
+   */
+  async close(): Promise<void> {
+    await Promise.all(this.placed.map((p) => p.transport.core.reset()));
     for (const fd of this.fds) sysClose(fd);
     this.fds.length = 0;
   }

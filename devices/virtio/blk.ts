@@ -1,7 +1,10 @@
 /**
  * virtio-blk (virtio 1.2 section 5.2): IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES
  * on an injected BlockBackend. Requests run concurrently; each completes into the used
- * ring when its I/O finishes. A reset makes late completions harmless (generation check).
+ * ring when its I/O finishes. A reset stops the device at once (late completions are
+ * dropped by a generation check) and reports itself done only when no request is still
+ * reading or writing guest memory. Without VIRTIO_BLK_F_FLUSH negotiated every write is
+ * made durable before it completes (write-through, section 5.2.6.2).
  */
 
 import { type ActivateContext, drainQueue, readConfigBytes, VIRTIO_ID, type VirtioDevice } from "./device.ts";
@@ -30,7 +33,10 @@ export const BLK_F = {
 } as const;
 
 const QUEUE_SIZE = 256;
+/** Largest data segment (descriptor) of a request: size_max. */
 const SIZE_MAX = 1 << 20;
+/** Most data segments in a request: seg_max (header and status take the other two descriptors). */
+const SEG_MAX = QUEUE_SIZE - 2;
 const MAX_DISCARD_SECTORS = 1 << 22; // per segment: 2 GiB
 const CONFIG_SIZE = 60;
 
@@ -50,6 +56,27 @@ export function derivedSerial(identity: string): string {
   return "tsvmm-" + h.toString(16).padStart(16, "0").slice(0, 14);
 }
 
+/**
+ * The used length of a finished request (virtio 1.2 section 2.7.8.2): the bytes written
+ * from the start of the chain's device-writable part without a gap. Data written in full
+ * (IN, or GET_ID filling its whole buffer) runs into the status byte and counts it; a
+ * request that wrote no data counts the status byte only when nothing else is writable.
+ */
+export function usedLength(req: BlkRequest, status: number): number {
+  const ok = status === BLK_S.OK;
+  const dataWritten = !ok
+    ? 0
+    : req.type === BLK_T.IN
+    ? req.dataLen
+    : req.type === BLK_T.GET_ID
+    ? Math.min(BLK_ID_BYTES, req.dataLen)
+    : 0;
+  // Bytes before the status byte in the writable part: the data for IN/GET_ID, else any
+  // writable bytes the driver gave beyond the status byte.
+  const before = req.writableLen - 1;
+  return dataWritten === before ? before + 1 : dataWritten;
+}
+
 /** The virtio block device. */
 export class VirtioBlk implements VirtioDevice {
   /** Device type. */
@@ -66,6 +93,8 @@ export class VirtioBlk implements VirtioDevice {
   private ctx: ActivateContext | undefined;
   private generation = 0;
   private inFlight = 0;
+  private drained: (() => void) | undefined;
+  private writeThrough = false;
   /** Requests answered, by status, for diagnostics. */
   readonly answered: Record<number, number> = { 0: 0, 1: 0, 2: 0 };
 
@@ -83,7 +112,7 @@ export class VirtioBlk implements VirtioDevice {
     const dv = new DataView(this.config.buffer);
     dv.setBigUint64(0, BigInt(Math.floor(backend.size / SECTOR)), true); // capacity
     dv.setUint32(8, SIZE_MAX, true); // size_max
-    dv.setUint32(12, QUEUE_SIZE - 2, true); // seg_max
+    dv.setUint32(12, SEG_MAX, true); // seg_max
     dv.setUint32(20, SECTOR, true); // blk_size
     dv.setUint16(34, 1, true); // num_queues
     dv.setUint32(36, MAX_DISCARD_SECTORS, true); // max_discard_sectors
@@ -110,6 +139,7 @@ export class VirtioBlk implements VirtioDevice {
   /** Starts serving. */
   activate(ctx: ActivateContext): void {
     this.ctx = ctx;
+    this.writeThrough = (ctx.features & (1n << BLK_F.FLUSH)) === 0n;
     this.process();
   }
 
@@ -118,10 +148,22 @@ export class VirtioBlk implements VirtioDevice {
     this.process();
   }
 
-  /** Drops the queue; completions of requests started before are discarded. */
-  reset(): void {
+  /**
+   * Drops the queue; completions of requests started before are discarded. While any of
+   * them still runs (its disk I/O may be writing a guest buffer), returns a promise that
+   * settles when the last one has finished.
+   */
+  reset(): void | Promise<void> {
     this.ctx = undefined;
     this.generation++;
+    if (this.inFlight === 0) return;
+    return new Promise<void>((resolve) => {
+      const prev = this.drained;
+      this.drained = () => {
+        prev?.();
+        resolve();
+      };
+    });
   }
 
   private process(): void {
@@ -143,7 +185,7 @@ export class VirtioBlk implements VirtioDevice {
   private start(req: BlkRequest, head: number): void {
     const gen = this.generation;
     this.inFlight++;
-    this.execute(req).then(
+    this.execute(req, gen).then(
       (st) => this.complete(gen, req, head, st),
       () => this.complete(gen, req, head, BLK_S.IOERR),
     );
@@ -153,20 +195,30 @@ export class VirtioBlk implements VirtioDevice {
     return Number.isSafeInteger(sector) && sector >= 0 && sector * SECTOR + bytes <= this.capacity * SECTOR;
   }
 
-  /** Runs one request; resolves with its status. */
-  private async execute(req: BlkRequest): Promise<number> {
+  /** Whether a request's data keeps to the seg_max and size_max we advertise. */
+  private withinLimits(req: BlkRequest): boolean {
+    return req.data.length <= SEG_MAX && req.data.every((d) => d.length <= SIZE_MAX);
+  }
+
+  /** Runs one request; resolves with its status. Steps after a reset are not started. */
+  private async execute(req: BlkRequest, gen: number): Promise<number> {
     const b = this.backend;
+    const live = () => gen === this.generation;
     switch (req.type) {
       case BLK_T.IN:
         if (req.dataLen % SECTOR || !this.inRange(req.sector, req.dataLen)) return BLK_S.IOERR;
+        if (!this.withinLimits(req)) return BLK_S.IOERR;
         await b.read(req.data, req.sector * SECTOR);
         return BLK_S.OK;
       case BLK_T.OUT:
         if (b.readonly) return BLK_S.IOERR;
         if (req.dataLen % SECTOR || !this.inRange(req.sector, req.dataLen)) return BLK_S.IOERR;
+        if (!this.withinLimits(req)) return BLK_S.IOERR;
         await b.write(req.data, req.sector * SECTOR);
+        if (this.writeThrough && live()) await b.flush();
         return BLK_S.OK;
       case BLK_T.FLUSH:
+      case BLK_T.FLUSH_OUT:
         await b.flush();
         return BLK_S.OK;
       case BLK_T.GET_ID:
@@ -178,7 +230,9 @@ export class VirtioBlk implements VirtioDevice {
         const segs = parseSegments(req);
         if (!segs || segs.length > 1) return BLK_S.UNSUPP;
         for (const s of segs) {
+          if (!live()) break;
           if (!this.inRange(s.sector, s.sectors * SECTOR)) return BLK_S.IOERR;
+          if (s.sectors === 0) continue; // nothing to do, for both types alike
           if (req.type === BLK_T.DISCARD) {
             if (s.flags !== 0) return BLK_S.UNSUPP;
             await b.discard(s.sector * SECTOR, s.sectors * SECTOR);
@@ -186,6 +240,7 @@ export class VirtioBlk implements VirtioDevice {
             if (s.flags & ~1) return BLK_S.UNSUPP;
             await b.writeZeroes(s.sector * SECTOR, s.sectors * SECTOR, (s.flags & 1) === 1);
           }
+          if (this.writeThrough && live()) await b.flush();
         }
         return BLK_S.OK;
       }
@@ -195,19 +250,19 @@ export class VirtioBlk implements VirtioDevice {
   }
 
   private complete(gen: number, req: BlkRequest, head: number, status: number): void {
-    this.inFlight--;
+    if (--this.inFlight === 0 && this.drained) {
+      const done = this.drained;
+      this.drained = undefined;
+      done();
+    }
     const ctx = this.ctx;
     if (gen !== this.generation || !ctx) return; // reset meanwhile: the rings are not ours any more
+    const q = ctx.queues[0];
+    if (!q.ready) return; // the driver took the queue out of service
     this.answered[status] = (this.answered[status] ?? 0) + 1;
     req.status[0] = status;
-    const written = (req.type === BLK_T.IN && status === BLK_S.OK)
-      ? req.dataLen + 1
-      : req.type === BLK_T.GET_ID && status === BLK_S.OK
-      ? Math.min(BLK_ID_BYTES, req.dataLen) + 1
-      : 1;
-    const q = ctx.queues[0];
     try {
-      q.pushUsed(ctx.memory, head, written);
+      q.pushUsed(ctx.memory, head, usedLength(req, status));
       if (q.needsInterrupt(ctx.memory)) ctx.interrupt.signalUsed(0);
     } catch (e) {
       if (e instanceof ChainError) ctx.interrupt.needsReset(e.message);

@@ -18,6 +18,6 @@ export interface BlockBackend {
   discard(offset: number, len: number): Promise<void>;
   /** Zeroes a range; `unmap` allows deallocating it. */
   writeZeroes(offset: number, len: number, unmap: boolean): Promise<void>;
-  /** Releases the storage. */
-  close(): void;
+  /** Releases the storage once every call in flight has settled; new calls are refused. */
+  close(): Promise<void>;
 }

@@ -7,7 +7,16 @@
 import { type DescChain, gather, sliceBuffers } from "./chain.ts";
 
 /** Request types. */
-export const BLK_T = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, DISCARD: 11, WRITE_ZEROES: 13 } as const;
+export const BLK_T = {
+  IN: 0,
+  OUT: 1,
+  FLUSH: 4,
+  /** The legacy interface's name for FLUSH (virtio 1.2 section 5.2.6.3): served the same. */
+  FLUSH_OUT: 5,
+  GET_ID: 8,
+  DISCARD: 11,
+  WRITE_ZEROES: 13,
+} as const;
 /** Status values. */
 export const BLK_S = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
 /** Sector size of the virtio-blk protocol. */
@@ -27,6 +36,8 @@ export interface BlkRequest {
   dataLen: number;
   /** The status byte. */
   status: Uint8Array;
+  /** Bytes in the chain's device-writable part, the status byte included. */
+  writableLen: number;
 }
 
 /** A discard / write-zeroes segment. */
@@ -66,7 +77,7 @@ export function parseBlkRequest(chain: DescChain): BlkRequest | ParseFailure {
   const deviceWrites = type === BLK_T.IN || type === BLK_T.GET_ID;
   const data = deviceWrites ? wData : sliceBuffers(chain.readable, 16, chain.readableLen - 16);
   const dataLen = deviceWrites ? chain.writableLen - 1 : chain.readableLen - 16;
-  return { type, sector, data, dataLen, status };
+  return { type, sector, data, dataLen, status, writableLen: chain.writableLen };
 }
 
 /** Parses the segments of a DISCARD or WRITE_ZEROES request's data. */

@@ -1,7 +1,8 @@
 /**
  * Descriptor-chain walking for split virtqueues (virtio 1.2 section 2.7.5), with every
  * guest value checked where it enters: index < queue size, chain length <= size (no
- * loops), indirect tables only with the feature and never nested, lengths summed
+ * loops; indirect descriptors count, and an indirect table longer than the queue is
+ * refused before it is read), indirect tables only with the feature and never nested, lengths summed
  * without overflow, device-writable after device-readable, every buffer inside RAM.
  */
 
@@ -55,6 +56,9 @@ export function walkChain(
   const chain: DescChain = { head, readable: [], writable: [], readableLen: 0, writableLen: 0 };
   let total = 0;
   let seenWritable = false;
+  // Descriptors in the whole chain, direct and indirect: no more than the queue size
+  // (virtio 1.2 section 2.7.5.3.1), which bounds the work one notification can cause.
+  let descriptors = 0;
 
   const walk = (tableAddr: number, count: number, first: number, inIndirect: boolean) => {
     const t = mem.tryView(tableAddr, count * DESC_SIZE);
@@ -64,6 +68,7 @@ export function walkChain(
     for (let steps = 0;; steps++) {
       if (idx >= count) throw new ChainError(`descriptor index ${idx} >= ${count}`);
       if (steps >= count) throw new ChainError(`descriptor chain longer than ${count} (a loop)`);
+      if (++descriptors > size) throw new ChainError(`descriptor chain longer than the queue size ${size}`);
       const o = idx * DESC_SIZE;
       const addr = Number(dv.getBigUint64(o, true));
       const len = dv.getUint32(o + 8, true);
@@ -76,6 +81,14 @@ export function walkChain(
         if (len === 0 || len % DESC_SIZE !== 0) {
           throw new ChainError(`indirect table length ${len} is not n*16`);
         }
+        if (len / DESC_SIZE > size - descriptors + 1) {
+          throw new ChainError(
+            `indirect table of ${
+              len / DESC_SIZE
+            } descriptors: the chain is longer than the queue size ${size}`,
+          );
+        }
+        descriptors--; // the table's own descriptor is not part of the chain's buffers
         walk(addr, len / DESC_SIZE, 0, true);
         return;
       }

@@ -61,8 +61,14 @@ export interface VirtioDevice {
   activate(ctx: ActivateContext): void;
   /** Queue `index` was notified by the driver. */
   notify(index: number): void;
-  /** Stops the device and drops all queue state; in-flight work must not touch the rings afterwards. */
-  reset(): void;
+  /**
+   * Stops the device and drops all queue state: nothing new starts and in-flight work will
+   * not touch the rings. When work that reads or writes guest memory is still running (a
+   * disk read into a guest buffer, say), returns a promise that settles once it has all
+   * finished; the transport does not report the reset complete before then (virtio 1.2
+   * section 2.4: after a reset the device must not interact with the guest's buffers).
+   */
+  reset(): void | Promise<void>;
 }
 
 /** Reads a little-endian config space image at `offset` (out-of-range bytes read as 0). */

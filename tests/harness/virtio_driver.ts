@@ -171,8 +171,8 @@ export class DriverQueue {
 export interface MmioRegs {
   /** A read. */
   read(offset: number, data: Uint8Array): void;
-  /** A write. */
-  write(offset: number, data: Uint8Array): void;
+  /** A write (a promise when the device may not answer yet, as a reset draining I/O). */
+  write(offset: number, data: Uint8Array): void | Promise<void>;
 }
 
 /** Drives a virtio-MMIO register file. */
@@ -187,11 +187,14 @@ export class MmioDriver {
     return new DataView(d.buffer).getUint32(0, true);
   }
 
-  /** 32-bit register write. */
-  w32(off: number, v: number): void {
+  /**
+   * 32-bit register write. Returns the device's promise when it does not answer at once:
+   * a vCPU would stay in its exit until then, so a driver awaits it.
+   */
+  w32(off: number, v: number): void | Promise<void> {
     const d = new Uint8Array(4);
     new DataView(d.buffer).setUint32(0, v >>> 0, true);
-    this.regs.write(off, d);
+    return this.regs.write(off, d);
   }
 
   /** The 64-bit device feature set (two selector words). */

@@ -193,3 +193,112 @@ Deno.test("mmio v1 (legacy): version 1, 32 feature bits without VERSION_1, PFN r
   d.w32(0x070, 0);
   assert.equal(d.r32(0x040), 0, "reset clears QueuePFN");
 });
+
+/** A modern rng device set up and running on a 16-entry queue. */
+function running() {
+  const m = modern();
+  m.d.negotiate(F.VERSION_1);
+  const q = new DriverQueue(m.ram, 16);
+  m.d.setupQueue(0, q);
+  m.d.driverOk();
+  return { ...m, q };
+}
+
+/** Whether one rng request on `q` is served. */
+function served(m: ReturnType<typeof running>, q = m.q): boolean {
+  q.add([{ addr: m.ram.alloc(8), len: 8, write: true }]);
+  m.d.notify(0);
+  return q.takeUsed().length === 1;
+}
+
+Deno.test("status: the register is 8 bits wide; a write whose low byte is 0 resets", () => {
+  const m = running();
+  assert.ok(served(m));
+  m.d.w32(0x070, 0x100);
+  assert.equal(m.d.status(), 0);
+  assert.equal(m.t.core.queues[0].ready, false, "0x100 reset the device");
+  m.d.w32(0x070, 0x101);
+  assert.equal(m.d.status(), STATUS.ACKNOWLEDGE, "bits above 7 are not stored");
+});
+
+Deno.test("status: a write that clears DRIVER_OK is ignored; queue fields stay frozen", () => {
+  const m = running();
+  m.d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.FEATURES_OK);
+  assert.ok(m.d.status() & STATUS.DRIVER_OK, "DRIVER_OK cannot be cleared by the driver");
+  m.d.w32(0x038, 1000);
+  assert.equal(m.t.core.queues[0].size, 16, "QueueNum not writable while the device runs");
+  assert.ok(served(m), "the device still serves");
+});
+
+Deno.test("status: after NEEDS_RESET, DRIVER_OK does not re-activate without a reset", () => {
+  const m = running();
+  m.q.setDesc(0, 0xfff_ffff_0000, 8, 2, 0); // outside RAM
+  m.q.publish(0);
+  m.d.notify(0);
+  assert.ok(m.d.status() & STATUS.DEVICE_NEEDS_RESET);
+  m.d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.FEATURES_OK);
+  m.d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.FEATURES_OK | STATUS.DRIVER_OK);
+  const q2 = new DriverQueue(m.ram, 16);
+  assert.equal(served(m, m.q), false, "still stopped");
+  void q2;
+  assert.ok(m.d.status() & STATUS.DEVICE_NEEDS_RESET);
+  // Legacy: NEEDS_RESET before DRIVER_OK (a bad GuestPageSize) keeps the device stopped.
+  const ram = new GuestRam(1 << 20);
+  const t = new VirtioMmioLegacy(rng(), ram.mem, new CountingIrq());
+  const d = new MmioDriver(t);
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER);
+  d.w32(0x028, 3000); // not a power of two
+  d.w32(0x038, 16);
+  d.w32(0x040, ram.alloc(3 * 4096, 4096) / 4096);
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.DRIVER_OK);
+  assert.equal(t.core.activated, false);
+});
+
+Deno.test("queues: QueueReady 0 (v2) and QueuePFN 0 (v1) take a running queue out of service", () => {
+  const m = running();
+  m.d.w32(0x030, 0);
+  m.d.w32(0x044, 0);
+  assert.equal(m.d.r32(0x044), 0, "QueueReady reads back 0");
+  assert.equal(served(m), false, "a disabled queue is not served");
+  m.d.w32(0x044, 1);
+  assert.equal(m.d.r32(0x044), 0, "and cannot be re-enabled after DRIVER_OK");
+  // Legacy.
+  const ram = new GuestRam(1 << 20);
+  const t = new VirtioMmioLegacy(rng(), ram.mem, new CountingIrq());
+  const d = new MmioDriver(t);
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER);
+  d.w32(0x028, 4096);
+  d.w32(0x038, 16);
+  const base = ram.alloc(3 * 4096, 4096);
+  d.w32(0x040, base / 4096);
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.DRIVER_OK);
+  d.w32(0x040, 0);
+  assert.equal(d.r32(0x040), 0, "QueuePFN reads back 0");
+  const buf = ram.alloc(16);
+  ram.dv(base, 16).setBigUint64(0, BigInt(buf), true);
+  ram.dv(base + 8, 8).setUint32(0, 16, true);
+  ram.dv(base + 12, 2).setUint16(0, 2, true);
+  ram.dv(base + 256, 6).setUint16(2, 1, true);
+  d.notify(0);
+  assert.equal(ram.dv(base + 4096 + 2, 2).getUint16(0, true), 0, "not served");
+});
+
+Deno.test("mmio v2: missing shared memory regions read length -1 and base all ones", () => {
+  const { d } = modern();
+  for (const sel of [0, 1, 255]) {
+    d.w32(0x0ac, sel);
+    for (const off of [0x0b0, 0x0b4, 0x0b8, 0x0bc]) {
+      assert.equal(d.r32(off), 0xffff_ffff, `0x${off.toString(16)}`);
+    }
+  }
+});
+
+Deno.test("QueueNotify: the whole value is the queue index (0x10000 is no queue)", () => {
+  const m = running();
+  m.q.add([{ addr: m.ram.alloc(8), len: 8, write: true }]);
+  m.d.notify(0x10000);
+  assert.equal(m.q.takeUsed().length, 0);
+  assert.equal(m.t.core.counters.ignoredNotifies, 1);
+  m.d.notify(0);
+  assert.equal(m.q.takeUsed().length, 1);
+});

@@ -70,6 +70,34 @@ export function libc(): Libc {
   return lib;
 }
 
+/**
+ * Buffers whose addresses a nonblocking FFI call is using. A pointer taken with
+ * `Deno.UnsafePointer.of` does not keep its buffer alive: once the JS code that made it
+ * is optimized, nothing may reference the buffer across the `await`, and the garbage
+ * collector can free it while the call still waits on (or runs in) Deno's blocking pool.
+ * Every nonblocking call that is handed memory by address goes through `pinnedCall`.
+ */
+const pinned = new Set<{ readonly buffers: readonly object[] }>();
+
+/**
+ * Runs `call` (a nonblocking FFI call given addresses inside `buffers`) and keeps every
+ * one of `buffers` referenced until its promise settles, whatever the optimizer does.
+ */
+export async function pinnedCall<T>(buffers: readonly object[], call: () => Promise<T>): Promise<T> {
+  const hold = { buffers };
+  pinned.add(hold);
+  try {
+    return await call();
+  } finally {
+    pinned.delete(hold);
+  }
+}
+
+/** How many nonblocking calls are holding buffers right now (for tests and teardown checks). */
+export function pinnedCalls(): number {
+  return pinned.size;
+}
+
 /** errno names for the values a VMM meets; others print as their number. */
 const ERRNO_NAMES: Record<number, string> = {
   1: "EPERM",
