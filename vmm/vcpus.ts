@@ -189,7 +189,7 @@ export class VcpuThreads {
         }
         // A write the device may not answer yet (a virtio reset draining in-flight I/O):
         // this vCPU stays in its exit until the device is done.
-        if (later) await later.catch(fault);
+        if (later instanceof Promise) await later.catch(fault);
         Atomics.store(mb, MB.state, MB_RESPONSE);
         Atomics.notify(mb, MB.state);
         continue;

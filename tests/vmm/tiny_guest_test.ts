@@ -153,7 +153,7 @@ Deno.test({
         for (let i = 0; i < d.length; i++) d[i] = Number((v >> BigInt(8 * i)) & 0xffn);
         log.push(["pio-r", 0x510 + o, d.length, le(d)]);
       },
-      write: (o, d) => log.push(["pio-w", 0x510 + o, d.length, le(d)]),
+      write: (o, d) => void log.push(["pio-w", 0x510 + o, d.length, le(d)]),
     }, "test port");
     vm.mmio.register(0x3000_0000, 0x100, {
       read: (o, d) => {
@@ -161,7 +161,7 @@ Deno.test({
         for (let i = 0; i < d.length; i++) d[i] = Number((v >> BigInt(8 * i)) & 0xffn);
         log.push(["mmio-r", o, d.length, le(d)]);
       },
-      write: (o, d) => log.push(["mmio-w", o, d.length, le(d)]),
+      write: (o, d) => void log.push(["mmio-w", o, d.length, le(d)]),
     }, "test mmio");
     await vm.start();
     const exit = await vm.exited;
