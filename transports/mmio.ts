@@ -7,7 +7,8 @@ import type { GuestMemory } from "../vmm/memory.ts";
 import type { SharedCell } from "../vmm/shared_regs.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { VIRTIO_F_VERSION_1 } from "../devices/virtio/queue.ts";
-import { type IrqLine, MmioCore, MmioRegisterFile, REG } from "./mmio_core.ts";
+import { MmioRegisterFile, REG } from "./mmio_core.ts";
+import { type IrqLine, VirtioCore } from "./virtio_core.ts";
 
 export {
   MMIO_CONFIG,
@@ -36,12 +37,12 @@ function setHalf(old: number, v: number, high: boolean): number {
 /** A virtio device behind a version-2 MMIO window. */
 export class VirtioMmio extends MmioRegisterFile {
   /** The shared state. */
-  readonly core: MmioCore;
+  readonly core: VirtioCore;
 
   /** Puts `device` behind a modern MMIO window. */
   constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine, isr?: SharedCell) {
     super();
-    this.core = new MmioCore(device, memory, irq, device.features | (1n << VIRTIO_F_VERSION_1), true, isr);
+    this.core = new VirtioCore(device, memory, irq, device.features | (1n << VIRTIO_F_VERSION_1), true, isr);
   }
 
   /** Version-2 register reads. */

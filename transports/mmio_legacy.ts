@@ -7,7 +7,8 @@
 import type { GuestMemory } from "../vmm/memory.ts";
 import type { SharedCell } from "../vmm/shared_regs.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
-import { type IrqLine, MmioCore, MmioRegisterFile, REG } from "./mmio_core.ts";
+import { MmioRegisterFile, REG } from "./mmio_core.ts";
+import { type IrqLine, VirtioCore } from "./virtio_core.ts";
 
 /** Legacy-only register offsets. */
 export const LEGACY_REG = {
@@ -19,7 +20,7 @@ export const LEGACY_REG = {
 /** A virtio device behind a version-1 (legacy) MMIO window. */
 export class VirtioMmioLegacy extends MmioRegisterFile {
   /** The shared state. */
-  readonly core: MmioCore;
+  readonly core: VirtioCore;
   private pageSize = 4096;
   private readonly align: number[];
   private readonly pfn: number[];
@@ -27,7 +28,7 @@ export class VirtioMmioLegacy extends MmioRegisterFile {
   /** Puts `device` behind a legacy MMIO window (feature bits 0-31 only, no VERSION_1). */
   constructor(device: VirtioDevice, memory: GuestMemory, irq: IrqLine, isr?: SharedCell) {
     super();
-    this.core = new MmioCore(device, memory, irq, device.features & 0xffff_ffffn, false, isr);
+    this.core = new VirtioCore(device, memory, irq, device.features & 0xffff_ffffn, false, isr);
     this.align = device.queueMaxSizes.map(() => 4096);
     this.pfn = device.queueMaxSizes.map(() => 0);
   }

@@ -3,7 +3,7 @@
  * Every user-fixable problem becomes a one-line ConfigError before anything runs.
  */
 
-import { ConfigError, resolveConfig, type VmConfig } from "./config.ts";
+import { ConfigError, resolveConfig, type TransportKind, type VmConfig } from "./config.ts";
 import { encodeCpuid, Kvm } from "./kvm.ts";
 import { VmFd } from "./vm.ts";
 import { GuestMemory } from "./memory.ts";
@@ -26,6 +26,8 @@ import { AcpiPm } from "../devices/legacy/acpi_pm.ts";
 import type { VcpuStart } from "./vcpus.ts";
 import { EventLoop } from "./event_loop.ts";
 import { VirtioMmioDevices } from "./virtio_mmio_bus.ts";
+import { PciDevices } from "./pci_devices.ts";
+import { GsiRouting } from "./irq_routing.ts";
 import { SharedRegisters } from "./shared_regs.ts";
 import { DiskError, FileBackend } from "./block_file.ts";
 import { VirtioBlk } from "../devices/virtio/blk.ts";
@@ -96,6 +98,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
   const released = { done: false };
   let loop: EventLoop | undefined;
   let virtio: VirtioMmioDevices | undefined;
+  let pci: PciDevices | undefined;
   const release = async () => {
     if (released.done) return;
     released.done = true;
@@ -103,6 +106,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     // (a queued call must never run on a reused fd number) and unmap guest RAM.
     if (loop) await loop.stop();
     await virtio?.close();
+    await pci?.close();
     await closeBackends();
     vm.close();
     kvm.close();
@@ -134,13 +138,23 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     loop = new EventLoop();
     const shared = new SharedRegisters();
     virtio = new VirtioMmioDevices(vm, mmio, memory, loop, shared);
-    cfg.disks.forEach((d, i) => virtio!.add(new VirtioBlk(backends[i], { serial: d.serial }), d.transport));
+    const mmio64Start = L.pciMmio64Start(cfg.memoryBytes);
+    pci = new PciDevices(vm, pio, mmio, memory, loop, new GsiRouting(vm), [
+      mmio64Start,
+      mmio64Start + L.PCI_MMIO64_SIZE,
+    ]);
+    const place = (dev: VirtioBlk | VirtioRng, transport: TransportKind) => {
+      if (transport === "pci") pci!.add(dev, transport);
+      else virtio!.add(dev, transport);
+    };
+    cfg.disks.forEach((d, i) => place(new VirtioBlk(backends[i], { serial: d.serial }), d.transport));
     if (cfg.rng) {
       const rng = new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, cfg.rng);
-      virtio.add(rng, cfg.rng.transport);
+      place(rng, cfg.rng.transport);
     }
     const mmioDevices = virtio.placed.map((p) => p.info);
-    for (const [addr, bytes] of buildAcpiTables({ cpus: cfg.cpus, mmioDevices }, L.ACPI_START, L.RSDP_ADDR)) {
+    const acpi = { cpus: cfg.cpus, mmioDevices, pci: pci.hostInfo() };
+    for (const [addr, bytes] of buildAcpiTables(acpi, L.ACPI_START, L.RSDP_ADDR)) {
       memory.write(addr, bytes);
     }
     let entry: EntryState;
@@ -215,6 +229,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     }
     const services = loop;
     const devices = virtio;
+    const pciDevices = pci;
     machine = new Machine(
       memory,
       pio,
@@ -223,7 +238,12 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       starts,
       { start: () => services.start(), release },
       {
-        describeDevices: () => devices.placed.map((p) => p.transport.core.describe()),
+        describeDevices: () => [
+          ...devices.placed.map((p) => p.transport.core.describe()),
+          ...pciDevices.placed.map((p) =>
+            `00:${p.slot.toString(16).padStart(2, "0")}.0 ${p.transport.core.describe()}`
+          ),
+        ],
         describeIrqchip: () => {
           try {
             return released.done ? [] : [describeIoapic(vm.getIrqchip(2))];

@@ -42,6 +42,14 @@ export class Bus {
     this.entries.sort((a, b) => a.base - b.base);
   }
 
+  /** Removes the range registered at `base`; returns whether there was one. */
+  unregister(base: number): boolean {
+    const i = this.entries.findIndex((e) => e.base === base);
+    if (i < 0) return false;
+    this.entries.splice(i, 1);
+    return true;
+  }
+
   private find(addr: number): Entry | undefined {
     let lo = 0, hi = this.entries.length - 1;
     while (lo <= hi) {

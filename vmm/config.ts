@@ -2,8 +2,14 @@
 
 import { type CpuidBitChange, parseCpuidMask } from "./arch/x86_64/cpuid.ts";
 
-/** A virtio-MMIO version: "mmio" (version 2, modern) or "mmio-legacy" (version 1). */
-export type TransportKind = "mmio" | "mmio-legacy";
+/**
+ * How a virtio device is reached: "pci" (modern virtio-PCI with MSI-X), "mmio"
+ * (virtio-MMIO version 2) or "mmio-legacy" (virtio-MMIO version 1).
+ */
+export type TransportKind = "pci" | "mmio" | "mmio-legacy";
+
+/** Every transport, in the order the help lists them. */
+export const TRANSPORTS: readonly TransportKind[] = ["pci", "mmio", "mmio-legacy"];
 
 /** A virtio-blk disk. */
 export interface DiskConfig {
@@ -159,10 +165,10 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
   }
   const transport = (t: string | undefined, what: string): TransportKind => {
     const v = t ?? "mmio";
-    if (v !== "mmio" && v !== "mmio-legacy") {
-      throw new ConfigError(`${what}: transport must be mmio or mmio-legacy, not "${v}"`);
+    if (!(TRANSPORTS as readonly string[]).includes(v)) {
+      throw new ConfigError(`${what}: transport must be ${TRANSPORTS.join(", ")}, not "${v}"`);
     }
-    return v;
+    return v as TransportKind;
   };
   const disks = (c.disks ?? []).map((d) => {
     if (!d.path) throw new ConfigError("--disk needs a path");

@@ -6,11 +6,22 @@ import { KVM, SIZE } from "./sys/kvm_abi.ts";
 
 /** KVM_PIT_SPEAKER_DUMMY: the PIT's speaker port is emulated as a dummy. */
 const PIT_SPEAKER_DUMMY = 1;
-/** KVM_IRQFD_FLAG_RESAMPLE */
+/** KVM_IRQFD_FLAG_* */
+const IRQFD_FLAG_DEASSIGN = 1;
 const IRQFD_FLAG_RESAMPLE = 2;
 /** KVM_IOEVENTFD_FLAG_* */
 const IOEVENTFD_DATAMATCH = 1;
 const IOEVENTFD_PIO = 2;
+const IOEVENTFD_DEASSIGN = 4;
+/** kvm_irq_routing_entry types and size. */
+const ROUTING_IRQCHIP = 1;
+const ROUTING_MSI = 2;
+const ROUTING_ENTRY_SIZE = 48;
+
+/** One entry of the GSI routing table. */
+export type GsiRoute =
+  | { gsi: number; kind: "irqchip"; chip: number; pin: number }
+  | { gsi: number; kind: "msi"; addressLo: number; addressHi: number; data: number };
 
 /** A VM file descriptor and the VM-wide ioctls. */
 export class VmFd {
@@ -92,16 +103,51 @@ export class VmFd {
     ioctlBuf(this.fd, KVM.IRQFD, b, "KVM_IRQFD");
   }
 
-  /** KVM_IOEVENTFD: a guest write of `len` bytes at `addr` signals `eventFd`. */
+  /** KVM_IRQFD with DEASSIGN: `eventFd` no longer raises `gsi`. */
+  irqfdDeassign(eventFd: number, gsi: number): void {
+    const b = new Uint8Array(SIZE.irqfd);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, eventFd, true);
+    dv.setUint32(4, gsi, true);
+    dv.setUint32(8, IRQFD_FLAG_DEASSIGN, true);
+    ioctlBuf(this.fd, KVM.IRQFD, b, "KVM_IRQFD (deassign)");
+  }
+
+  /** KVM_SET_GSI_ROUTING: replaces the whole routing table with `routes`. */
+  setGsiRouting(routes: readonly GsiRoute[]): void {
+    const b = new Uint8Array(8 + ROUTING_ENTRY_SIZE * routes.length);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, routes.length, true);
+    routes.forEach((r, i) => {
+      const o = 8 + ROUTING_ENTRY_SIZE * i;
+      dv.setUint32(o, r.gsi, true);
+      if (r.kind === "irqchip") {
+        dv.setUint32(o + 4, ROUTING_IRQCHIP, true);
+        dv.setUint32(o + 16, r.chip, true);
+        dv.setUint32(o + 20, r.pin, true);
+      } else {
+        dv.setUint32(o + 4, ROUTING_MSI, true);
+        dv.setUint32(o + 16, r.addressLo >>> 0, true);
+        dv.setUint32(o + 20, r.addressHi >>> 0, true);
+        dv.setUint32(o + 24, r.data >>> 0, true);
+      }
+    });
+    ioctlBuf(this.fd, KVM.SET_GSI_ROUTING, b, "KVM_SET_GSI_ROUTING");
+  }
+
+  /**
+   * KVM_IOEVENTFD: a guest write of `len` bytes at `addr` signals `eventFd` (with
+   * `deassign`, the same registration is removed).
+   */
   ioeventfd(
     eventFd: number,
     addr: number,
     len: number,
-    opts: { pio?: boolean; datamatch?: number } = {},
+    opts: { pio?: boolean; datamatch?: number; deassign?: boolean } = {},
   ): void {
     const b = new Uint8Array(SIZE.ioeventfd);
     const dv = new DataView(b.buffer);
-    let flags = opts.pio ? IOEVENTFD_PIO : 0;
+    let flags = (opts.pio ? IOEVENTFD_PIO : 0) | (opts.deassign ? IOEVENTFD_DEASSIGN : 0);
     if (opts.datamatch !== undefined) {
       flags |= IOEVENTFD_DATAMATCH;
       dv.setBigUint64(0, BigInt(opts.datamatch), true);

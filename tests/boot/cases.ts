@@ -101,10 +101,80 @@ function checkLines(text: string, name: string): Array<Record<string, string>> {
   return out;
 }
 
-function virtioDevices(transport: TransportKind, line: "6.1" | "6.12", withRng = true): BootCase {
+/** The PCI view a virtio-pci case checks: IDs and drivers, interrupts by kind, clean resource log. */
+function assertPci(text: string, tail: string, withRng: boolean, msi: boolean): void {
+  const fns = checkLines(text, "pci");
+  const bridge = fns.find((f) => f.dev === "0000:00:00.0");
+  assert(
+    bridge?.vendor === "0x8086" && bridge.device === "0x0d57" && bridge.class === "0x060000",
+    `host bridge: ${JSON.stringify(bridge)}`,
+    tail,
+  );
+  const virtio = fns.filter((f) => f.vendor === "0x1af4");
+  const want = withRng ? ["0x1042", "0x1042", "0x1044"] : ["0x1042", "0x1042"];
+  assert(
+    JSON.stringify(virtio.map((f) => f.device).sort()) === JSON.stringify(want),
+    `virtio PCI functions: ${JSON.stringify(virtio)}`,
+    tail,
+  );
+  for (const f of virtio) {
+    assert(f.rev === "0x01" && f.driver === "virtio-pci", `virtio function ${JSON.stringify(f)}`, tail);
+  }
+  const bad = [...text.matchAll(/TSVMM-CHECK pcilog (.*)/g)].map((m) => m[1]).filter((l) =>
+    /not reserved|can't claim|no compatible bridge window|no space for|PCI: Fatal/.test(l)
+  );
+  assert(text.includes("TSVMM-CHECK pcilog-done") && bad.length === 0, `PCI resource problems: ${bad}`, tail);
+  // Two snapshots of /proc/interrupts, before and after the device checks.
+  const snaps = text.split("TSVMM-CHECK irqs-done").slice(0, 2).map((part) => checkLines(part, "irq"));
+  assert(snaps.length === 2, "two interrupt snapshots", tail);
+  const [before, after] = snaps;
+  const total = (s: Array<Record<string, string>>, re: RegExp) =>
+    s.filter((l) => re.test(l.name)).reduce((n, l) => n + Number(l.count), 0);
+  if (msi) {
+    // One vector per queue (and config): blk "requests", rng "input", all PCI-MSI(X).
+    assert(after.every((l) => l.kind === "msi"), `interrupt kinds: ${JSON.stringify(after)}`, tail);
+    assert(
+      after.filter((l) => /-requests$/.test(l.name)).length === 2,
+      `blk vectors: ${JSON.stringify(after)}`,
+      tail,
+    );
+    assert(after.some((l) => /-config$/.test(l.name)), `config vectors: ${JSON.stringify(after)}`, tail);
+    assert(
+      total(after, /-requests$/) > total(before, /-requests$/),
+      `blk vector counts did not rise: ${JSON.stringify([before, after])}`,
+      tail,
+    );
+    if (withRng) {
+      assert(
+        total(after, /-input$/) > total(before, /-input$/),
+        `rng vector count did not rise: ${JSON.stringify([before, after])}`,
+        tail,
+      );
+    }
+  } else {
+    assert(
+      after.length > 0 && after.every((l) => l.kind === "ioapic"),
+      `INTx lines: ${JSON.stringify(after)}`,
+      tail,
+    );
+    assert(
+      total(after, /./) > total(before, /./),
+      `INTx counts did not rise: ${JSON.stringify([before, after])}`,
+      tail,
+    );
+  }
+}
+
+function virtioDevices(
+  transport: TransportKind,
+  line: "6.1" | "6.12",
+  withRng = true,
+  opts: { nomsi?: boolean } = {},
+): BootCase {
   const rngBytes = RNG_BYTES;
+  const pci = transport === "pci";
   return {
-    name: `virtio-${transport} on ${line}: ${
+    name: `virtio-${transport}${opts.nomsi ? " (pci=nomsi, INTx)" : ""} on ${line}: ${
       withRng ? "rng binds and reads /dev/hwrng; " : ""
     }blk capacity, serial, read, write lands in the image; readonly refused`,
     run: async (g) => {
@@ -124,7 +194,10 @@ function virtioDevices(transport: TransportKind, line: "6.1" | "6.12", withRng =
           rng: withRng ? { transport } : undefined,
           pinVcpus: PIN,
           cmdline: `console=ttyS0 reboot=k panic=-1 quiet tsvmm.rngbytes=${rngBytes} ` +
-            `tsvmm.checks=virtio,modules,${withRng ? "rng," : ""}blk,read,write ` +
+            (opts.nomsi ? "pci=nomsi " : "") +
+            `tsvmm.checks=virtio,modules,${pci ? "pci,pcilog,irqs," : ""}${
+              withRng ? "rng," : ""
+            }blk,read,write${pci ? ",irqs" : ""} ` +
             `tsvmm.blk=vda,vdb tsvmm.read=vda:${2 * MIB}:${hostText.length} ` +
             `tsvmm.write=vda:${MIB}:${guestText}+vdb:0:SHOULD-NOT-LAND`,
         }, async (vm) => {
@@ -171,6 +244,7 @@ function virtioDevices(transport: TransportKind, line: "6.1" | "6.12", withRng =
             `guest read "${read?.text}" where the host wrote "${hostText}"`,
             tail,
           );
+          if (pci) assertPci(text, tail, withRng, !opts.nomsi);
           const [w1, w2] = checkLines(text, "write");
           assert(w1?.ok === "1" && w1.back === guestText, `write to vda: ${JSON.stringify(w1)}`, tail);
           assert(w2?.ok === "0", `write to the readonly vdb was not refused: ${JSON.stringify(w2)}`, tail);
@@ -232,6 +306,9 @@ export const BOOT_CASES: BootCase[] = [
   kernelBoot("6.12", 2),
   kernelBoot("6.1", 1, "bzimage"),
   kernelBoot("6.12", 2, "linux64"),
+  virtioDevices("pci", "6.12"),
+  virtioDevices("pci", "6.1"),
+  virtioDevices("pci", "6.1", true, { nomsi: true }),
   virtioDevices("mmio", "6.12"),
   virtioDevices("mmio-legacy", "6.12"),
   virtioDevices("mmio", "6.1"),

@@ -246,10 +246,16 @@ class Run {
   shadow = new Uint8Array(DISK_SECTORS * SECTOR);
   /** The image, open for the oracle's reads. */
   readonly imageFile: Deno.FsFile;
+  /** Forces a collection: a scavenge of the young generation, and a full one every 16th time. */
   readonly gc: (() => void) | undefined;
+  private gcs = 0;
   constructor(readonly opts: FuzzOptions, readonly image: string, readonly file: FileBackend) {
-    this.gc = opts.gcPressure ? (globalThis as { gc?: () => void }).gc : undefined;
-    if (opts.gcPressure && !this.gc) throw new Error("GC pressure needs --v8-flags=--expose-gc");
+    const v8gc = (globalThis as { gc?: (o?: { type: string; execution: string }) => void }).gc;
+    if (opts.gcPressure && !v8gc) throw new Error("GC pressure needs --v8-flags=--expose-gc");
+    // Short-lived buffers (an iovec made for one call) die young: scavenges find them.
+    this.gc = opts.gcPressure && v8gc
+      ? () => v8gc(++this.gcs % 16 === 0 ? undefined : { type: "minor", execution: "sync" })
+      : undefined;
     this.imageFile = Deno.openSync(image, { read: true });
   }
 }
@@ -875,7 +881,7 @@ class Episode {
     this.resolveDropped();
     this.run.expected.set(this.run.ram);
     const imageBefore = this.readImage();
-    this.run.gc?.();
+    if (inFlight) this.run.gc?.();
     // Had a call outlived the reset, it would land now.
     if (inFlight) await new Promise((r) => setTimeout(r, 1));
     for (let i = 0; i < 10; i++) await null;

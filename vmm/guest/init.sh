@@ -29,6 +29,29 @@ check_virtio() {
   done
   echo "TSVMM-CHECK virtio-count n=$(ls /sys/bus/virtio/devices 2>/dev/null | wc -l)"
 }
+# Every PCI function: IDs, revision, class, the driver bound to it.
+check_pci() {
+  for d in /sys/bus/pci/devices/*; do
+    [ -e "$d" ] || continue
+    drv=$(basename "$(readlink "$d/driver" 2>/dev/null)" 2>/dev/null)
+    echo "TSVMM-CHECK pci dev=$(basename "$d") vendor=$(cat "$d/vendor") device=$(cat "$d/device") rev=$(cat "$d/revision") class=$(cat "$d/class") subsys=$(cat "$d/subsystem_device") driver=${drv:-none}"
+  done
+}
+# What the kernel said about PCI resources (ECAM, BAR placement); problems are asserted absent.
+check_pcilog() {
+  dmesg | grep -E "MMCONFIG|ECAM|not reserved|can't claim|no compatible bridge window|no space for|PCI: Fatal" |
+    sed 's/^\[[ 0-9.]*\] //; s/^/TSVMM-CHECK pcilog /'
+  echo "TSVMM-CHECK pcilog-done"
+}
+# Interrupt lines of the virtio devices: chip type and count summed over CPUs.
+check_irqs() {
+  awk -v n="$(grep -c ^processor /proc/cpuinfo)" '/virtio/ {
+    c = 0; for (i = 2; i <= n + 1; i++) c += $i
+    kind = "other"; if ($0 ~ /PCI-MSI/) kind = "msi"; else if ($0 ~ /IO-APIC/) kind = "ioapic"
+    printf "TSVMM-CHECK irq name=%s kind=%s count=%d\n", $NF, kind, c
+  }' /proc/interrupts
+  echo "TSVMM-CHECK irqs-done"
+}
 # Where each module's code is (for matching a hung vCPU's RIP in a failure report).
 check_modules() {
   echo "TSVMM-CHECK modules $(awk '{printf "%s@%s+%s ", $1, $6, $2}' /proc/modules)"
@@ -120,6 +143,9 @@ for c in $(arg tsvmm.checks | tr ',' ' '); do
   case "$c" in
     cpus) check_cpus ;;
     virtio) check_virtio ;;
+    pci) check_pci ;;
+    irqs) check_irqs ;;
+    pcilog) check_pcilog ;;
     modules) check_modules ;;
     rng) check_rng ;;
     blk) check_blk ;;

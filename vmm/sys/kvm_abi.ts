@@ -48,6 +48,7 @@ export const KVM = {
   IRQ_LINE: iow(0x61, SIZE.irqLevel),
   GET_IRQCHIP: iowr(0x62, SIZE.irqchip),
   IRQFD: iow(0x76, SIZE.irqfd),
+  SET_GSI_ROUTING: iow(0x6a, 8),
   CREATE_PIT2: iow(0x77, SIZE.pitConfig),
   IOEVENTFD: iow(0x79, SIZE.ioeventfd),
   RUN: io(0x80),

@@ -11,6 +11,7 @@ import {
   ACPI_SLEEP_STATUS_PORT,
   COM1_IRQ,
   COM1_PORT,
+  ECAM_SIZE,
   ECAM_START,
   I8042_CMD_PORT,
   I8042_DATA_PORT,
@@ -35,12 +36,75 @@ export interface MmioDeviceInfo {
   gsi: number;
 }
 
+/** The PCI host bridge to describe. */
+export interface PciHostInfo {
+  /** INTA routing: device number -> GSI, for _PRT. */
+  intx: Array<{ slot: number; gsi: number }>;
+  /** 32-bit memory window [start, end). */
+  mmio32: [number, number];
+  /** 64-bit memory window [start, end). */
+  mmio64: [number, number];
+  /** I/O window [start, end). */
+  io: [number, number];
+}
+
 /** What the tables describe. */
 export interface AcpiConfig {
   /** Number of vCPUs (APIC IDs 0..cpus-1). */
   cpus: number;
   /** virtio-mmio devices, in order. */
   mmioDevices?: MmioDeviceInfo[];
+  /** The PCI host bridge (absent: no PCI0 in the DSDT). */
+  pci?: PciHostInfo;
+}
+
+/** The PCI Firmware spec's _DSM UUID for PCI host bridges. */
+export const PCI_DSM_UUID = "E5C937D0-3553-4D7A-9117-EA4D19C3434D";
+
+/**
+ * PCI0 (PNP0A08, PCI Express-style host bridge with ECAM; compatible PNP0A03): bus 0,
+ * the 0xCF8 ports, I/O and memory windows, INTx routing, and _DSM function 5 = 0 so
+ * Linux keeps the BARs the VMM assigned. MRES (PNP0C02) reserves ECAM, which Linux
+ * requires before it uses the MCFG window.
+ */
+export function pciDevices(pci: PciHostInfo): aml.Aml[] {
+  const prt = pci.intx.map(({ slot, gsi }) =>
+    aml.pkg([aml.int(slot * 0x10000 + 0xffff), aml.int(0), aml.int(0), aml.int(gsi)])
+  );
+  return [
+    aml.device("PCI0", [
+      aml.name("_HID", aml.eisaId("PNP0A08")),
+      aml.name("_CID", aml.eisaId("PNP0A03")),
+      aml.name("_SEG", aml.int(0)),
+      aml.name("_UID", aml.int(0)),
+      aml.name("_BBN", aml.int(0)),
+      aml.name("_ADR", aml.int(0)),
+      aml.name(
+        "_CRS",
+        aml.resourceTemplate([
+          aml.wordBusNumber(0, 0),
+          aml.ioPort(0xcf8, 8),
+          aml.wordIo(0x0000, 0x0cf7),
+          aml.wordIo(0x0d00, pci.io[1] - 1),
+          aml.dwordMemory(pci.mmio32[0], pci.mmio32[1] - 1),
+          aml.qwordMemory(BigInt(pci.mmio64[0]), BigInt(pci.mmio64[1]) - 1n),
+        ]),
+      ),
+      aml.name("_PRT", aml.pkg(prt)),
+      aml.method("_DSM", 4, false, [
+        aml.ifThen(aml.lEqual(aml.arg(0), aml.uuid(PCI_DSM_UUID)), [
+          aml.ifThen(aml.lEqual(aml.arg(2), aml.int(0)), [aml.ret(aml.buffer([0x21]))]),
+          aml.ifThen(aml.lEqual(aml.arg(2), aml.int(5)), [aml.ret(aml.int(0))]),
+        ]),
+        aml.ret(aml.buffer([0])),
+      ]),
+    ]),
+    aml.device("MRES", [
+      aml.name("_HID", aml.eisaId("PNP0C02")),
+      aml.name("_UID", aml.int(0)),
+      aml.name("_CRS", aml.resourceTemplate([aml.memory32Fixed(ECAM_START, ECAM_SIZE)])),
+    ]),
+  ];
 }
 
 /** The 8-bit checksum that makes `bytes` sum to zero. */
@@ -111,6 +175,7 @@ export function buildDsdt(cfg: AcpiConfig): Uint8Array {
       ),
     ]));
   });
+  if (cfg.pci) devices.push(...pciDevices(cfg.pci));
   const body = aml.definitionBlock([
     aml.scope("\\_SB", devices),
     aml.name("\\_S5", aml.pkg([aml.int(S5_SLP_TYP), aml.int(0), aml.int(0), aml.int(0)])),

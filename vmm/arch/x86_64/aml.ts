@@ -186,6 +186,42 @@ export function dwordMemory(min: number, max: number): Aml {
   return addressSpace(0x87, 4, 0, 0x01, BigInt(min), BigInt(max));
 }
 
+/** QWordMemory(ResourceProducer, ..., Cacheable, ReadWrite) { min..max }. */
+export function qwordMemory(min: bigint, max: bigint): Aml {
+  return addressSpace(0x8a, 8, 0, 0x03, min, max);
+}
+
+/** If (predicate) { body }. */
+export function ifThen(predicate: Aml, body: Aml[]): Aml {
+  const b = [...predicate, ...concat(body)];
+  return [0xa0, ...pkgLength(b.length), ...b];
+}
+
+/** LEqual(a, b). */
+export function lEqual(a: Aml, b: Aml): Aml {
+  return [0x93, ...a, ...b];
+}
+
+/** ArgN (0-6), a method argument. */
+export function arg(n: number): Aml {
+  if (n < 0 || n > 6) throw new RangeError(`Arg${n}`);
+  return [0x68 + n];
+}
+
+/** ToUUID("xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx") as its 16-byte buffer (first three fields little-endian). */
+export function uuid(text: string): Aml {
+  const m = /^([0-9a-f]{8})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{12})$/i.exec(text);
+  if (!m) throw new TypeError(`bad UUID "${text}"`);
+  const hex = (h: string) => h.match(/../g)!.map((x) => parseInt(x, 16));
+  return buffer([
+    ...hex(m[1]).reverse(),
+    ...hex(m[2]).reverse(),
+    ...hex(m[3]).reverse(),
+    ...hex(m[4]),
+    ...hex(m[5]),
+  ]);
+}
+
 /** A complete AML table body: the DSDT's definition block contents. */
 export function definitionBlock(terms: Aml[]): Uint8Array {
   return new Uint8Array(concat(terms));

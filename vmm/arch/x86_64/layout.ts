@@ -1,4 +1,4 @@
-/** The x86-64 guest physical address map (DESIGN.md section 3). */
+/** The x86-64 guest physical address map (see the README's boot layout). */
 
 /** GDT. */
 export const GDT_ADDR = 0x500;
@@ -36,6 +36,14 @@ export const RAM_64BIT_START = 0x1_0000_0000;
 export const PCI_MMIO_START = 0xc000_0000;
 /** Size of the PCI 32-bit MMIO window. */
 export const PCI_MMIO_SIZE = 0x1000_0000;
+/** PCI I/O window for I/O BARs (the legacy devices' ports are below it). */
+export const PCI_IO_START = 0xc000;
+/** End of the PCI I/O window (exclusive). */
+export const PCI_IO_END = 0x1_0000;
+/** Size of the 64-bit PCI window above RAM (announced in _CRS). */
+export const PCI_MMIO64_SIZE = 0x4_0000_0000;
+/** IOAPIC pins of PCI INTx (INTA of device d is pin PCI_INTX_GSIS[d % 4], as _PRT says). */
+export const PCI_INTX_GSIS: readonly number[] = [20, 21, 22, 23];
 /** virtio-mmio device windows, 4 KiB each. */
 export const VIRTIO_MMIO_START = 0xd000_0000;
 /** Size of one virtio-mmio window. */
@@ -72,6 +80,12 @@ export const I8042_DATA_PORT = 0x60;
 export const I8042_CMD_PORT = 0x64;
 /** Keyboard IRQ. */
 export const I8042_IRQ = 1;
+
+/** Where the 64-bit PCI window starts for `memSize` bytes of RAM: above RAM, 1 GiB aligned. */
+export function pciMmio64Start(memSize: number): number {
+  const top = memSize <= RAM_32BIT_END ? RAM_64BIT_START : RAM_64BIT_START + memSize - RAM_32BIT_END;
+  return Math.ceil(top / 2 ** 30) * 2 ** 30;
+}
 
 /** The guest RAM ranges for `memSize` bytes of RAM: [gpa, size][]. */
 export function ramRanges(memSize: number): Array<[number, number]> {
