@@ -7,6 +7,9 @@
  */
 
 import type { GsiRoute, VmFd } from "./vm.ts";
+
+/** The VM operations routing needs. */
+export type RoutingVm = Pick<VmFd, "irqfd" | "irqfdDeassign" | "setGsiRouting">;
 import { signalEventfd } from "./event_loop.ts";
 import { sysClose, sysEventfd } from "./sys/libc.ts";
 import type { MsiRouter, MsixVector } from "../devices/pci/msix.ts";
@@ -27,7 +30,7 @@ export class GsiRouting {
   commits = 0;
 
   /** The routing table of `vm`. */
-  constructor(private readonly vm: VmFd) {}
+  constructor(private readonly vm: RoutingVm) {}
 
   /** A GSI for an MSI vector. */
   allocate(): number {
@@ -77,7 +80,7 @@ export class VectorRouter implements MsiRouter {
   private readonly assigned: boolean[];
 
   /** Vectors of one function. */
-  constructor(private readonly vm: VmFd, private readonly routing: GsiRouting, count: number) {
+  constructor(private readonly vm: RoutingVm, private readonly routing: GsiRouting, count: number) {
     this.gsis = Array.from({ length: count }, () => routing.allocate());
     this.fds = Array.from({ length: count }, () => sysEventfd());
     this.live = new Array(count).fill(undefined);

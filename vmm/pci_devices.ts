@@ -31,6 +31,9 @@ import { type Bar, CMD } from "../devices/pci/config_space.ts";
 import { PciBus } from "../devices/pci/bus.ts";
 import { MODERN_BAR, VirtioPciModern } from "../transports/pci_modern.ts";
 
+/** The VM operations the PCI bus uses (a VmFd; tests record them). */
+export type PciVm = Pick<VmFd, "irqfd" | "irqfdDeassign" | "ioeventfd" | "setGsiRouting">;
+
 /** The virtio-PCI flavours. */
 export type PciTransportKind = "pci";
 
@@ -65,7 +68,7 @@ export class PciDevices {
 
   /** The bus on `pio` (0xCF8) and `mmio` (ECAM); devices get interrupts through `vm`. */
   constructor(
-    private readonly vm: VmFd,
+    private readonly vm: PciVm,
     private readonly pio: Bus,
     private readonly mmio: Bus,
     private readonly memory: GuestMemory,
