@@ -298,6 +298,128 @@ function mkfsCase(): BootCase {
   };
 }
 
+/** Many devices on one bus: 15 disks and an rng, all on virtio-pci. */
+function manyPci(line: "6.1" | "6.12"): BootCase {
+  return {
+    name: `16 virtio-pci devices (15 disks and rng) on ${line}: all enumerated, bound and sized`,
+    run: async (g) => {
+      const k = g.kernels[line];
+      const imgs: string[] = [];
+      try {
+        for (let i = 0; i < 15; i++) imgs.push(await makeImage((i + 1) * MIB));
+        await bootTest({
+          kernel: k.vmlinux,
+          initrd: k.initramfs,
+          memoryMiB: 256,
+          disks: imgs.map((path) => ({ path, transport: "pci" as const })),
+          rng: { transport: "pci" },
+          pinVcpus: PIN,
+          cmdline:
+            "console=ttyS0 reboot=k panic=-1 quiet tsvmm.rngbytes=4096 tsvmm.checks=virtio,pci,pcilog,rng,blk " +
+            `tsvmm.blk=${Array.from({ length: 15 }, (_, i) => `vd${String.fromCharCode(97 + i)}`).join(",")}`,
+        }, async (vm) => {
+          await waitForConsole(vm, /TSVMM-CHECKS-DONE/, VIRTIO_TIMEOUT_MS);
+          const text = vm.consoleText, tail = vm.consoleTail();
+          const drivers = checkLines(text, "virtio").map((d) => d.driver);
+          assert(
+            drivers.filter((d) => d === "virtio_blk").length === 15 && drivers.includes("virtio_rng"),
+            `drivers: ${drivers.join(",")}`,
+            tail,
+          );
+          const fns = checkLines(text, "pci").filter((f) => f.vendor === "0x1af4");
+          assert(
+            fns.length === 16 && fns.every((f) => f.driver === "virtio-pci"),
+            `virtio PCI functions: ${fns.length}`,
+            tail,
+          );
+          const sizes = checkLines(text, "blk").map((b) => Number(b.sectors)).sort((a, b) => a - b);
+          assert(
+            JSON.stringify(sizes) === JSON.stringify(Array.from({ length: 15 }, (_, i) => (i + 1) * 2048)),
+            `disk sizes: ${sizes}`,
+            tail,
+          );
+          const bad = [...text.matchAll(/TSVMM-CHECK pcilog (.*)/g)].map((m) => m[1]).filter((l) =>
+            /not reserved|can't claim|no compatible bridge window|no space for|PCI: Fatal/.test(l)
+          );
+          assert(bad.length === 0, `PCI resource problems: ${bad}`, tail);
+          assert(checkLines(text, "rng")[0]?.bytes === "4096", "rng read", tail);
+          const exit = await vm.wait();
+          assert(exit.code === 0 && exit.reason === "poweroff", `VM ended with ${exit.message}`, tail);
+        }, VIRTIO_TIMEOUT_MS);
+      } finally {
+        for (const p of imgs) await Deno.remove(p);
+      }
+    },
+  };
+}
+
+/** One VM with disks on every transport at once, rng on PCI: each disk reads and writes. */
+function mixedTransports(line: "6.1" | "6.12"): BootCase {
+  const kinds: TransportKind[] = ["pci", "mmio", "mmio-legacy"];
+  return {
+    name: `virtio on pci, mmio and mmio-legacy in one VM on ${line}: every disk reads and writes`,
+    run: async (g) => {
+      const k = g.kernels[line];
+      const imgs: string[] = [];
+      try {
+        for (const t of kinds) {
+          imgs.push(await makeImage(8 * MIB, (b) => b.set(new TextEncoder().encode(`HOST-${t}`), MIB)));
+        }
+        // Devices are numbered by probe order; each disk's serial says which transport it is on.
+        await bootTest({
+          kernel: k.vmlinux,
+          initrd: k.initramfs,
+          memoryMiB: 256,
+          disks: imgs.map((path, i) => ({ path, transport: kinds[i], serial: `on-${kinds[i]}` })),
+          rng: { transport: "pci" },
+          pinVcpus: PIN,
+          cmdline:
+            "console=ttyS0 reboot=k panic=-1 quiet tsvmm.rngbytes=65536 tsvmm.checks=virtio,rng,blk,read,write " +
+            "tsvmm.blk=vda,vdb,vdc tsvmm.read=vda:1048576:16+vdb:1048576:16+vdc:1048576:16 " +
+            "tsvmm.write=vda:2097152:GUEST-A+vdb:2097152:GUEST-B+vdc:2097152:GUEST-C",
+        }, async (vm) => {
+          await waitForConsole(vm, /TSVMM-CHECKS-DONE/, VIRTIO_TIMEOUT_MS);
+          const text = vm.consoleText, tail = vm.consoleTail();
+          const blks = checkLines(text, "blk");
+          assert(
+            JSON.stringify(blks.map((b) => b.serial).sort()) ===
+              JSON.stringify(kinds.map((t) => `on-${t}`).sort()),
+            `serials: ${JSON.stringify(blks)}`,
+            tail,
+          );
+          const reads = checkLines(text, "read").map((r) => r.text.replace(/[^A-Za-z-]/g, ""));
+          assert(
+            JSON.stringify([...reads].sort()) === JSON.stringify(kinds.map((t) => `HOST-${t}`).sort()),
+            `reads: ${reads}`,
+            tail,
+          );
+          const writes = checkLines(text, "write");
+          assert(
+            writes.length === 3 && writes.every((w) => w.ok === "1"),
+            `writes: ${JSON.stringify(writes)}`,
+            tail,
+          );
+          assert(checkLines(text, "rng")[0]?.bytes === "65536", "rng read", tail);
+          const exit = await vm.wait();
+          assert(exit.code === 0 && exit.reason === "poweroff", `VM ended with ${exit.message}`, tail);
+        }, VIRTIO_TIMEOUT_MS);
+        const landed = [];
+        for (const p of imgs) {
+          const b = await Deno.readFile(p);
+          landed.push(new TextDecoder().decode(b.subarray(2 * MIB, 2 * MIB + 7)));
+        }
+        assert(
+          JSON.stringify(landed.sort()) === JSON.stringify(["GUEST-A", "GUEST-B", "GUEST-C"]),
+          `images hold ${landed}`,
+          "",
+        );
+      } finally {
+        for (const p of imgs) await Deno.remove(p);
+      }
+    },
+  };
+}
+
 /** Every full-boot case, in the order they run. */
 export const BOOT_CASES: BootCase[] = [
   kernelBoot("6.1", 1),
@@ -309,6 +431,8 @@ export const BOOT_CASES: BootCase[] = [
   virtioDevices("pci", "6.12"),
   virtioDevices("pci", "6.1"),
   virtioDevices("pci", "6.1", true, { nomsi: true }),
+  manyPci("6.12"),
+  mixedTransports("6.1"),
   virtioDevices("mmio", "6.12"),
   virtioDevices("mmio-legacy", "6.12"),
   virtioDevices("mmio", "6.1"),
