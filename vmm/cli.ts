@@ -37,7 +37,7 @@ Options:
                         [,transport=pci|mmio|mmio-legacy]
   --rng                 a virtio-rng device fed by the host's CSPRNG
   --rng-rate BYTES      rate-limit the rng to BYTES per second
-  --rng-transport T     pci, mmio (default) or mmio-legacy
+  --rng-transport T     pci (default), mmio or mmio-legacy
   --kvm PATH            KVM device (default /dev/kvm)
   -h, --help            this text
 

@@ -19,13 +19,13 @@ export interface DiskConfig {
   readonly?: boolean;
   /** GET_ID serial, up to 20 bytes (default: derived from the image path). */
   serial?: string;
-  /** Transport (default "mmio"). */
+  /** Transport (default "pci"). */
   transport?: TransportKind;
 }
 
 /** A virtio-rng device. */
 export interface RngConfig {
-  /** Transport (default "mmio"). */
+  /** Transport (default "pci"). */
   transport?: TransportKind;
   /** Rate limit in bytes per second (default: none). */
   rateBytesPerSec?: number;
@@ -164,7 +164,7 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
     throw new ConfigError(`--boot-protocol must be auto, linux64 or pvh, not "${proto}"`);
   }
   const transport = (t: string | undefined, what: string): TransportKind => {
-    const v = t ?? "mmio";
+    const v = t ?? "pci";
     if (!(TRANSPORTS as readonly string[]).includes(v)) {
       throw new ConfigError(`${what}: transport must be ${TRANSPORTS.join(", ")}, not "${v}"`);
     }

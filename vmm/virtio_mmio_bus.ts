@@ -27,27 +27,11 @@ import { SHARED_CLEAR, SHARED_READ, type SharedRegisters } from "./shared_regs.t
 /** The virtio-MMIO versions. */
 export type MmioTransportKind = "mmio" | "mmio-legacy";
 
-/** GSIs for virtio-MMIO devices: IOAPIC pins not used by the legacy ISA devices we emulate. */
-export const VIRTIO_MMIO_GSIS: readonly number[] = [
-  5,
-  6,
-  7,
-  9,
-  10,
-  11,
-  12,
-  13,
-  14,
-  15,
-  16,
-  17,
-  18,
-  19,
-  20,
-  21,
-  22,
-  23,
-];
+/**
+ * GSIs for virtio-MMIO devices: IOAPIC pins not used by the legacy ISA devices we emulate,
+ * and below the PCI INTx pins (layout.ts PCI_INTX_GSIS, 20-23).
+ */
+export const VIRTIO_MMIO_GSIS: readonly number[] = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19];
 
 /** One placed device. */
 export interface PlacedDevice {
