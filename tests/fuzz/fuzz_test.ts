@@ -15,7 +15,7 @@ function summary(r: FuzzReport): string {
     r.failures.map((f) => `seed ${f.seed} episode ${f.episode} (${f.target}): ${f.message}`).join("\n");
 }
 
-Deno.test("fuzz: every device on every MMIO transport holds the oracle (bounded run)", async () => {
+Deno.test("fuzz: every device on every transport holds the oracle (bounded run)", async () => {
   const r = await runFuzz({ seed: SEED, episodes: 100_000, maxChains: 6000, maxMs: 25_000 });
   assert.deepEqual(r.failures, [], summary(r));
   assert.ok(r.chains >= 1000 && r.hostileChains > 100 && r.registerAccesses > 100, summary(r));

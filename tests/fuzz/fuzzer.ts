@@ -24,6 +24,8 @@ import { GuestMemory } from "../../vmm/memory.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
 import { VirtioMmio } from "../../transports/mmio.ts";
 import { VirtioMmioLegacy } from "../../transports/mmio_legacy.ts";
+import { VirtioPciModern } from "../../transports/pci_modern.ts";
+import { CMD } from "../../devices/pci/config_space.ts";
 import type { MmioRegisterFile } from "../../transports/mmio_core.ts";
 import { VirtioBlk } from "../../devices/virtio/blk.ts";
 import { BLK_S, BLK_T } from "../../devices/virtio/blk_request.ts";
@@ -33,7 +35,7 @@ import type { BlockBackend } from "../../devices/virtio/blk_backend.ts";
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../../devices/virtio/chain.ts";
 
 /** The transports the fuzzer drives. */
-export const FUZZ_TRANSPORTS = ["mmio", "mmio-legacy"] as const;
+export const FUZZ_TRANSPORTS = ["mmio", "mmio-legacy", "pci"] as const;
 /** The devices the fuzzer drives. */
 export const FUZZ_DEVICES = ["blk", "rng"] as const;
 
@@ -260,10 +262,205 @@ class Run {
   }
 }
 
+/** Register access of a transport, with the offsets a storm aims at. */
+interface Regs {
+  read(offset: number, data: Uint8Array): void;
+  write(offset: number, data: Uint8Array): void | Promise<void>;
+}
+
+/** How the fuzzer's driver reaches the target, whatever the transport. */
+interface Port {
+  /** Register accesses for storms: offsets that mean something, and the span of the rest. */
+  readonly regs: Regs;
+  readonly stormOffsets: readonly number[];
+  readonly stormSpan: number;
+  status(): number;
+  setStatus(v: number): Promise<void>;
+  deviceFeatures(): bigint;
+  /** Features, queue 0 at desc/avail/used with `size` entries, FEATURES_OK (where there is one). */
+  configure(features: bigint, size: number, desc: number, avail: number, used: number): Promise<void>;
+  notify(index: number): void | Promise<void>;
+}
+
+async function w(regs: Regs, off: number, size: number, v: number): Promise<void> {
+  const d = new Uint8Array(size);
+  for (let i = 0; i < size; i++) d[i] = Math.floor(v / 2 ** (8 * i)) & 0xff;
+  const r = regs.write(off, d);
+  if (r instanceof Promise) await r;
+}
+
+function r(regs: Regs, off: number, size: number): number {
+  const d = new Uint8Array(size);
+  regs.read(off, d);
+  return d.reduce((v, b, i) => v + b * 2 ** (8 * i), 0);
+}
+
+const MMIO_STORM = [
+  0x000,
+  0x004,
+  0x008,
+  0x00c,
+  0x010,
+  0x014,
+  0x020,
+  0x024,
+  0x028,
+  0x030,
+  0x034,
+  0x038,
+  0x03c,
+  0x040,
+  0x044,
+  0x050,
+  0x060,
+  0x064,
+  0x070,
+  0x080,
+  0x084,
+  0x090,
+  0x094,
+  0x0a0,
+  0x0a4,
+  0x0ac,
+  0x0b0,
+  0x0fc,
+  0x100,
+  0x108,
+  0x13c,
+];
+
+/** virtio-MMIO, either version. */
+class MmioPort implements Port {
+  readonly stormOffsets = MMIO_STORM;
+  readonly stormSpan = 0x1000;
+  constructor(readonly regs: MmioRegisterFile, readonly modern: boolean) {}
+  status(): number {
+    return r(this.regs, 0x070, 4);
+  }
+  setStatus(v: number): Promise<void> {
+    return w(this.regs, 0x070, 4, v);
+  }
+  deviceFeatures(): bigint {
+    let f = 0n;
+    for (const sel of [0, 1]) {
+      this.regs.write(0x014, new Uint8Array([sel, 0, 0, 0]));
+      f |= BigInt(r(this.regs, 0x010, 4)) << BigInt(32 * sel);
+    }
+    return f;
+  }
+  async configure(features: bigint, size: number, desc: number, avail: number, used: number): Promise<void> {
+    const t = this.regs;
+    await w(t, 0x024, 4, 0);
+    await w(t, 0x020, 4, Number(features & 0xffff_ffffn));
+    if (this.modern) {
+      await w(t, 0x024, 4, 1);
+      await w(t, 0x020, 4, Number(features >> 32n));
+      await this.setStatus(STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.FEATURES_OK);
+      await w(t, 0x030, 4, 0);
+      await w(t, 0x038, 4, size);
+      for (const [reg, a] of [[0x080, desc], [0x090, avail], [0x0a0, used]]) {
+        await w(t, reg, 4, a % 2 ** 32);
+        await w(t, reg + 4, 4, Math.floor(a / 2 ** 32));
+      }
+      await w(t, 0x044, 4, 1);
+    } else {
+      await w(t, 0x028, 4, 4096);
+      await w(t, 0x030, 4, 0);
+      await w(t, 0x038, 4, size);
+      await w(t, 0x03c, 4, 4096);
+      await w(t, 0x040, 4, desc / 4096);
+    }
+  }
+  notify(index: number): void | Promise<void> {
+    const d = new Uint8Array(4);
+    new DataView(d.buffer).setUint32(0, index >>> 0, true);
+    return this.regs.write(0x050, d);
+  }
+}
+
+/** Config space lives at this offset of a PCI port's register space, the BAR below it. */
+const PCI_CONFIG_BASE = 0x10000;
+
+/** Modern virtio-PCI: the BAR and, above it, configuration space. */
+class PciPort implements Port {
+  readonly stormOffsets: readonly number[];
+  readonly stormSpan = 0x8000;
+  readonly regs: Regs;
+  constructor(readonly t: VirtioPciModern) {
+    t.config.setCommand(CMD.MEMORY | CMD.BUS_MASTER);
+    this.regs = {
+      read: (o, d) => o >= PCI_CONFIG_BASE ? t.config.read(o - PCI_CONFIG_BASE, d) : t.barRead(o, d),
+      write: (o, d) => {
+        // The header's BARs and command register are the bus's business, not the device's.
+        if (o >= PCI_CONFIG_BASE) {
+          if (o - PCI_CONFIG_BASE >= 0x40) t.config.write(o - PCI_CONFIG_BASE, d);
+          return;
+        }
+        return t.barWrite(o, d);
+      },
+    };
+    const cfg = (o: number) => PCI_CONFIG_BASE + o;
+    this.stormOffsets = [
+      ...Array.from({ length: 0x3c / 2 }, (_, i) => 2 * i), // common config, every field
+      0x1000, // ISR
+      0x2000,
+      0x2008,
+      0x2014, // device config
+      0x3000,
+      0x3004,
+      0x3002, // doorbells
+      0x4000,
+      0x4004,
+      0x4008,
+      0x400c,
+      0x4010,
+      0x401c,
+      0x6000, // MSI-X table, PBA
+      cfg(0x40),
+      cfg(0x42),
+      cfg(0x44),
+      cfg(0x48), // MSI-X capability
+      ...Array.from({ length: 24 }, (_, i) => cfg(0x4c + 4 * i)), // virtio capabilities, PCI_CFG window
+    ];
+  }
+  status(): number {
+    return r(this.regs, 0x14, 1);
+  }
+  setStatus(v: number): Promise<void> {
+    return w(this.regs, 0x14, 1, v);
+  }
+  deviceFeatures(): bigint {
+    let f = 0n;
+    for (const sel of [0, 1]) {
+      this.regs.write(0x00, new Uint8Array([sel, 0, 0, 0]));
+      f |= BigInt(r(this.regs, 0x04, 4)) << BigInt(32 * sel);
+    }
+    return f;
+  }
+  async configure(features: bigint, size: number, desc: number, avail: number, used: number): Promise<void> {
+    const t = this.regs;
+    for (const sel of [0, 1]) {
+      await w(t, 0x08, 4, sel);
+      await w(t, 0x0c, 4, Number((features >> BigInt(32 * sel)) & 0xffff_ffffn));
+    }
+    await this.setStatus(STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.FEATURES_OK);
+    await w(t, 0x16, 2, 0);
+    await w(t, 0x18, 2, size);
+    await w(t, 0x20, 8, desc);
+    await w(t, 0x28, 8, avail);
+    await w(t, 0x30, 8, used);
+    await w(t, 0x1c, 2, 1);
+  }
+  notify(index: number): void | Promise<void> {
+    const d = new Uint8Array([index & 0xff, (index >> 8) & 0xff]);
+    return this.t.barWrite(VirtioPciModern.notifyOffset(index & 0xffff), d);
+  }
+}
+
 /** One episode: a target device on a transport, a bystander, a driver and a model. */
 class Episode {
   readonly p: Prng;
-  target!: MmioRegisterFile;
+  target!: Port;
   device!: VirtioDevice;
   blk: VirtioBlk | undefined;
   backend: WatchedBackend | undefined;
@@ -374,44 +571,26 @@ class Episode {
       : new VirtioMmioLegacy(dev, this.run.mem, irq);
   }
 
+  makePort(dev: VirtioDevice, kind: string): Port {
+    if (kind === "pci") {
+      const msi = { update: () => {}, signal: () => {} };
+      return new PciPort(new VirtioPciModern(dev, this.run.mem, { intx: { trigger: () => {} }, msi }));
+    }
+    return new MmioPort(this.makeTransport(dev, kind), kind === "mmio");
+  }
+
   /** The driver's bring-up: reset, features, one queue at `ring`, DRIVER_OK. */
-  async bringUp(
-    t: MmioRegisterFile,
-    kind: string,
-    ring: number,
-    size: number,
-    features: bigint,
-  ): Promise<Queue> {
-    await this.w32(t, 0x070, 0);
-    await this.w32(t, 0x070, STATUS.ACKNOWLEDGE);
-    await this.w32(t, 0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER);
+  async bringUp(port: Port, ring: number, size: number, features: bigint): Promise<Queue> {
+    await port.setStatus(0);
+    await port.setStatus(STATUS.ACKNOWLEDGE);
+    await port.setStatus(STATUS.ACKNOWLEDGE | STATUS.DRIVER);
     const desc = BASE + ring, avail = desc + 16 * size;
     const used = Math.ceil((avail + 6 + 2 * size) / 4096) * 4096;
     // The rings start empty.
     this.put(desc, new Uint8Array(used + 6 + 8 * size - desc));
-    await this.w32(t, 0x024, 0);
-    await this.w32(t, 0x020, Number(features & 0xffff_ffffn));
-    if (kind === "mmio") {
-      await this.w32(t, 0x024, 1);
-      await this.w32(t, 0x020, Number(features >> 32n));
-      await this.w32(t, 0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.FEATURES_OK);
-      await this.w32(t, 0x030, 0);
-      await this.w32(t, 0x038, size);
-      for (const [reg, a] of [[0x080, desc], [0x090, avail], [0x0a0, used]]) {
-        await this.w32(t, reg, a % 2 ** 32);
-        await this.w32(t, reg + 4, Math.floor(a / 2 ** 32));
-      }
-      await this.w32(t, 0x044, 1);
-      await this.w32(t, 0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.FEATURES_OK | STATUS.DRIVER_OK);
-    } else {
-      await this.w32(t, 0x028, 4096);
-      await this.w32(t, 0x030, 0);
-      await this.w32(t, 0x038, size);
-      await this.w32(t, 0x03c, 4096);
-      await this.w32(t, 0x040, desc / 4096);
-      await this.w32(t, 0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.DRIVER_OK);
-    }
-    const st = this.r32(t, 0x070);
+    await port.configure(features, size, desc, avail, used);
+    await port.setStatus(port.status() | STATUS.DRIVER_OK);
+    const st = port.status();
     if (!(st & STATUS.DRIVER_OK) || (st & STATUS.DEVICE_NEEDS_RESET)) {
       this.fail(`bring-up failed: status 0x${st.toString(16)}`);
     }
@@ -428,30 +607,19 @@ class Episode {
 
   async setupTarget(): Promise<void> {
     const t = this.target;
-    const offered = this.deviceFeaturesOf(t);
+    const offered = t.deviceFeatures();
     // A random subset of what is offered (VERSION_1 always, on modern).
     let f = 0n;
     for (let b = 0n; b < 64n; b++) if ((offered >> b) & 1n && this.p.chance(0.7)) f |= 1n << b;
-    if (this.transport === "mmio") f |= 1n << 32n;
+    if (this.transport !== "mmio-legacy") f |= 1n << 32n;
     this.features = f;
     const size = this.p.pick([2, 4, 8, 16, 32, 64, 128, 256]);
-    this.q = await this.bringUp(t, this.transport, RING_TARGET, size, f);
+    this.q = await this.bringUp(t, RING_TARGET, size, f);
     this.inflight.clear();
     this.hostileHeads.clear();
     this.validCursor = VALID_ZONE[0];
     this.tainted = false;
     this.note(`target up: queue ${size}, features 0x${f.toString(16)}`);
-  }
-
-  deviceFeaturesOf(t: MmioRegisterFile): bigint {
-    let f = 0n;
-    for (const sel of [0, 1]) {
-      const d = new Uint8Array(4);
-      new DataView(d.buffer).setUint32(0, sel, true);
-      t.write(0x014, d);
-      f |= BigInt(this.r32(t, 0x010)) << BigInt(32 * sel);
-    }
-    return f;
   }
 
   get indirect(): boolean {
@@ -749,8 +917,7 @@ class Episode {
   notify(index: number): void {
     const d = new Uint8Array(4);
     new DataView(d.buffer).setUint32(0, index >>> 0, true);
-    const r = this.target.write(0x050, d);
-    if (r instanceof Promise) this.fail("a notify returned a promise");
+    if (this.target.notify(index) instanceof Promise) this.fail("a notify returned a promise");
   }
 
   /** Takes used entries and checks each against the model. */
@@ -872,8 +1039,8 @@ class Episode {
     const inFlight = (this.blk?.pending ?? 0) > 0;
     if (inFlight) this.run.report.resetsInFlight++;
     this.note(`reset (${why})${inFlight ? " with I/O in flight" : ""}`);
-    await this.w32(this.target, 0x070, 0);
-    const st = this.r32(this.target, 0x070);
+    await this.target.setStatus(0);
+    const st = this.target.status();
     if (st !== 0) this.fail(`Status reads 0x${st.toString(16)} after the reset was answered`);
     if ((this.blk?.pending ?? 0) > 0) this.fail("requests still in flight after the reset was answered");
     this.checkRam(false, `at a reset (${why})`);
@@ -959,46 +1126,18 @@ class Episode {
   /** Register accesses of any offset, width and value. */
   async registerStorm(): Promise<void> {
     const p = this.p;
-    const offsets = [
-      0x000,
-      0x004,
-      0x008,
-      0x00c,
-      0x010,
-      0x014,
-      0x020,
-      0x024,
-      0x028,
-      0x030,
-      0x034,
-      0x038,
-      0x03c,
-      0x040,
-      0x044,
-      0x050,
-      0x060,
-      0x064,
-      0x070,
-      0x080,
-      0x084,
-      0x090,
-      0x094,
-      0x0a0,
-      0x0a4,
-      0x0ac,
-      0x0b0,
-      0x0fc,
-      0x100,
-      0x108,
-      0x13c,
-    ];
     // Rings and data the device could be pointed at must not hold a write request.
     this.put(BASE + VALID_ZONE[0], new Uint8Array(VALID_ZONE[1] - VALID_ZONE[0]));
     this.put(BASE + RING_TARGET, new Uint8Array(RING_BYSTANDER - RING_TARGET));
     this.tainted = true;
     const n = 1 + p.int(24);
     for (let i = 0; i < n; i++) {
-      const off = p.chance(0.8) ? p.pick(offsets) + (p.chance(0.1) ? p.int(4) : 0) : p.int(0x1000);
+      const t = this.target;
+      const off = p.chance(0.8)
+        ? p.pick(t.stormOffsets) + (p.chance(0.1) ? p.int(4) : 0)
+        : p.chance(0.8)
+        ? p.int(t.stormSpan)
+        : p.int(2 ** 32);
       const width = p.pick([1, 2, 4, 4, 4, 8]);
       const d = new Uint8Array(width);
       const value = p.pick([
@@ -1023,10 +1162,9 @@ class Episode {
       for (let i = 0; i < width; i++) d[i] = i < 4 ? (value >>> (8 * i)) & 0xff : p.int(256);
       this.run.report.registerAccesses++;
       if (p.chance(0.4)) {
-        this.target.read(off, d);
+        t.regs.read(off, d);
       } else {
-        // Ring addresses the storm writes point into RAM it controls: the hostile zone.
-        const r = this.target.write(off, d);
+        const r = t.regs.write(off, d);
         if (r instanceof Promise) await r;
       }
     }
@@ -1041,9 +1179,9 @@ class Episode {
     run.ram.set(this.randomBytes(HOSTILE_ZONE[1] - HOSTILE_ZONE[0]), HOSTILE_ZONE[0]);
     run.expected.set(run.ram);
     this.device = this.makeDevice(this.deviceKind, false);
-    this.target = this.makeTransport(this.device, this.transport);
+    this.target = this.makePort(this.device, this.transport);
     this.bystander = this.makeTransport(this.makeDevice("rng", true), "mmio");
-    this.bq = await this.bringUp(this.bystander, "mmio", RING_BYSTANDER, 8, 1n << 32n);
+    this.bq = await this.bringUp(new MmioPort(this.bystander, true), RING_BYSTANDER, 8, 1n << 32n);
     await this.setupTarget();
     const steps = 8 + p.int(56);
     for (let s = 0; s < steps; s++) {
@@ -1088,7 +1226,7 @@ class Episode {
       }
       if (p.chance(0.3)) await this.settle();
       this.takeUsed();
-      const st = this.r32(this.target, 0x070);
+      const st = this.target.status();
       if (st & STATUS.DEVICE_NEEDS_RESET) {
         run.report.needsReset++;
         await this.settle();
@@ -1107,7 +1245,7 @@ class Episode {
     await this.settle();
     this.takeUsed();
     if (
-      !this.tainted && this.inflight.size > 0 && !(this.r32(this.target, 0x070) & STATUS.DEVICE_NEEDS_RESET)
+      !this.tainted && this.inflight.size > 0 && !(this.target.status() & STATUS.DEVICE_NEEDS_RESET)
     ) {
       // Everything well-formed was answered (nothing in flight, no reset requested).
       const left = [...this.inflight.values()].map((e) => e.kind).join(", ");
