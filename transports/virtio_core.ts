@@ -75,8 +75,8 @@ export class VirtioCore implements VirtioInterrupt {
     readonly device: VirtioDevice,
     readonly memory: GuestMemory,
     readonly irq: IrqLine,
-    readonly offered: bigint,
-    readonly modern: boolean,
+    public offered: bigint,
+    public modern: boolean,
     isr: SharedCell = privateCell(),
   ) {
     this.queues = device.queueMaxSizes.map((m) => new SplitQueue(m));

@@ -144,8 +144,8 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       mmio64Start + L.PCI_MMIO64_SIZE,
     ]);
     const place = (dev: VirtioBlk | VirtioRng, transport: TransportKind) => {
-      if (transport === "pci") pci!.add(dev, transport);
-      else virtio!.add(dev, transport);
+      if (transport === "mmio" || transport === "mmio-legacy") virtio!.add(dev, transport);
+      else pci!.add(dev, transport);
     };
     cfg.disks.forEach((d, i) => place(new VirtioBlk(backends[i], { serial: d.serial }), d.transport));
     if (cfg.rng) {

@@ -34,10 +34,10 @@ Options:
   --pin-vcpus           give the vCPUs host CPUs of their own (the VMM's other threads on the first)
   --boot-protocol P     ELF entry: auto (PVH when the kernel has the note), linux64, pvh
   --disk SPEC           a virtio-blk disk (repeatable): PATH[,readonly][,serial=ID]
-                        [,transport=pci|mmio|mmio-legacy]
+                        [,transport=pci|pci-legacy|pci-transitional|mmio|mmio-legacy]
   --rng                 a virtio-rng device fed by the host's CSPRNG
   --rng-rate BYTES      rate-limit the rng to BYTES per second
-  --rng-transport T     pci (default), mmio or mmio-legacy
+  --rng-transport T     pci (default), pci-legacy, pci-transitional, mmio or mmio-legacy
   --kvm PATH            KVM device (default /dev/kvm)
   -h, --help            this text
 
@@ -121,7 +121,7 @@ export function parseDisk(spec: string): DiskConfig {
     else if (k === "serial" && val !== undefined) d.serial = val;
     else if (k === "transport" && val !== undefined) d.transport = val as TransportKind;
     else {throw new ConfigError(
-        `--disk ${path}: unknown option "${o}" (readonly, serial=ID, transport=pci|mmio|mmio-legacy)`,
+        `--disk ${path}: unknown option "${o}" (readonly, serial=ID, transport=pci|pci-legacy|pci-transitional|mmio|mmio-legacy)`,
       );}
   }
   return d;

@@ -3,13 +3,20 @@
 import { type CpuidBitChange, parseCpuidMask } from "./arch/x86_64/cpuid.ts";
 
 /**
- * How a virtio device is reached: "pci" (modern virtio-PCI with MSI-X), "mmio"
+ * How a virtio device is reached: "pci" (modern virtio-PCI with MSI-X), "pci-legacy"
+ * (virtio 0.9.5 over PCI), "pci-transitional" (one function with both), "mmio"
  * (virtio-MMIO version 2) or "mmio-legacy" (virtio-MMIO version 1).
  */
-export type TransportKind = "pci" | "mmio" | "mmio-legacy";
+export type TransportKind = "pci" | "pci-legacy" | "pci-transitional" | "mmio" | "mmio-legacy";
 
 /** Every transport, in the order the help lists them. */
-export const TRANSPORTS: readonly TransportKind[] = ["pci", "mmio", "mmio-legacy"];
+export const TRANSPORTS: readonly TransportKind[] = [
+  "pci",
+  "pci-legacy",
+  "pci-transitional",
+  "mmio",
+  "mmio-legacy",
+];
 
 /** A virtio-blk disk. */
 export interface DiskConfig {

@@ -29,20 +29,27 @@ import type { PciHostInfo } from "./arch/x86_64/acpi.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { type Bar, CMD } from "../devices/pci/config_space.ts";
 import { PciBus } from "../devices/pci/bus.ts";
-import { MODERN_BAR, VirtioPciModern } from "../transports/pci_modern.ts";
+import { type PciBarHandler, type PciFlavor, VirtioPci } from "../transports/pci.ts";
 
 /** The VM operations the PCI bus uses (a VmFd; tests record them). */
 export type PciVm = Pick<VmFd, "irqfd" | "irqfdDeassign" | "ioeventfd" | "setGsiRouting">;
 
-/** The virtio-PCI flavours. */
-export type PciTransportKind = "pci";
+/** The virtio-PCI transports: modern, legacy (0.9.5) and transitional (both). */
+export type PciTransportKind = "pci" | "pci-legacy" | "pci-transitional";
+
+/** The flavour of each transport kind. */
+export const PCI_FLAVOR: Readonly<Record<PciTransportKind, PciFlavor>> = {
+  "pci": "modern",
+  "pci-legacy": "legacy",
+  "pci-transitional": "transitional",
+};
 
 /** One virtio device on the bus. */
 export interface PlacedPciDevice {
   /** The device. */
   device: VirtioDevice;
   /** Its transport. */
-  transport: VirtioPciModern;
+  transport: VirtioPci;
   /** Device number on bus 0. */
   slot: number;
   /** INTx GSI. */
@@ -51,7 +58,7 @@ export interface PlacedPciDevice {
 
 interface Mapping {
   base: number;
-  notifyFds: Array<{ fd: number; addr: number; ok: boolean }>;
+  doorbells: Array<{ fd: number; addr: number; len: number; datamatch?: number; pio: boolean; ok: boolean }>;
 }
 
 /** The PCI bus of one VM and the virtio devices on it. */
@@ -61,10 +68,12 @@ export class PciDevices {
   /** Devices in slot order. */
   readonly placed: PlacedPciDevice[] = [];
   private nextMmio = PCI_MMIO_START;
+  private nextIo = PCI_IO_START;
   private readonly fds: number[] = [];
   private readonly routers: VectorRouter[] = [];
-  private readonly mappings = new Map<VirtioPciModern, Mapping | undefined>();
-  private readonly notifyFds = new Map<VirtioPciModern, number[]>();
+  /** Where each BAR of each function decodes now, keyed by "slot:bar". */
+  private readonly mappings = new Map<string, Mapping>();
+  private readonly notifyFds = new Map<VirtioPci, number[]>();
 
   /** The bus on `pio` (0xCF8) and `mmio` (ECAM); devices get interrupts through `vm`. */
   constructor(
@@ -80,16 +89,17 @@ export class PciDevices {
     mmio.register(ECAM_START, ECAM_SIZE, this.bus.ecam, "PCI ECAM");
   }
 
-  /** Adds `device` on the next free slot. */
-  add(device: VirtioDevice, _kind: PciTransportKind): PlacedPciDevice {
+  /** Adds `device` on the next free slot, with the interfaces of `kind`. */
+  add(device: VirtioDevice, kind: PciTransportKind): PlacedPciDevice {
     const irqFd = sysEventfd();
     const resampleFd = sysEventfd();
     this.fds.push(irqFd, resampleFd);
     const router = this.routing.router(device.queueMaxSizes.length + 1);
     this.routers.push(router);
-    const transport = new VirtioPciModern(device, this.memory, {
+    const transport = new VirtioPci(device, this.memory, {
       intx: { trigger: () => signalEventfd(irqFd) },
       msi: router,
+      flavor: PCI_FLAVOR[kind],
     });
     const slot = this.bus.add(transport);
     const gsi = PCI_INTX_GSIS[slot % PCI_INTX_GSIS.length];
@@ -107,65 +117,93 @@ export class PciDevices {
       return fd;
     });
     this.notifyFds.set(transport, qfds);
-    // The VMM's assignment, as firmware would leave it: BAR in the 32-bit window, decoding on.
-    const size = MODERN_BAR.size;
-    const base = Math.ceil(this.nextMmio / size) * size;
-    if (base + size > PCI_MMIO_START + PCI_MMIO_SIZE) throw new RangeError("PCI memory window full");
-    this.nextMmio = base + size;
-    const bar = transport.config.bar(MODERN_BAR.index)!;
-    bar.lo = base;
-    bar.hi = 0;
-    transport.config.setCommand(CMD.MEMORY | CMD.BUS_MASTER);
-    this.mappings.set(transport, undefined);
-    transport.config.onBarChange = () => this.remap(transport);
-    transport.config.onCommandChange = () => this.remap(transport);
-    this.remap(transport);
+    // The VMM's assignment, as firmware would leave it: memory BARs in the 32-bit window, I/O
+    // BARs in the I/O window, decoding on.
+    for (const h of transport.barHandlers()) {
+      const bar = transport.config.bar(h.index)!;
+      const io = h.kind === "io";
+      const next = io ? this.nextIo : this.nextMmio;
+      const base = Math.ceil(next / h.size) * h.size;
+      const limit = io ? PCI_IO_END : PCI_MMIO_START + PCI_MMIO_SIZE;
+      if (base + h.size > limit) throw new RangeError(`PCI ${io ? "I/O" : "memory"} window full`);
+      if (io) this.nextIo = base + h.size;
+      else this.nextMmio = base + h.size;
+      bar.lo = base;
+      bar.hi = 0;
+    }
+    const decode = transport.flavor === "modern" ? CMD.MEMORY : CMD.MEMORY | CMD.IO;
+    transport.config.setCommand(decode | CMD.BUS_MASTER);
+    transport.config.onBarChange = () => this.remap(transport, slot);
+    transport.config.onCommandChange = () => this.remap(transport, slot);
+    this.remap(transport, slot);
     const placed = { device, transport, slot, gsi };
     this.placed.push(placed);
     return placed;
   }
 
-  /** Whether a memory BAR at [base, base+size) may decode: inside a window, not over ECAM. */
+  /** Whether a BAR may decode where it is: inside a window (not over ECAM, RAM or the APICs). */
   private usable(bar: Bar): boolean {
     const a = bar.address, end = a + bar.size;
     if (!Number.isSafeInteger(end)) return false;
+    if (bar.kind === "io") return a >= PCI_IO_START && end <= PCI_IO_END;
     const in32 = a >= PCI_MMIO_START && end <= PCI_MMIO_START + PCI_MMIO_SIZE;
     const in64 = a >= this.mmio64[0] && end <= this.mmio64[1];
     return in32 || in64;
   }
 
-  /** Makes the device decode where its BAR and command register say (or nowhere). */
-  private remap(t: VirtioPciModern): void {
-    const bar = t.config.bar(MODERN_BAR.index)!;
-    const want = (t.config.command & CMD.MEMORY) && this.usable(bar) ? bar.address : undefined;
-    const cur = this.mappings.get(t);
+  /** Makes each BAR decode where it and the command register say (or nowhere). */
+  private remap(t: VirtioPci, slot: number): void {
+    for (const h of t.barHandlers()) this.remapBar(t, slot, h);
+  }
+
+  private remapBar(t: VirtioPci, slot: number, h: PciBarHandler): void {
+    const key = `${slot}:${h.index}`;
+    const bar = t.config.bar(h.index)!;
+    const io = h.kind === "io";
+    const enabled = t.config.command & (io ? CMD.IO : CMD.MEMORY);
+    const want = enabled && this.usable(bar) ? bar.address : undefined;
+    const cur = this.mappings.get(key);
     if (cur?.base === want) return;
+    const bus = io ? this.pio : this.mmio;
     if (cur) {
-      this.mmio.unregister(cur.base);
-      for (const n of cur.notifyFds) {
-        if (n.ok) this.vm.ioeventfd(n.fd, n.addr, 2, { deassign: true });
+      bus.unregister(cur.base);
+      for (const d of cur.doorbells) {
+        if (d.ok) {
+          this.vm.ioeventfd(d.fd, d.addr, d.len, { pio: d.pio, datamatch: d.datamatch, deassign: true });
+        }
       }
-      this.mappings.set(t, undefined);
+      this.mappings.delete(key);
     }
     if (want === undefined) return;
     try {
-      this.mmio.register(want, MODERN_BAR.size, {
-        read: (o, d) => t.barRead(o, d),
-        write: (o, d) => t.barWrite(o, d),
-      }, `${t.device.name} (pci)`);
+      bus.register(
+        want,
+        h.size,
+        { read: h.read, write: h.write },
+        `${t.device.name} (${t.flavor} pci) BAR ${h.index}`,
+      );
     } catch {
       return; // over another device's range: the BAR does not decode until moved again
     }
-    const notifyFds = (this.notifyFds.get(t) ?? []).map((fd, q) => {
-      const addr = want + VirtioPciModern.notifyOffset(q);
+    const fds = this.notifyFds.get(t) ?? [];
+    const doorbells = h.doorbells.map((d) => {
+      const door = {
+        fd: fds[d.queue],
+        addr: want + d.offset,
+        len: d.len,
+        datamatch: d.datamatch,
+        pio: io,
+        ok: false,
+      };
       try {
-        this.vm.ioeventfd(fd, addr, 2);
-        return { fd, addr, ok: true };
+        this.vm.ioeventfd(door.fd, door.addr, door.len, { pio: io, datamatch: d.datamatch });
+        door.ok = true;
       } catch {
-        return { fd, addr, ok: false }; // the write still reaches barWrite through an exit
+        // The write still reaches the register file through an exit.
       }
+      return door;
     });
-    this.mappings.set(t, { base: want, notifyFds });
+    this.mappings.set(key, { base: want, doorbells });
   }
 
   /** What the DSDT says about the host bridge. */

@@ -102,7 +102,14 @@ function checkLines(text: string, name: string): Array<Record<string, string>> {
 }
 
 /** The PCI view a virtio-pci case checks: IDs and drivers, interrupts by kind, clean resource log. */
-function assertPci(text: string, tail: string, withRng: boolean, msi: boolean): void {
+function assertPci(
+  text: string,
+  tail: string,
+  withRng: boolean,
+  msi: boolean,
+  transport: TransportKind,
+): void {
+  const modernIds = transport === "pci";
   const fns = checkLines(text, "pci");
   const bridge = fns.find((f) => f.dev === "0000:00:00.0");
   assert(
@@ -111,14 +118,23 @@ function assertPci(text: string, tail: string, withRng: boolean, msi: boolean): 
     tail,
   );
   const virtio = fns.filter((f) => f.vendor === "0x1af4");
-  const want = withRng ? ["0x1042", "0x1042", "0x1044"] : ["0x1042", "0x1042"];
+  const [blk, rng] = modernIds ? ["0x1042", "0x1044"] : ["0x1001", "0x1005"];
+  const want = withRng ? [blk, blk, rng] : [blk, blk];
   assert(
     JSON.stringify(virtio.map((f) => f.device).sort()) === JSON.stringify(want),
     `virtio PCI functions: ${JSON.stringify(virtio)}`,
     tail,
   );
   for (const f of virtio) {
-    assert(f.rev === "0x01" && f.driver === "virtio-pci", `virtio function ${JSON.stringify(f)}`, tail);
+    assert(
+      f.rev === (modernIds ? "0x01" : "0x00") && f.driver === "virtio-pci",
+      `virtio function ${JSON.stringify(f)}`,
+      tail,
+    );
+    if (!modernIds) {
+      const sub = f.device === blk ? "0x0002" : "0x0004";
+      assert(f.subsys === sub, `subsystem device ${f.subsys}, expected the virtio ID ${sub}`, tail);
+    }
   }
   const bad = [...text.matchAll(/TSVMM-CHECK pcilog (.*)/g)].map((m) => m[1]).filter((l) =>
     /not reserved|can't claim|no compatible bridge window|no space for|PCI: Fatal/.test(l)
@@ -169,12 +185,16 @@ function virtioDevices(
   transport: TransportKind,
   line: "6.1" | "6.12",
   withRng = true,
-  opts: { nomsi?: boolean } = {},
+  opts: { nomsi?: boolean; forceLegacy?: boolean; rngBytes?: number } = {},
 ): BootCase {
-  const rngBytes = RNG_BYTES;
-  const pci = transport === "pci";
+  const rngBytes = opts.rngBytes ?? RNG_BYTES;
+  const pci = transport.startsWith("pci");
+  // The interface the driver binds: legacy for pci-legacy, and for transitional with force_legacy.
+  const legacyDriver = transport === "pci-legacy" || transport === "mmio-legacy" || !!opts.forceLegacy;
   return {
-    name: `virtio-${transport}${opts.nomsi ? " (pci=nomsi, INTx)" : ""} on ${line}: ${
+    name: `virtio-${transport}${opts.nomsi ? " (pci=nomsi, INTx)" : ""}${
+      opts.forceLegacy ? " (virtio_pci.force_legacy=1)" : ""
+    } on ${line}: ${
       withRng ? "rng binds and reads /dev/hwrng; " : ""
     }blk capacity, serial, read, write lands in the image; readonly refused`,
     run: async (g) => {
@@ -194,7 +214,7 @@ function virtioDevices(
           rng: withRng ? { transport } : undefined,
           pinVcpus: PIN,
           cmdline: `console=ttyS0 reboot=k panic=-1 quiet tsvmm.rngbytes=${rngBytes} ` +
-            (opts.nomsi ? "pci=nomsi " : "") +
+            (opts.nomsi ? "pci=nomsi " : "") + (opts.forceLegacy ? "virtio_pci.force_legacy=1 " : "") +
             `tsvmm.checks=virtio,modules,${pci ? "pci,pcilog,irqs," : ""}${
               withRng ? "rng," : ""
             }blk,read,write${pci ? ",irqs" : ""} ` +
@@ -244,7 +264,15 @@ function virtioDevices(
             `guest read "${read?.text}" where the host wrote "${hostText}"`,
             tail,
           );
-          if (pci) assertPci(text, tail, withRng, !opts.nomsi);
+          if (pci) assertPci(text, tail, withRng, !opts.nomsi, transport);
+          const v1 = checkLines(text, "virtio").map((d) => d.v1);
+          assert(
+            v1.length > 0 && v1.every((b) => b === (legacyDriver ? "0" : "1")),
+            `VERSION_1 negotiated: ${v1} (the driver should use the ${
+              legacyDriver ? "legacy" : "modern"
+            } interface)`,
+            tail,
+          );
           const [w1, w2] = checkLines(text, "write");
           assert(w1?.ok === "1" && w1.back === guestText, `write to vda: ${JSON.stringify(w1)}`, tail);
           assert(w2?.ok === "0", `write to the readonly vdb was not refused: ${JSON.stringify(w2)}`, tail);
@@ -355,9 +383,9 @@ function manyPci(line: "6.1" | "6.12"): BootCase {
 
 /** One VM with disks on every transport at once, rng on PCI: each disk reads and writes. */
 function mixedTransports(line: "6.1" | "6.12"): BootCase {
-  const kinds: TransportKind[] = ["pci", "mmio", "mmio-legacy"];
+  const kinds: TransportKind[] = ["pci", "pci-legacy", "pci-transitional", "mmio", "mmio-legacy"];
   return {
-    name: `virtio on pci, mmio and mmio-legacy in one VM on ${line}: every disk reads and writes`,
+    name: `virtio on all five transports in one VM on ${line}: every disk reads and writes`,
     run: async (g) => {
       const k = g.kernels[line];
       const imgs: string[] = [];
@@ -375,8 +403,10 @@ function mixedTransports(line: "6.1" | "6.12"): BootCase {
           pinVcpus: PIN,
           cmdline:
             "console=ttyS0 reboot=k panic=-1 quiet tsvmm.rngbytes=65536 tsvmm.checks=virtio,rng,blk,read,write " +
-            "tsvmm.blk=vda,vdb,vdc tsvmm.read=vda:1048576:16+vdb:1048576:16+vdc:1048576:16 " +
-            "tsvmm.write=vda:2097152:GUEST-A+vdb:2097152:GUEST-B+vdc:2097152:GUEST-C",
+            "tsvmm.blk=vda,vdb,vdc,vdd,vde " +
+            "tsvmm.read=vda:1048576:24+vdb:1048576:24+vdc:1048576:24+vdd:1048576:24+vde:1048576:24 " +
+            "tsvmm.write=vda:2097152:GUEST-A+vdb:2097152:GUEST-B+vdc:2097152:GUEST-C+vdd:2097152:GUEST-D+" +
+            "vde:2097152:GUEST-E",
         }, async (vm) => {
           await waitForConsole(vm, /TSVMM-CHECKS-DONE/, VIRTIO_TIMEOUT_MS);
           const text = vm.consoleText, tail = vm.consoleTail();
@@ -409,7 +439,8 @@ function mixedTransports(line: "6.1" | "6.12"): BootCase {
           landed.push(new TextDecoder().decode(b.subarray(2 * MIB, 2 * MIB + 7)));
         }
         assert(
-          JSON.stringify(landed.sort()) === JSON.stringify(["GUEST-A", "GUEST-B", "GUEST-C"]),
+          JSON.stringify(landed.sort()) ===
+            JSON.stringify(["GUEST-A", "GUEST-B", "GUEST-C", "GUEST-D", "GUEST-E"]),
           `images hold ${landed}`,
           "",
         );
@@ -433,6 +464,10 @@ export const BOOT_CASES: BootCase[] = [
   virtioDevices("pci", "6.1", true, { nomsi: true }),
   manyPci("6.12"),
   mixedTransports("6.1"),
+  virtioDevices("pci-legacy", "6.12"),
+  virtioDevices("pci-legacy", "6.1", true, { nomsi: true }),
+  virtioDevices("pci-transitional", "6.1"),
+  virtioDevices("pci-transitional", "6.12", true, { forceLegacy: true }),
   virtioDevices("mmio", "6.12"),
   virtioDevices("mmio-legacy", "6.12"),
   virtioDevices("mmio", "6.1"),

@@ -10,7 +10,7 @@ import { PciBus } from "../../devices/pci/bus.ts";
 import { MsixTable } from "../../devices/pci/msix.ts";
 import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { STATUS } from "../../devices/virtio/device.ts";
-import { MODERN_BAR, VIRTIO_MSI_NO_VECTOR, VirtioPciModern } from "../../transports/pci_modern.ts";
+import { MODERN_BAR, VIRTIO_MSI_NO_VECTOR, VirtioPci } from "../../transports/pci.ts";
 import { isMsiAddress } from "../../vmm/irq_routing.ts";
 import { CountingIrq, DriverQueue, F, GuestRam } from "../harness/virtio_driver.ts";
 import { ModernDriver, PortConfig, RecordingRouter } from "../harness/pci_driver.ts";
@@ -182,7 +182,7 @@ function modernRng() {
   const ram = new GuestRam(1 << 20);
   const router = new RecordingRouter();
   const intx = new CountingIrq();
-  const t = new VirtioPciModern(new VirtioRng({ fill: (b) => b.fill(0xab) }), ram.mem, { intx, msi: router });
+  const t = new VirtioPci(new VirtioRng({ fill: (b) => b.fill(0xab) }), ram.mem, { intx, msi: router });
   const bus = new PciBus();
   const slot = bus.add(t);
   const cfg = new PortConfig(bus, slot);

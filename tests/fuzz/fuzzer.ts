@@ -24,7 +24,7 @@ import { GuestMemory } from "../../vmm/memory.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
 import { VirtioMmio } from "../../transports/mmio.ts";
 import { VirtioMmioLegacy } from "../../transports/mmio_legacy.ts";
-import { VirtioPciModern } from "../../transports/pci_modern.ts";
+import { VirtioPci } from "../../transports/pci.ts";
 import { CMD } from "../../devices/pci/config_space.ts";
 import type { MmioRegisterFile } from "../../transports/mmio_core.ts";
 import { VirtioBlk } from "../../devices/virtio/blk.ts";
@@ -386,7 +386,7 @@ class PciPort implements Port {
   readonly stormOffsets: readonly number[];
   readonly stormSpan = 0x8000;
   readonly regs: Regs;
-  constructor(readonly t: VirtioPciModern) {
+  constructor(readonly t: VirtioPci) {
     t.config.setCommand(CMD.MEMORY | CMD.BUS_MASTER);
     this.regs = {
       read: (o, d) => o >= PCI_CONFIG_BASE ? t.config.read(o - PCI_CONFIG_BASE, d) : t.barRead(o, d),
@@ -453,7 +453,7 @@ class PciPort implements Port {
   }
   notify(index: number): void | Promise<void> {
     const d = new Uint8Array([index & 0xff, (index >> 8) & 0xff]);
-    return this.t.barWrite(VirtioPciModern.notifyOffset(index & 0xffff), d);
+    return this.t.barWrite(VirtioPci.notifyOffset(index & 0xffff), d);
   }
 }
 
@@ -574,7 +574,7 @@ class Episode {
   makePort(dev: VirtioDevice, kind: string): Port {
     if (kind === "pci") {
       const msi = { update: () => {}, signal: () => {} };
-      return new PciPort(new VirtioPciModern(dev, this.run.mem, { intx: { trigger: () => {} }, msi }));
+      return new PciPort(new VirtioPci(dev, this.run.mem, { intx: { trigger: () => {} }, msi }));
     }
     return new MmioPort(this.makeTransport(dev, kind), kind === "mmio");
   }

@@ -7,7 +7,7 @@
 
 import type { PciBus } from "../../devices/pci/bus.ts";
 import type { MsiRouter, MsixVector } from "../../devices/pci/msix.ts";
-import type { VirtioPciModern } from "../../transports/pci_modern.ts";
+import type { VirtioPci } from "../../transports/pci.ts";
 import { STATUS } from "../../devices/virtio/device.ts";
 import type { DriverQueue } from "./virtio_driver.ts";
 
@@ -94,7 +94,7 @@ export class ModernDriver {
   readonly layout: ModernLayout;
 
   /** Binds to `t`, reachable as `cfg`. */
-  constructor(readonly t: VirtioPciModern, readonly cfg: PortConfig) {
+  constructor(readonly t: VirtioPci, readonly cfg: PortConfig) {
     const l: Partial<ModernLayout> = {};
     for (const [id, at] of cfg.capabilities()) {
       if (id === 0x11) l.msix = at;

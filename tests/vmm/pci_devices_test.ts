@@ -13,7 +13,7 @@ import { PciDevices, type PciVm } from "../../vmm/pci_devices.ts";
 import type { GsiRoute } from "../../vmm/vm.ts";
 import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { GuestRam } from "../harness/virtio_driver.ts";
-import { MODERN_BAR } from "../../transports/pci_modern.ts";
+import { MODERN_BAR } from "../../transports/pci.ts";
 import { ECAM_START } from "../../vmm/arch/x86_64/layout.ts";
 
 class RecordingVm implements PciVm {

@@ -25,7 +25,8 @@ check_cpus() {
 check_virtio() {
   for d in /sys/bus/virtio/devices/*; do
     [ -e "$d" ] || continue
-    echo "TSVMM-CHECK virtio dev=$(basename "$d") device=$(cat "$d/device") driver=$(basename "$(readlink "$d/driver")")"
+    f=$(cat "$d/features" 2>/dev/null)
+    echo "TSVMM-CHECK virtio dev=$(basename "$d") device=$(cat "$d/device") driver=$(basename "$(readlink "$d/driver")") v1=$(echo "$f" | cut -c33)"
   done
   echo "TSVMM-CHECK virtio-count n=$(ls /sys/bus/virtio/devices 2>/dev/null | wc -l)"
 }

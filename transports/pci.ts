@@ -1,13 +1,20 @@
 /**
- * virtio over PCI, the modern interface (virtio 1.2 section 4.1): a PCI function with
- * vendor 0x1af4, device 0x1040 + the virtio device ID, revision 1, whose capabilities
- * point into one 64-bit memory BAR holding the common configuration, the ISR, the device
- * configuration, one notification doorbell per queue, and the MSI-X table and PBA; plus
- * the VIRTIO_PCI_CAP_PCI_CFG window that reaches the BAR through config space.
+ * virtio over PCI (virtio 1.2 section 4.1) in three flavours over one core:
+ *
+ * - modern: vendor 0x1af4, device 0x1040 + the virtio device ID, revision 1; the
+ *   capabilities point into one 64-bit memory BAR (0) holding the common configuration,
+ *   the ISR, the device configuration, one doorbell per queue, and the MSI-X table and
+ *   PBA; plus the VIRTIO_PCI_CAP_PCI_CFG window that reaches the BAR through config space.
+ * - legacy (virtio 0.9.5, section 4.1.4.8): device ID from the transitional table
+ *   (0x1000 net, 0x1001 blk, 0x1005 rng), revision 0, subsystem device = the virtio ID;
+ *   the register block in I/O BAR 0 (pci_legacy.ts), the MSI-X table in memory BAR 1.
+ * - transitional: one function with both: legacy I/O BAR 0, MSI-X in BAR 1, the modern
+ *   structures in 64-bit BAR 4. Whichever interface the driver writes first decides the
+ *   mode until reset; a write through the other one sets DEVICE_NEEDS_RESET and is ignored.
  *
  * Interrupts: with MSI-X enabled, used buffers on a queue fire that queue's vector and a
- * config change fires msix_config (VIRTIO_MSI_NO_VECTOR: none); otherwise the ISR is set
- * and the INTx line raised (level, cleared by reading the ISR).
+ * config change fires the config vector (VIRTIO_MSI_NO_VECTOR: none); otherwise the ISR is
+ * set and the INTx line raised (level, cleared by reading the ISR).
  */
 
 import type { GuestMemory } from "../vmm/memory.ts";
@@ -17,6 +24,42 @@ import { CMD, PciConfigSpace } from "../devices/pci/config_space.ts";
 import type { PciFunction } from "../devices/pci/bus.ts";
 import { CAP_ID_MSIX, type MsiRouter, MsixTable } from "../devices/pci/msix.ts";
 import { INT_CONFIG, INT_USED_RING, type IrqLine, VirtioCore } from "./virtio_core.ts";
+import { LEGACY_BAR_SIZE, LEGACY_REG, legacyRead, legacyWrite } from "./pci_legacy.ts";
+
+/** Which virtio-PCI interfaces a function offers. */
+export type PciFlavor = "modern" | "legacy" | "transitional";
+
+/** Device IDs of legacy and transitional functions, by virtio device ID (section 4.1.2.1). */
+export const LEGACY_DEVICE_IDS: Readonly<Record<number, number>> = {
+  1: 0x1000,
+  2: 0x1001,
+  5: 0x1002,
+  3: 0x1003,
+  8: 0x1004,
+  4: 0x1005,
+  9: 0x1009,
+};
+
+/** Memory BAR of the MSI-X table and PBA on legacy and transitional functions. */
+export const MSIX_BAR = { index: 1, size: 0x2000, table: 0x0000, pba: 0x1000 } as const;
+/** The modern structures' BAR on a transitional function. */
+export const TRANSITIONAL_MODERN_BAR = 4;
+
+/** One BAR as the VMM maps it: what answers there, and where its doorbells are. */
+export interface PciBarHandler {
+  /** BAR number. */
+  index: number;
+  /** Its kind. */
+  kind: "mem32" | "mem64" | "io";
+  /** Size. */
+  size: number;
+  /** A guest read at `offset` in the BAR. */
+  read(offset: number, data: Uint8Array): void;
+  /** A guest write (a promise while a reset waits for in-flight I/O). */
+  write(offset: number, data: Uint8Array): void | Promise<void>;
+  /** Doorbells: ioeventfds at BAR + offset (datamatch: the written value must equal it). */
+  doorbells: Array<{ offset: number; len: number; datamatch?: number; queue: number }>;
+}
 
 /** The virtio PCI vendor ID. */
 export const VIRTIO_PCI_VENDOR = 0x1af4;
@@ -81,6 +124,8 @@ export interface PciTransportOptions {
   intx: IrqLine;
   /** Where MSI-X messages go. */
   msi: MsiRouter;
+  /** Which interfaces (default modern). */
+  flavor?: PciFlavor;
 }
 
 function le(data: Uint8Array): number {
@@ -95,8 +140,14 @@ function put(data: Uint8Array, v: number): void {
   }
 }
 
-/** A virtio device behind a modern virtio-PCI function. */
-export class VirtioPciModern implements PciFunction {
+/** A virtio device behind a virtio-PCI function. */
+export class VirtioPci implements PciFunction {
+  /** Which interfaces this function offers. */
+  readonly flavor: PciFlavor;
+  /** Transitional functions: the interface the driver chose (until reset). */
+  mode: "legacy" | "modern" | undefined;
+  /** The BAR of the modern structures (modern and transitional). */
+  readonly modernBar: number;
   /** The transport-neutral state. */
   readonly core: VirtioCore;
   /** Configuration space. */
@@ -108,16 +159,25 @@ export class VirtioPciModern implements PciFunction {
   /** queue_msix_vector per queue. */
   readonly queueVectors: number[];
   private readonly msixCap: number;
-  private readonly pciCfgCap: number;
+  private pciCfgCap = 0;
 
-  /** Puts `device` behind a modern virtio-PCI function. */
+  /** Puts `device` behind a virtio-PCI function of `opts.flavor` (default modern). */
   constructor(readonly device: VirtioDevice, memory: GuestMemory, readonly opts: PciTransportOptions) {
+    const flavor = this.flavor = opts.flavor ?? "modern";
+    this.modernBar = flavor === "transitional" ? TRANSITIONAL_MODERN_BAR : MODERN_BAR.index;
     const intx: IrqLine = {
       trigger: () => {
         if (!(this.config.command & CMD.INTX_DISABLE)) opts.intx.trigger();
       },
     };
-    this.core = new VirtioCore(device, memory, intx, device.features | (1n << VIRTIO_F_VERSION_1), true);
+    const legacyOnly = flavor === "legacy";
+    this.core = new VirtioCore(
+      device,
+      memory,
+      intx,
+      legacyOnly ? device.features & 0xffff_ffffn : device.features | (1n << VIRTIO_F_VERSION_1),
+      !legacyOnly,
+    );
     const queues = device.queueMaxSizes.length;
     this.queueVectors = new Array(queues).fill(VIRTIO_MSI_NO_VECTOR);
     this.core.interrupts = {
@@ -127,24 +187,40 @@ export class VirtioPciModern implements PciFunction {
     this.core.onReset = () => {
       this.configVector = VIRTIO_MSI_NO_VECTOR;
       this.queueVectors.fill(VIRTIO_MSI_NO_VECTOR);
+      if (this.flavor === "transitional") this.mode = undefined;
     };
     this.msix = new MsixTable(queues + 1, opts.msi);
+    const legacyId = LEGACY_DEVICE_IDS[device.deviceType];
+    if (flavor !== "modern" && legacyId === undefined) {
+      throw new RangeError(`${device.name} has no legacy virtio-PCI device ID`);
+    }
     this.config = new PciConfigSpace({
       vendor: VIRTIO_PCI_VENDOR,
-      device: 0x1040 + device.deviceType,
-      revision: 1,
+      device: flavor === "modern" ? 0x1040 + device.deviceType : legacyId,
+      revision: flavor === "modern" ? 1 : 0,
       classCode: virtioClassCode(device.deviceType),
       subsystemVendor: VIRTIO_PCI_VENDOR,
-      subsystemId: 0x40,
+      subsystemId: flavor === "modern" ? 0x40 : device.deviceType,
       interruptPin: 1,
     });
-    this.config.addBar({ index: MODERN_BAR.index, kind: "mem64", size: MODERN_BAR.size }, 0);
-    // MSI-X: message control (enable, function mask writable), table and PBA in the BAR.
+    if (flavor !== "modern") {
+      this.config.addBar({ index: 0, kind: "io", size: LEGACY_BAR_SIZE }, 0);
+      this.config.addBar({ index: MSIX_BAR.index, kind: "mem32", size: MSIX_BAR.size }, 0);
+    }
+    if (flavor !== "legacy") {
+      this.config.addBar({ index: this.modernBar, kind: "mem64", size: MODERN_BAR.size }, 0);
+    }
+    // MSI-X: message control (enable, function mask writable), table and PBA in a BAR.
     const mx = new Uint8Array(10);
     const mdv = new DataView(mx.buffer);
     mdv.setUint16(0, this.msix.messageControl, true);
-    mdv.setUint32(2, MODERN_BAR.msixTable | MODERN_BAR.index, true);
-    mdv.setUint32(6, MODERN_BAR.msixPba | MODERN_BAR.index, true);
+    if (flavor === "modern") {
+      mdv.setUint32(2, MODERN_BAR.msixTable | MODERN_BAR.index, true);
+      mdv.setUint32(6, MODERN_BAR.msixPba | MODERN_BAR.index, true);
+    } else {
+      mdv.setUint32(2, MSIX_BAR.table | MSIX_BAR.index, true);
+      mdv.setUint32(6, MSIX_BAR.pba | MSIX_BAR.index, true);
+    }
     this.msixCap = this.config.addCapability(CAP_ID_MSIX, mx, new Uint8Array([0, 0xc0]));
     this.config.addHook({
       start: this.msixCap + 2,
@@ -156,12 +232,16 @@ export class VirtioPciModern implements PciFunction {
         this.config.bytes[this.msixCap + 3] = v >> 8;
       },
     });
+    if (flavor !== "legacy") this.addModernCapabilities(queues);
+  }
+
+  private addModernCapabilities(queues: number): void {
     const vcap = (type: number, offset: number, length: number, extra: number[] = []) => {
       const b = new Uint8Array(14 + extra.length);
       const dv = new DataView(b.buffer);
       b[0] = 16 + extra.length; // cap_len
       b[1] = type;
-      b[2] = MODERN_BAR.index;
+      b[2] = this.modernBar;
       dv.setUint32(6, offset, true);
       dv.setUint32(10, length, true);
       b.set(extra, 14);
@@ -201,7 +281,7 @@ export class VirtioPciModern implements PciFunction {
     const length = this.config.u32(c + 12);
     const window = this.config.bytes.subarray(c + 16, c + 20);
     // Only 1, 2 or 4 bytes, naturally aligned, inside the BAR (virtio 1.2 section 4.1.4.9).
-    if (bar !== MODERN_BAR.index || ![1, 2, 4].includes(length) || offset % length !== 0) return;
+    if (bar !== this.modernBar || ![1, 2, 4].includes(length) || offset % length !== 0) return;
     if (offset + length > MODERN_BAR.size) return;
     const d = window.subarray(0, length);
     if (write) void this.barWrite(offset, d);
@@ -228,9 +308,11 @@ export class VirtioPciModern implements PciFunction {
     else if (offset === B.isr && data.length === 1) data[0] = this.core.takeIsr();
     else if (offset >= B.device && offset < B.device + B.deviceSize) {
       this.device.readConfig(offset - B.device, data);
-    } else if (offset >= B.msixTable && offset < B.msixPba) this.msix.readTable(offset - B.msixTable, data);
-    else if (offset >= B.msixPba && offset < B.size) this.msix.readPba(offset - B.msixPba, data);
-    else data.fill(0);
+    } else if (offset >= B.msixTable && offset < B.msixPba && this.flavor === "modern") {
+      this.msix.readTable(offset - B.msixTable, data);
+    } else if (offset >= B.msixPba && offset < B.size && this.flavor === "modern") {
+      this.msix.readPba(offset - B.msixPba, data);
+    } else data.fill(0);
   }
 
   /** A guest write in the BAR (a promise while a Status reset waits for in-flight I/O). */
@@ -243,8 +325,12 @@ export class VirtioPciModern implements PciFunction {
       this.device.writeConfig(offset - B.device, data);
     } else if (offset >= B.notify && offset < B.notify + B.notifyMultiplier * this.core.queues.length) {
       const rel = offset - B.notify;
-      if (rel % B.notifyMultiplier === 0) this.core.notify(rel / B.notifyMultiplier);
-    } else if (offset >= B.msixTable && offset < B.msixPba) this.msix.writeTable(offset - B.msixTable, data);
+      if (rel % B.notifyMultiplier === 0 && this.mode !== "legacy") {
+        this.core.notify(rel / B.notifyMultiplier);
+      }
+    } else if (offset >= B.msixTable && offset < B.msixPba && this.flavor === "modern") {
+      this.msix.writeTable(offset - B.msixTable, data);
+    }
   }
 
   private get queue() {
@@ -281,10 +367,76 @@ export class VirtioPciModern implements PciFunction {
     if (!handled) data.fill(0);
   }
 
+  /**
+   * Transitional functions: the driver's first write through one interface picks the mode
+   * until reset; a write through the other one (other than a reset) is refused with
+   * DEVICE_NEEDS_RESET. Returns whether the access may proceed.
+   */
+  claim(kind: "legacy" | "modern", isReset: boolean): boolean {
+    if (this.flavor !== "transitional" || isReset) return true;
+    if (this.mode === undefined) {
+      this.mode = kind;
+      this.core.modern = kind === "modern";
+      this.core.offered = kind === "modern"
+        ? this.device.features | (1n << VIRTIO_F_VERSION_1)
+        : this.device.features & 0xffff_ffffn;
+      return true;
+    }
+    if (this.mode === kind) return true;
+    this.core.needsReset(`the driver used the ${kind} interface of a device in ${this.mode} mode`);
+    return false;
+  }
+
+  /** The BARs as the VMM maps them. */
+  barHandlers(): PciBarHandler[] {
+    const queues = this.core.queues.length;
+    const out: PciBarHandler[] = [];
+    if (this.flavor !== "modern") {
+      out.push({
+        index: 0,
+        kind: "io",
+        size: LEGACY_BAR_SIZE,
+        read: (o, d) => legacyRead(this, o, d),
+        write: (o, d) => legacyWrite(this, o, d),
+        doorbells: Array.from({ length: queues }, (_, q) => ({
+          offset: LEGACY_REG.queueNotify,
+          len: 2,
+          datamatch: q,
+          queue: q,
+        })),
+      });
+      out.push({
+        index: MSIX_BAR.index,
+        kind: "mem32",
+        size: MSIX_BAR.size,
+        read: (o, d) => o < MSIX_BAR.pba ? this.msix.readTable(o, d) : this.msix.readPba(o - MSIX_BAR.pba, d),
+        write: (o, d) => {
+          if (o < MSIX_BAR.pba) this.msix.writeTable(o, d);
+        },
+        doorbells: [],
+      });
+    }
+    if (this.flavor !== "legacy") {
+      out.push({
+        index: this.modernBar,
+        kind: "mem64",
+        size: MODERN_BAR.size,
+        read: (o, d) => this.barRead(o, d),
+        write: (o, d) => this.barWrite(o, d),
+        doorbells: Array.from(
+          { length: queues },
+          (_, q) => ({ offset: VirtioPci.notifyOffset(q), len: 2, queue: q }),
+        ),
+      });
+    }
+    return out;
+  }
+
   private writeCommon(off: number, data: Uint8Array): void | Promise<void> {
     const c = this.core;
     const q = this.queue;
     const v = le(data);
+    if (!this.claim("modern", off === COMMON.deviceStatus && data.length === 1 && (v & 0xff) === 0)) return;
     const is = (at: number, size: number) => off === at && data.length === size;
     // Queue fields: only before DRIVER_OK, and only while the queue is not enabled.
     const qw = q !== undefined && c.queueWritable && !q.ready;
@@ -313,6 +465,11 @@ export class VirtioPciModern implements PciFunction {
       setHalf(COMMON.queueDriver, q.availAddr, (a) => q.availAddr = a);
       setHalf(COMMON.queueDevice, q.usedAddr, (a) => q.usedAddr = a);
     }
+  }
+
+  /** The interrupt a used buffer or config change raises (for the legacy register block too). */
+  vectorValue(v: number): number {
+    return v < this.msix.count ? v : VIRTIO_MSI_NO_VECTOR;
   }
 
   /** Whether the ISR still holds something (the INTx line stays up). */
