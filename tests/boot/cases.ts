@@ -425,7 +425,7 @@ function mixedTransports(line: "6.1" | "6.12"): BootCase {
           );
           const writes = checkLines(text, "write");
           assert(
-            writes.length === 3 && writes.every((w) => w.ok === "1"),
+            writes.length === 5 && writes.every((w) => w.ok === "1"),
             `writes: ${JSON.stringify(writes)}`,
             tail,
           );
