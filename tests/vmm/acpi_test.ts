@@ -6,6 +6,12 @@ const TABLES = buildAcpiTables(
   {
     cpus: 4,
     mmioDevices: [{ base: 0xd0000000, size: 0x1000, gsi: 5 }, { base: 0xd0001000, size: 0x1000, gsi: 6 }],
+    pci: {
+      intx: [{ slot: 1, gsi: 21 }, { slot: 2, gsi: 22 }],
+      mmio32: [0xc000_0000, 0xd000_0000],
+      mmio64: [0x1_4000_0000, 0x5_4000_0000],
+      io: [0xc000, 0x10000],
+    },
   },
   0x9fc00,
   0xe0000,
@@ -74,6 +80,26 @@ Deno.test("ACPI: iasl -d disassembles every table without errors", async () => {
         assert.match(dsl, /Name \(_HID, "LNRO0005"\)/);
         assert.match(dsl, /0xD0001000,\s+\/\/ Address Base/);
         assert.match(dsl, /Name \(\\_S5, Package \(0x04\)/);
+        // The PCI host bridge, its windows and routing, and ECAM reserved as a motherboard resource.
+        assert.match(dsl, /Device \(PCI0\)[\s\S]*EisaId \("PNP0A08"\)[\s\S]*EisaId \("PNP0A03"\)/);
+        assert.match(dsl, /Name \(_SEG, Zero\)[\s\S]*Name \(_BBN, Zero\)/);
+        assert.match(dsl, /WordBusNumber[\s\S]*0x0000,\s+\/\/ Range Maximum/);
+        assert.match(dsl, /IO \(Decode16,\s+0x0CF8,\s+\/\/ Range Minimum/);
+        assert.match(dsl, /DWordMemory[^\n]*\n[^\n]*\n\s+0xC0000000,\s+\/\/ Range Minimum\n\s+0xCFFFFFFF/);
+        assert.match(dsl, /QWordMemory[^\n]*\n[^\n]*\n\s+0x0000000140000000,\s+\/\/ Range Minimum/);
+        assert.match(dsl, /Package \(0x04\)\s*\{\s*0x0001FFFF,\s*Zero,\s*Zero,\s*0x15\s*\}/);
+        assert.match(
+          dsl,
+          /Method \(_DSM, 4[\s\S]*e5c937d0-3553-4d7a-9117-ea4d19c3434d[\s\S]*Arg2 == 0x05\)\)\s*\{\s*Return \(Zero\)/i,
+        );
+        assert.match(
+          dsl,
+          /Device \(MRES\)[\s\S]*EisaId \("PNP0C02"\)[\s\S]*0xE0000000,\s+\/\/ Address Base\s+0x00100000,/,
+        );
+      }
+      if (sig(t) === "FACP") {
+        // IA-PC boot architecture flags: "MSI not supported" (bit 3) stays clear.
+        assert.equal(t[109] & 0x08, 0);
       }
     }
   } finally {
