@@ -3,7 +3,7 @@
  * machine, feature negotiation, queue selection and configuration, activation, quiet
  * reset, NEEDS_RESET, config generation, and interrupts through a per-transport strategy
  * (one ISR + line for virtio-MMIO and PCI INTx; one vector per queue or config for
- * MSI-X). Register files (mmio.ts, mmio_legacy.ts, pci_modern.ts) are thin tables over it.
+ * MSI-X). Register files (mmio.ts, mmio_legacy.ts, pci.ts, pci_legacy.ts) are thin tables over it.
  */
 
 import type { GuestMemory } from "../vmm/memory.ts";
