@@ -35,7 +35,7 @@ import type { BlockBackend } from "../../devices/virtio/blk_backend.ts";
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../../devices/virtio/chain.ts";
 
 /** The transports the fuzzer drives. */
-export const FUZZ_TRANSPORTS = ["mmio", "mmio-legacy", "pci"] as const;
+export const FUZZ_TRANSPORTS = ["mmio", "mmio-legacy", "pci", "pci-legacy", "pci-transitional"] as const;
 /** The devices the fuzzer drives. */
 export const FUZZ_DEVICES = ["blk", "rng"] as const;
 
@@ -381,41 +381,54 @@ class MmioPort implements Port {
 /** Config space lives at this offset of a PCI port's register space, the BAR below it. */
 const PCI_CONFIG_BASE = 0x10000;
 
-/** Modern virtio-PCI: the BAR and, above it, configuration space. */
+/** Where a PCI port's register space puts each BAR (config space is at PCI_CONFIG_BASE). */
+const PCI_SPACE = { modern: 0x0000, legacy: 0x8000, msix: 0xa000 } as const;
+
+/**
+ * virtio-PCI, any flavour: the modern BAR at 0, the legacy I/O BAR at 0x8000, the MSI-X BAR
+ * of legacy and transitional functions at 0xa000, configuration space at 0x10000. The
+ * driver path is modern or legacy (`legacy`); storms hit every interface, so a transitional
+ * function sees drivers that mix them.
+ */
 class PciPort implements Port {
   readonly stormOffsets: readonly number[];
-  readonly stormSpan = 0x8000;
+  readonly stormSpan = 0x10120;
   readonly regs: Regs;
-  constructor(readonly t: VirtioPci) {
-    t.config.setCommand(CMD.MEMORY | CMD.BUS_MASTER);
+  constructor(readonly t: VirtioPci, readonly legacy: boolean) {
+    t.config.setCommand(CMD.IO | CMD.MEMORY | CMD.BUS_MASTER);
+    const bars = t.barHandlers();
+    const io = bars.find((h) => h.kind === "io");
+    const msix = bars.find((h) => h.kind === "mem32");
+    const modern = t.flavor !== "legacy";
+    const route = (o: number): [(typeof bars)[number] | undefined, number] => {
+      if (o >= PCI_SPACE.msix) return [msix, o - PCI_SPACE.msix];
+      if (o >= PCI_SPACE.legacy) return [io, o - PCI_SPACE.legacy];
+      return [modern ? bars.find((h) => h.kind === "mem64") : undefined, o];
+    };
     this.regs = {
-      read: (o, d) => o >= PCI_CONFIG_BASE ? t.config.read(o - PCI_CONFIG_BASE, d) : t.barRead(o, d),
+      read: (o, d) => {
+        if (o >= PCI_CONFIG_BASE) return t.config.read(o - PCI_CONFIG_BASE, d);
+        const [h, off] = route(o);
+        if (h && off < h.size) h.read(off, d);
+        else d.fill(0xff);
+      },
       write: (o, d) => {
         // The header's BARs and command register are the bus's business, not the device's.
         if (o >= PCI_CONFIG_BASE) {
           if (o - PCI_CONFIG_BASE >= 0x40) t.config.write(o - PCI_CONFIG_BASE, d);
           return;
         }
-        return t.barWrite(o, d);
+        const [h, off] = route(o);
+        if (h && off < h.size) return h.write(off, d);
       },
     };
     const cfg = (o: number) => PCI_CONFIG_BASE + o;
     this.stormOffsets = [
-      ...Array.from({ length: 0x3c / 2 }, (_, i) => 2 * i), // common config, every field
-      0x1000, // ISR
-      0x2000,
-      0x2008,
-      0x2014, // device config
-      0x3000,
-      0x3004,
-      0x3002, // doorbells
-      0x4000,
-      0x4004,
-      0x4008,
-      0x400c,
-      0x4010,
-      0x401c,
-      0x6000, // MSI-X table, PBA
+      ...(modern ? Array.from({ length: 0x3c / 2 }, (_, i) => 2 * i) : []), // common config, every field
+      ...(modern ? [0x1000, 0x2000, 0x2008, 0x2014, 0x3000, 0x3004, 0x3002] : []), // ISR, config, doorbells
+      ...(modern && t.flavor === "modern" ? [0x4000, 0x4004, 0x4008, 0x400c, 0x4010, 0x401c, 0x6000] : []),
+      ...(io ? [0, 4, 8, 12, 14, 16, 18, 19, 20, 22, 24, 28].map((o) => PCI_SPACE.legacy + o) : []),
+      ...(msix ? [0, 4, 8, 12, 16, 28, 0x1000].map((o) => PCI_SPACE.msix + o) : []),
       cfg(0x40),
       cfg(0x42),
       cfg(0x44),
@@ -423,13 +436,18 @@ class PciPort implements Port {
       ...Array.from({ length: 24 }, (_, i) => cfg(0x4c + 4 * i)), // virtio capabilities, PCI_CFG window
     ];
   }
+  private get statusReg(): [number, number] {
+    return this.legacy ? [PCI_SPACE.legacy + 18, 1] : [0x14, 1];
+  }
   status(): number {
-    return r(this.regs, 0x14, 1);
+    return r(this.regs, ...this.statusReg);
   }
   setStatus(v: number): Promise<void> {
-    return w(this.regs, 0x14, 1, v);
+    const [o, n] = this.statusReg;
+    return w(this.regs, o, n, v);
   }
   deviceFeatures(): bigint {
+    if (this.legacy) return BigInt(r(this.regs, PCI_SPACE.legacy, 4));
     let f = 0n;
     for (const sel of [0, 1]) {
       this.regs.write(0x00, new Uint8Array([sel, 0, 0, 0]));
@@ -439,6 +457,18 @@ class PciPort implements Port {
   }
   async configure(features: bigint, size: number, desc: number, avail: number, used: number): Promise<void> {
     const t = this.regs;
+    if (this.legacy) {
+      // Legacy rings: the device's size, descriptors on a page, the used ring on the next 4 KiB.
+      const L = PCI_SPACE.legacy;
+      await w(t, L + 4, 4, Number(features & 0xffff_ffffn));
+      await w(t, L + 14, 2, 0);
+      if (size !== r(t, L + 12, 2) || desc % 4096 || avail !== desc + 16 * size) {
+        throw new Failure("legacy rings must be laid out by the device's rules");
+      }
+      void used;
+      await w(t, L + 8, 4, desc / 4096);
+      return;
+    }
     for (const sel of [0, 1]) {
       await w(t, 0x08, 4, sel);
       await w(t, 0x0c, 4, Number((features >> BigInt(32 * sel)) & 0xffff_ffffn));
@@ -453,6 +483,7 @@ class PciPort implements Port {
   }
   notify(index: number): void | Promise<void> {
     const d = new Uint8Array([index & 0xff, (index >> 8) & 0xff]);
+    if (this.legacy) return this.regs.write(PCI_SPACE.legacy + 16, d);
     return this.t.barWrite(VirtioPci.notifyOffset(index & 0xffff), d);
   }
 }
@@ -572,9 +603,13 @@ class Episode {
   }
 
   makePort(dev: VirtioDevice, kind: string): Port {
-    if (kind === "pci") {
+    if (kind.startsWith("pci")) {
       const msi = { update: () => {}, signal: () => {} };
-      return new PciPort(new VirtioPci(dev, this.run.mem, { intx: { trigger: () => {} }, msi }));
+      const flavor = kind === "pci" ? "modern" : kind === "pci-legacy" ? "legacy" : "transitional";
+      const t = new VirtioPci(dev, this.run.mem, { intx: { trigger: () => {} }, msi, flavor });
+      // A transitional function meets a modern driver or a legacy one, as the episode decides.
+      const legacy = flavor === "legacy" || (flavor === "transitional" && this.p.chance(0.5));
+      return new PciPort(t, legacy);
     }
     return new MmioPort(this.makeTransport(dev, kind), kind === "mmio");
   }
@@ -607,13 +642,14 @@ class Episode {
 
   async setupTarget(): Promise<void> {
     const t = this.target;
+    const legacyPci = t instanceof PciPort && t.legacy;
     const offered = t.deviceFeatures();
     // A random subset of what is offered (VERSION_1 always, on modern).
     let f = 0n;
     for (let b = 0n; b < 64n; b++) if ((offered >> b) & 1n && this.p.chance(0.7)) f |= 1n << b;
-    if (this.transport !== "mmio-legacy") f |= 1n << 32n;
+    if (this.transport !== "mmio-legacy" && !legacyPci) f |= 1n << 32n;
     this.features = f;
-    const size = this.p.pick([2, 4, 8, 16, 32, 64, 128, 256]);
+    const size = legacyPci ? 256 : this.p.pick([2, 4, 8, 16, 32, 64, 128, 256]);
     this.q = await this.bringUp(t, RING_TARGET, size, f);
     this.inflight.clear();
     this.hostileHeads.clear();
