@@ -16,7 +16,7 @@ function summary(r: FuzzReport): string {
 }
 
 Deno.test("fuzz: every device on every transport holds the oracle (bounded run)", async () => {
-  const r = await runFuzz({ seed: SEED, episodes: 100_000, maxChains: 6000, maxMs: 25_000 });
+  const r = await runFuzz({ seed: SEED, episodes: 100_000, maxChains: 15_000, maxMs: 30_000 });
   assert.deepEqual(r.failures, [], summary(r));
   assert.ok(r.chains >= 1000 && r.hostileChains > 100 && r.registerAccesses > 100, summary(r));
   assert.ok(r.resetsInFlight > 0, "some resets found disk I/O in flight");
