@@ -108,6 +108,8 @@ export interface L1Program {
   withQemu?: boolean;
   /** Also put the fio tools disk (vmm/guest/fio.ts) into L1. */
   withFio?: boolean;
+  /** More files: [path inside L1, host path], made executable. */
+  extraFiles?: Array<[string, string]>;
 }
 
 /** Builds the L1 initramfs: busybox, KVM modules, Deno and its libraries, the project, the guest. */
@@ -148,6 +150,9 @@ export async function buildL1Initramfs(
     await addFile("usr/bin/qemu-system-x86_64", qemu, 0o755);
     for (const [inside, host] of await sharedLibs(qemu)) await addFile(inside, host, 0o755);
     for (const f of QEMU_DATA) await addFile(`usr/share/qemu/${f}`, `/usr/share/qemu/${f}`);
+  }
+  for (const [inside, host] of program.extraFiles ?? []) {
+    await addFile(inside.replace(/^\//, ""), host, 0o755);
   }
   const files: Array<[string, string]> = [];
   for (const p of PROJECT_DIRS) {
@@ -211,6 +216,8 @@ export interface L1Options {
   withQemu?: boolean;
   /** Also put the fio tools disk into L1. */
   withFio?: boolean;
+  /** Called with each "TSVMM-BENCH" payload the moment L1 prints it. */
+  onBench?: (b: Record<string, unknown>) => void;
 }
 
 /**
@@ -275,9 +282,14 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
       }
       const b = line.indexOf("TSVMM-BENCH ");
       if (b >= 0) {
+        let payload: Record<string, unknown> | undefined;
         try {
-          bench.push(JSON.parse(line.slice(b + "TSVMM-BENCH ".length)));
+          payload = JSON.parse(line.slice(b + "TSVMM-BENCH ".length));
         } catch { /* reported as missing figures */ }
+        if (payload) {
+          bench.push(payload);
+          opts.onBench?.(payload);
+        }
       }
       const net = /TSVMM-L1-PCI-NET n=(\d+)/.exec(line);
       if (net) l1NetDevices = Number(net[1]);
