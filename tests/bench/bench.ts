@@ -53,20 +53,28 @@ if (parts.includes("exits")) {
 async function exitsHere(): Promise<void> {
   const sink = sinkAt(HERE);
   console.log(`== vCPU exit round trip (guest write -> device -> resume) on ${HERE}`);
-  const take = async (name: string, f: () => Promise<number[]>) => {
+  const take = async (name: string, f: (onRound: (v: number) => void) => Promise<number[]>) => {
     try {
-      const r = await f();
-      for (const v of r) sink.value(name, v, "us/exit");
-      figures.push({ name, unit: "us/exit", runs: r, median: median(r), where: HERE });
+      const r = await f((v) => sink.value(name, v, "us/exit"));
+      const round = (x: number) => Math.round(x * 100) / 100;
+      figures.push({ name, unit: "us/exit", runs: r.map(round), median: round(median(r)), where: HERE });
     } catch (e) {
       sink.missing(name, (e as Error).message);
     }
   };
-  await take("vCPU exit round trip, pio (this host's KVM)", () => exitRoundTrip("pio"));
-  await take("vCPU exit round trip, mmio (this host's KVM)", () => exitRoundTrip("mmio"));
-  await take("C floor: the same pio loop in a C VMM (this host's KVM)", () => {
+  await take(
+    "vCPU exit round trip, pio (this host's KVM)",
+    (onRound) => exitRoundTrip("pio", 20_000, 5, 120_000, onRound),
+  );
+  await take(
+    "vCPU exit round trip, mmio (this host's KVM)",
+    (onRound) => exitRoundTrip("mmio", 20_000, 5, 120_000, onRound),
+  );
+  await take("C floor: the same pio loop in a C VMM (this host's KVM)", async (onRound) => {
     if (!floor) throw new Error(floorError);
-    return exitFloor(floor);
+    const r = await exitFloor(floor);
+    r.forEach(onRound);
+    return r;
   });
 }
 
@@ -107,6 +115,7 @@ if (native && wantVms) {
           exits: wantL1Exits,
           floor: floor ? "/usr/bin/exit_floor" : undefined,
           floorError,
+          vmTimeoutS: Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S"),
         }),
         withQemu: wantVms,
         withFio: parts.includes("devices"),

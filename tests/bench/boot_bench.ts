@@ -28,8 +28,10 @@ export interface BenchSink {
   missing(name: string, why: string): void;
 }
 
-/** How long one VM run of the bench may take (TSVMM_BENCH_VM_TIMEOUT_S, default 300 s). */
-export const VM_TIMEOUT_MS: number = Number(Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S") ?? "300") * 1000;
+/** How long one VM run of the bench may take, in ms (TSVMM_BENCH_VM_TIMEOUT_S, default 300 s). */
+export function vmTimeoutMs(): number {
+  return Number(Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S") ?? "300") * 1000;
+}
 
 /** Collects runs per figure; each one goes to the sink as it is measured. */
 export class FigureSet {
@@ -105,7 +107,7 @@ export function median(xs: number[]): number {
 }
 
 /** Spawns a command and resolves with ms until `marker` appears on stdout, then waits for its exit. */
-async function spawnToMarker(cmd: string, args: string[], timeoutMs = VM_TIMEOUT_MS): Promise<number> {
+async function spawnToMarker(cmd: string, args: string[], timeoutMs = vmTimeoutMs()): Promise<number> {
   const t0 = performance.now();
   const child = new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "piped" }).spawn();
   let killed = false;
@@ -156,7 +158,7 @@ export async function bootBench(
       });
       try {
         await vm.start();
-        await waitForConsole(vm, new RegExp(MARKER), VM_TIMEOUT_MS); // rejects with the tail and vCPU report
+        await waitForConsole(vm, new RegExp(MARKER), vmTimeoutMs()); // rejects with the tail and vCPU report
         const ms = performance.now() - t0;
         const exit = await vm.wait();
         if (exit.code !== 0) throw new Error(`VM ended with ${exit.message}\n${vm.consoleTail()}`);

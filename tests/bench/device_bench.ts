@@ -6,7 +6,7 @@
 
 import { bootTest, waitForConsole } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
-import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, VM_TIMEOUT_MS } from "./boot_bench.ts";
+import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
 
 const MIB = 1024 * 1024;
 const DISK_MIB = 64;
@@ -46,7 +46,7 @@ interface BenchVm {
 
 /**
  * Boots tsvmm with a fresh data disk (plus `b`'s devices); returns the console text. A run
- * that hangs rejects after VM_TIMEOUT_MS with the console tail and the hung-guest report.
+ * that hangs rejects after vmTimeoutMs() with the console tail and the hung-guest report.
  */
 async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
   const img = await image();
@@ -66,11 +66,11 @@ async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
         pinVcpus: true,
       },
       async (vm) => {
-        await waitForConsole(vm, b.marker, VM_TIMEOUT_MS);
+        await waitForConsole(vm, b.marker, vmTimeoutMs());
         await vm.wait();
         return vm.consoleText;
       },
-      VM_TIMEOUT_MS + 30_000,
+      vmTimeoutMs() + 30_000,
     );
   } finally {
     await Deno.remove(img);
@@ -79,7 +79,7 @@ async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
 
 /**
  * The same boot under QEMU microvm with its virtio-mmio devices; returns the console text.
- * A run past VM_TIMEOUT_MS is killed and rejects with its console tail.
+ * A run past vmTimeoutMs() is killed and rejects with its console tail.
  */
 async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
   const img = await image();
@@ -106,13 +106,13 @@ async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
     const timer = setTimeout(() => {
       killed = true;
       child.kill("SIGKILL");
-    }, VM_TIMEOUT_MS);
+    }, vmTimeoutMs());
     const out = await child.output();
     clearTimeout(timer);
     const text = new TextDecoder().decode(out.stdout);
     if (killed) {
       throw new Error(
-        `QEMU did not end within ${VM_TIMEOUT_MS} ms\n--- console tail ---\n${text.slice(-2000)}`,
+        `QEMU did not end within ${vmTimeoutMs()} ms\n--- console tail ---\n${text.slice(-2000)}`,
       );
     }
     if (!b.marker.test(text)) {

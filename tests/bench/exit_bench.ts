@@ -26,12 +26,16 @@ function loopGuest(n: number, mmio: boolean): Uint8Array {
   ]);
 }
 
-/** Microseconds per exit, one figure per round of `n` exits; a round past `timeoutMs` throws. */
+/**
+ * Microseconds per exit, one figure per round of `n` exits, each also handed to `onRound`
+ * as it is measured; a round past `timeoutMs` throws with the hung-guest report.
+ */
 export async function exitRoundTrip(
   kind: "pio" | "mmio",
   n = 20_000,
   rounds = 5,
   timeoutMs = 120_000,
+  onRound?: (us: number) => void,
 ): Promise<number[]> {
   const out: number[] = [];
   for (let r = 0; r < rounds; r++) {
@@ -59,6 +63,7 @@ export async function exitRoundTrip(
       throw new Error(`bench guest: ${exit.message}, ${count} exits`);
     }
     out.push(us);
+    onRound?.(us);
   }
   return out;
 }
