@@ -14,7 +14,7 @@ import { mmapAnonymous, sysMunmap } from "./sys/libc.ts";
 import { CAP } from "./sys/kvm_abi.ts";
 import { type KernelImage, NotAKernelError, parseKernel } from "./boot/kernel_image.ts";
 import { unpackBzImage } from "./boot/unpack.ts";
-import { loadKernel } from "./boot/loader.ts";
+import { loadKernel, planKernelLoad } from "./boot/loader.ts";
 import { buildAcpiTables } from "./arch/x86_64/acpi.ts";
 import { normalizeCpuid } from "./arch/x86_64/cpuid.ts";
 import { describeIoapic } from "./arch/x86_64/diag.ts";
@@ -67,6 +67,17 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     }
   }
   const initrd = cfg.initrd ? await readUserFile(cfg.initrd, "initrd") : undefined;
+  // Command line, memory and initrd against the kernel's needs, before KVM is opened: a bad
+  // config gets its own error whether or not this host has KVM.
+  if (kernel) {
+    planKernelLoad({
+      kernel,
+      initrd,
+      cmdline: cfg.cmdline,
+      memSize: cfg.memoryBytes,
+      protocol: cfg.bootProtocol,
+    });
+  }
 
   // Disks open (and lock) before anything else, so a missing or locked image is a clear error.
   const backends: FileBackend[] = [];

@@ -15,6 +15,9 @@ export interface I8042Sink {
 const STATUS_OBF = 0x01;
 const STATUS_SYS = 0x04;
 const STATUS_CMD = 0x08;
+// Keyboard lock ("inhibit") switch, active low: 1 = unlocked. Linux's i8042 driver prints
+// "Warning: Keylock active" and ignores the keyboard when it reads 0.
+const STATUS_KEYLOCK_OFF = 0x10;
 const CTR_KBD_INT = 0x01;
 
 /** Offsets relative to port 0x60: data at 0, command/status at 4. */
@@ -25,7 +28,7 @@ export const I8042_CMD = 4;
 /** An i8042 controller with a keyboard that acknowledges commands and sends nothing. */
 export class I8042 {
   private ctr = 0x47 & ~CTR_KBD_INT; // translate, system flag, interrupts off until the driver asks
-  private status = STATUS_SYS;
+  private status = STATUS_SYS | STATUS_KEYLOCK_OFF;
   private readonly out: number[] = [];
   private pendingCmd = 0;
 

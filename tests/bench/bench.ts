@@ -1,64 +1,187 @@
 /**
- * `deno task bench`: boot time of tsvmm and QEMU side by side (nested L1 or native KVM),
- * and the vCPU exit round trip on this host's own KVM.
+ * `deno task bench`: the vCPU exit round trip beside the C floor, boot time and device
+ * throughput of tsvmm and QEMU side by side. Each figure is taken where a KVM can take
+ * it: exits on this host's /dev/kvm when it can be opened (PVM included), else inside the
+ * nested runner's L1; boots and devices natively where this host's KVM runs stock
+ * kernels, else in L1. Every value is printed as it is measured, with where it was taken;
+ * a run that fails or hangs is reported with its console tail (and, for ours, the
+ * hung-guest report) and the bench goes on; it exits 1 naming every figure it could not
+ * take.
+ *
+ * TSVMM_BENCH_RUNS (boot runs, default 5), TSVMM_BENCH_DEVICE_RUNS (default 3),
+ * TSVMM_BENCH_PARTS (default "exits,boot,devices"), TSVMM_BENCH_VM_TIMEOUT_S (default 300).
  */
 
-import { type BenchFigure, bootBench, median } from "./boot_bench.ts";
-import { deviceBench } from "./device_bench.ts";
-import { exitRoundTrip } from "./exit_bench.ts";
-import { hostKvmRunsStockKernels, nestedUnavailable, runNested } from "../nested/runner.ts";
+import { type BenchFigure, type BenchSink, bootBench, median } from "./boot_bench.ts";
+import { deviceBench, deviceFigureNames } from "./device_bench.ts";
+import { buildExitFloor, exitFloor, exitRoundTrip } from "./exit_bench.ts";
+import { hostKvmRunsStockKernels, hostKvmUsable, nestedUnavailable, runNested } from "../nested/runner.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
 import { buildFioImage } from "../../vmm/guest/fio.ts";
 
 const runs = Number(Deno.env.get("TSVMM_BENCH_RUNS") ?? "5");
+const deviceRuns = Number(Deno.env.get("TSVMM_BENCH_DEVICE_RUNS") ?? "3");
+const parts = (Deno.env.get("TSVMM_BENCH_PARTS") ?? "exits,boot,devices").split(",");
 const fmt = (x: number) => (x < 1 ? x.toFixed(3) : x.toFixed(1)).padStart(8);
 
-console.log("== vCPU exit round trip on this host's /dev/kvm (guest write -> device -> resume)");
-for (const kind of ["pio", "mmio"] as const) {
-  const r = await exitRoundTrip(kind);
-  console.log(
-    `${kind.padEnd(5)} median ${fmt(median(r))} us/exit  runs: ${r.map((x) => x.toFixed(1)).join(" ")}`,
-  );
+type Placed = BenchFigure & { where: string };
+const figures: Placed[] = [];
+const missing: string[] = [];
+const sinkAt = (where: string): BenchSink => ({
+  value: (name, v, unit) => console.log(`  ${name} [${where}]: ${fmt(v)} ${unit}`),
+  missing: (name, why) => {
+    missing.push(`${name} [${where}]`);
+    console.error(`MISSING ${name} [${where}]:\n${why}\n`);
+  },
+});
+
+const HERE = "this host's /dev/kvm";
+const L1 = "nested L1 (QEMU TCG, emulated SVM)";
+const kvmHere = hostKvmUsable();
+const native = hostKvmRunsStockKernels();
+const tmp = await Deno.makeTempDir({ prefix: "tsvmm-bench-" });
+let floor: string | undefined;
+let floorError: string | undefined;
+if (parts.includes("exits")) {
+  try {
+    floor = await buildExitFloor(tmp);
+  } catch (e) {
+    floorError = (e as Error).message;
+  }
 }
 
-const native = hostKvmRunsStockKernels();
-let figures: BenchFigure[];
-if (native) {
-  console.log(`\n== boot to /init on this host's KVM, ${runs} runs each`);
-  const g = await buildGuest({ quiet: true });
-  g.fioImage = await buildFioImage({ quiet: true });
-  const dev = await deviceBench(g, 3);
-  for (const e of dev.errors) console.error(`device bench: ${e}`);
-  figures = [...await bootBench(g, runs), ...dev.figures];
-} else {
-  const why = nestedUnavailable();
-  if (why) throw new Error(`boot bench needs the nested runner: ${why}`);
-  console.log(`\n== boot to /init inside the nested runner's L1 (QEMU TCG, emulated SVM), ${runs} runs each`);
-  console.log("   Nested-emulated figures: compare the ratios, not the times, with hardware.");
-  const run = await runNested({
-    program: {
-      script: "tests/bench/l1_bench.ts",
-      args: JSON.stringify({ runs }),
-      withQemu: true,
-      withFio: true,
-    },
-    timeoutMs: 40 * 60_000,
-    echo: Deno.env.get("TSVMM_ECHO_L1") === "1",
+async function exitsHere(): Promise<void> {
+  const sink = sinkAt(HERE);
+  console.log(`== vCPU exit round trip (guest write -> device -> resume) on ${HERE}`);
+  const take = async (name: string, f: (onRound: (v: number) => void) => Promise<number[]>) => {
+    try {
+      const r = await f((v) => sink.value(name, v, "us/exit"));
+      const round = (x: number) => Math.round(x * 100) / 100;
+      figures.push({ name, unit: "us/exit", runs: r.map(round), median: round(median(r)), where: HERE });
+    } catch (e) {
+      sink.missing(name, (e as Error).message);
+    }
+  };
+  await take(
+    "vCPU exit round trip, pio (this host's KVM)",
+    (onRound) => exitRoundTrip("pio", 20_000, 5, 120_000, onRound),
+  );
+  await take(
+    "vCPU exit round trip, mmio (this host's KVM)",
+    (onRound) => exitRoundTrip("mmio", 20_000, 5, 120_000, onRound),
+  );
+  await take("C floor: the same pio loop in a C VMM (this host's KVM)", async (onRound) => {
+    if (!floor) throw new Error(floorError);
+    const r = await exitFloor(floor);
+    r.forEach(onRound);
+    return r;
   });
-  if (run.bench.length === 0) throw new Error(`bench failed in L1: no figures\n${run.tail}`);
-  for (const b of run.bench) if ("error" in b) console.error(`bench in L1: ${b.error}`);
-  figures = run.bench.filter((b) => !("error" in b)) as unknown as BenchFigure[];
 }
-// Each tsvmm figure beside QEMU's figure of the same kind, with the ratio.
+
+if (parts.includes("exits")) {
+  if (kvmHere) await exitsHere();
+  else {console.log(
+      "== no usable /dev/kvm here: the exit round trip is measured inside the nested runner's L1",
+    );}
+}
+
+const wantL1Exits = parts.includes("exits") && !kvmHere;
+const wantVms = parts.includes("boot") || parts.includes("devices");
+if (native && wantVms) {
+  const sink = sinkAt(HERE);
+  const g = await buildGuest({ quiet: true });
+  if (parts.includes("devices")) g.fioImage = await buildFioImage({ quiet: true });
+  console.log(`\n== boot to /init and devices on ${HERE}, ${runs} boot runs, ${deviceRuns} device runs`);
+  const got: BenchFigure[] = [];
+  if (parts.includes("boot")) got.push(...await bootBench(g, runs, sink));
+  if (parts.includes("devices")) got.push(...await deviceBench(g, deviceRuns, sink));
+  figures.push(...got.map((f) => ({ ...f, where: HERE })));
+} else if (wantVms || wantL1Exits) {
+  const why = nestedUnavailable();
+  if (why) {
+    missing.push(`everything that needs the nested runner: ${why}`);
+  } else {
+    const sink = sinkAt(L1);
+    console.log(`\n== inside the nested runner's L1 (QEMU TCG, emulated SVM): ${parts.join(", ")}`);
+    console.log("   Nested-emulated figures: compare the ratios, not the times, with hardware.");
+    const l1Parts = parts.filter((p) => p !== "exits" || wantL1Exits);
+    const run = await runNested({
+      program: {
+        script: "tests/bench/l1_bench.ts",
+        args: JSON.stringify({
+          runs,
+          deviceRuns,
+          parts: l1Parts,
+          exits: wantL1Exits,
+          floor: floor ? "/usr/bin/exit_floor" : undefined,
+          floorError,
+          vmTimeoutS: Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S"),
+        }),
+        withQemu: wantVms,
+        withFio: parts.includes("devices"),
+        extraFiles: floor ? [["/usr/bin/exit_floor", floor]] : [],
+      },
+      timeoutMs: 60 * 60_000,
+      echo: Deno.env.get("TSVMM_ECHO_L1") === "1",
+      onBench: (b) => {
+        if (typeof b.value === "string") sink.value(b.value, Number(b.v), String(b.unit));
+        else if (typeof b.missing === "string") sink.missing(b.missing, String(b.why));
+        else if (b.figure) figures.push({ ...(b.figure as BenchFigure), where: L1 });
+      },
+    });
+    if (!run.completed) {
+      sink.missing("the rest of the L1 bench (L1 did not finish)", `--- L1 console tail ---\n${run.tail}`);
+    }
+  }
+}
+await Deno.remove(tmp, { recursive: true });
+
+// Every figure asked for, measured at least once?
+const expected: string[] = [];
+if (parts.includes("exits")) {
+  const at = kvmHere ? "this host's KVM" : "L1's KVM";
+  expected.push(
+    `vCPU exit round trip, pio (${at})`,
+    `vCPU exit round trip, mmio (${at})`,
+    `C floor: the same pio loop in a C VMM (${at})`,
+  );
+}
+if (parts.includes("boot")) {
+  expected.push(
+    "tsvmm API: createVm -> /init marker (1 vCPU)",
+    "tsvmm CLI: process start -> /init marker (1 vCPU)",
+    "QEMU microvm: process start -> /init marker (1 vCPU)",
+  );
+}
+if (parts.includes("devices")) expected.push(...deviceFigureNames(true));
+for (const name of expected) {
+  if (!figures.some((f) => f.name === name)) missing.push(`${name} (no run succeeded)`);
+}
+
+// Each tsvmm figure beside its peer (QEMU's figure of the same kind, or the C floor), with the ratio.
+console.log("\n== figures (medians)");
 const bootQemu = figures.find((f) => f.name.startsWith("QEMU microvm"));
+const floorFig = figures.find((f) => f.name.startsWith("C floor"));
 for (const f of figures) {
   const isBoot = f.name.includes("/init marker");
-  const peer = isBoot ? bootQemu : figures.find((x) => x.name === f.name.replace(/^tsvmm/, "QEMU"));
-  const unit = isBoot ? "ms" : f.name.includes("IOPS") ? "IOPS" : "MB/s";
-  const ratio = f.name.startsWith("QEMU") || !peer
+  const isExit = f.name.startsWith("vCPU exit");
+  const peer = isBoot
+    ? bootQemu
+    : isExit
+    ? floorFig
+    : figures.find((x) => x.name === f.name.replace(/^tsvmm/, "QEMU"));
+  const ratio = f.name.startsWith("QEMU") || f.name.startsWith("C floor") || !peer
     ? ""
+    : isExit
+    ? `  ${(f.median / peer.median).toFixed(2)}x the C floor`
     : isBoot
     ? `  ${(f.median / peer.median).toFixed(2)}x QEMU's time`
     : `  ${(f.median / peer.median).toFixed(2)}x QEMU's rate`;
-  console.log(`${f.name.padEnd(58)} median ${fmt(f.median)} ${unit}${ratio}  runs: ${f.runs.join(" ")}`);
+  console.log(
+    `${f.name.padEnd(58)} median ${fmt(f.median)} ${f.unit}${ratio}  [${f.where}]  runs: ${f.runs.join(" ")}`,
+  );
+}
+if (missing.length) {
+  console.error(`\nbench: ${missing.length} figure(s) or runs missing:\n- ${missing.join("\n- ")}`);
+  Deno.exit(1);
 }

@@ -6,7 +6,7 @@
 
 import { bootTest, waitForConsole } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
-import { type BenchFigure, median, qemuMicrovmArgs } from "./boot_bench.ts";
+import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
 
 const MIB = 1024 * 1024;
 const DISK_MIB = 64;
@@ -44,7 +44,10 @@ interface BenchVm {
   tools?: string;
 }
 
-/** Boots tsvmm with a fresh data disk (plus `b`'s devices); returns the console text. */
+/**
+ * Boots tsvmm with a fresh data disk (plus `b`'s devices); returns the console text. A run
+ * that hangs rejects after vmTimeoutMs() with the console tail and the hung-guest report.
+ */
 async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
   const img = await image();
   try {
@@ -63,18 +66,21 @@ async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
         pinVcpus: true,
       },
       async (vm) => {
-        await waitForConsole(vm, b.marker, 600_000);
+        await waitForConsole(vm, b.marker, vmTimeoutMs());
         await vm.wait();
         return vm.consoleText;
       },
-      660_000,
+      vmTimeoutMs() + 30_000,
     );
   } finally {
     await Deno.remove(img);
   }
 }
 
-/** The same boot under QEMU microvm with its virtio-mmio devices; returns the console text. */
+/**
+ * The same boot under QEMU microvm with its virtio-mmio devices; returns the console text.
+ * A run past vmTimeoutMs() is killed and rejects with its console tail.
+ */
 async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
   const img = await image();
   try {
@@ -90,13 +96,32 @@ async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
     if (b.rng) {
       args.push("-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0");
     }
-    const out = await new Deno.Command("qemu-system-x86_64", {
+    const child = new Deno.Command("qemu-system-x86_64", {
       args,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
-    }).output();
-    return new TextDecoder().decode(out.stdout);
+    }).spawn();
+    let killed = false;
+    const timer = setTimeout(() => {
+      killed = true;
+      child.kill("SIGKILL");
+    }, vmTimeoutMs());
+    const out = await child.output();
+    clearTimeout(timer);
+    const text = new TextDecoder().decode(out.stdout);
+    if (killed) {
+      throw new Error(
+        `QEMU did not end within ${vmTimeoutMs()} ms\n--- console tail ---\n${text.slice(-2000)}`,
+      );
+    }
+    if (!b.marker.test(text)) {
+      throw new Error(
+        `QEMU ended (exit ${out.code}) without ${b.marker}\n--- console tail ---\n${text.slice(-2000)}` +
+          new TextDecoder().decode(out.stderr).trim(),
+      );
+    }
+    return text;
   } finally {
     await Deno.remove(img);
   }
@@ -132,42 +157,54 @@ function parseFio(text: string): Record<string, number> {
   return r;
 }
 
-/** Device throughput, `runs` alternating runs each; `errors` says what could not be measured. */
-export async function deviceBench(
-  g: GuestAssets,
-  runs: number,
-): Promise<{ figures: BenchFigure[]; errors: string[] }> {
-  const errors: string[] = [];
-  const r: Record<string, number[]> = {};
-  const push = (k: string, v: number) => (r[k] ??= []).push(v);
+/** The figures deviceBench takes (fio's only with a tools disk). */
+export function deviceFigureNames(withFio: boolean): string[] {
+  const dd = ["blk sequential read MB/s", "blk sequential write MB/s (fsync)", "rng MB/s (/dev/hwrng)"];
+  const fio = FIO_JOBS.map((j) => `blk 4 KiB ${j.replace("_qd", " QD")} IOPS`);
+  return ["tsvmm", "QEMU"].flatMap((who) => [...dd, ...(withFio ? fio : [])].map((f) => `${who} ${f}`));
+}
+
+/**
+ * Device throughput, `runs` alternating runs each; every value goes to `sink` as it is
+ * measured, and a run that fails or hangs is reported there as missing while the bench
+ * goes on with the next one.
+ */
+export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink): Promise<BenchFigure[]> {
+  const set = new FigureSet(sink);
+  const dd = async (who: "tsvmm" | "QEMU", i: number) => {
+    let text: string;
+    try {
+      text = who === "tsvmm" ? await ours(g, DD) : await qemu(g, DD);
+    } catch (e) {
+      sink.missing(`${who} dd read, write and rng, run ${i + 1}`, String((e as Error).message ?? e));
+      return;
+    }
+    await set.measure(`${who} blk sequential read MB/s`, "MB/s", i, () => Promise.resolve(parse(text).read));
+    await set.measure(
+      `${who} blk sequential write MB/s (fsync)`,
+      "MB/s",
+      i,
+      () => Promise.resolve(parse(text).write),
+    );
+    await set.measure(`${who} rng MB/s (/dev/hwrng)`, "MB/s", i, () => Promise.resolve(parse(text).rng));
+  };
+  const fio = async (who: "tsvmm" | "QEMU", i: number) => {
+    try {
+      const text = who === "tsvmm" ? await ours(g, fioVm(g.fioImage!)) : await qemu(g, fioVm(g.fioImage!));
+      const r = parseFio(text);
+      for (const j of FIO_JOBS) set.add(`${who} blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, "IOPS", r[j]);
+    } catch (e) {
+      sink.missing(`${who} fio random IOPS, run ${i + 1}`, String((e as Error).message ?? e));
+    }
+  };
   for (let i = 0; i < runs; i++) {
-    const a = parse(await ours(g, DD));
-    const b = parse(await qemu(g, DD));
-    push("tsvmm blk sequential read MB/s", a.read);
-    push("QEMU blk sequential read MB/s", b.read);
-    push("tsvmm blk sequential write MB/s (fsync)", a.write);
-    push("QEMU blk sequential write MB/s (fsync)", b.write);
-    push("tsvmm rng MB/s (/dev/hwrng)", a.rng);
-    push("QEMU rng MB/s (/dev/hwrng)", b.rng);
-    if (g.fioImage && errors.length === 0) {
-      // A failed fio boot is reported and ends the fio part; the other figures stand.
-      try {
-        const fa = parseFio(await ours(g, fioVm(g.fioImage)));
-        const fb = parseFio(await qemu(g, fioVm(g.fioImage)));
-        for (const j of FIO_JOBS) {
-          push(`tsvmm blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, fa[j]);
-          push(`QEMU blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, fb[j]);
-        }
-      } catch (e) {
-        errors.push(`fio random IOPS: ${(e as Error).message}`);
-      }
+    await dd("tsvmm", i);
+    await dd("QEMU", i);
+    if (g.fioImage) {
+      await fio("tsvmm", i);
+      await fio("QEMU", i);
     }
   }
-  if (!g.fioImage) errors.push("no fio tools disk: the random IOPS figures are missing");
-  const figures = Object.entries(r).map(([name, v]) => ({
-    name,
-    runs: v.map((x) => Math.round(x * 100) / 100),
-    median: median(v),
-  }));
-  return { figures, errors };
+  if (!g.fioImage) sink.missing("fio random IOPS", "no fio tools disk");
+  return set.figures();
 }

@@ -1,4 +1,8 @@
-/** Exit round trip on this host's KVM: a tiny guest doing N port writes (or MMIO writes) to a device. */
+/**
+ * Exit round trip: a tiny guest doing N port writes (or MMIO writes) to a device, on
+ * whatever /dev/kvm this process has (the host's, or L1's inside the nested runner),
+ * and the same loop in the smallest C VMM (exit_floor.c) as the floor.
+ */
 
 import { buildMachine } from "../../vmm/builder.ts";
 
@@ -22,8 +26,17 @@ function loopGuest(n: number, mmio: boolean): Uint8Array {
   ]);
 }
 
-/** Microseconds per exit, median over `rounds` runs of `n` exits. */
-export async function exitRoundTrip(kind: "pio" | "mmio", n = 20_000, rounds = 5): Promise<number[]> {
+/**
+ * Microseconds per exit, one figure per round of `n` exits, each also handed to `onRound`
+ * as it is measured; a round past `timeoutMs` throws with the hung-guest report.
+ */
+export async function exitRoundTrip(
+  kind: "pio" | "mmio",
+  n = 20_000,
+  rounds = 5,
+  timeoutMs = 120_000,
+  onRound?: (us: number) => void,
+): Promise<number[]> {
   const out: number[] = [];
   for (let r = 0; r < rounds; r++) {
     const vm = await buildMachine({ program: { code: loopGuest(n, kind === "mmio") }, memoryMiB: 16 });
@@ -33,12 +46,68 @@ export async function exitRoundTrip(kind: "pio" | "mmio", n = 20_000, rounds = 5
     else vm.mmio.register(0x3000_0000, 8, dev, "bench mmio");
     const t0 = performance.now();
     await vm.start();
-    const exit = await vm.exited;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const hung = new Promise<"hung">((res) => timer = setTimeout(() => res("hung"), timeoutMs));
+    const done = await Promise.race([vm.exited, hung]);
+    clearTimeout(timer);
+    if (done === "hung") {
+      const report = (await vm.diagnose()).join("\n");
+      await vm.stop();
+      throw new Error(
+        `the ${kind} exit guest did not finish within ${timeoutMs} ms (${count} exits)\n${report}`,
+      );
+    }
+    const exit = done;
     const us = ((performance.now() - t0) * 1000) / n;
     if (exit.reason !== "poweroff" || count !== n) {
       throw new Error(`bench guest: ${exit.message}, ${count} exits`);
     }
     out.push(us);
+    onRound?.(us);
   }
   return out;
+}
+
+/**
+ * Builds the C floor (exit_floor.c, statically linked, so it also runs inside the nested
+ * runner's L1) into `dir`; returns its path, or throws saying why it could not be built.
+ */
+export async function buildExitFloor(dir: string): Promise<string> {
+  const out = `${dir}/exit_floor`;
+  const src = new URL("./exit_floor.c", import.meta.url).pathname;
+  let r: Deno.CommandOutput;
+  try {
+    r = await new Deno.Command("cc", { args: ["-O2", "-static", "-o", out, src], stderr: "piped" }).output();
+  } catch (e) {
+    throw new Error(`cannot build the C floor: no C compiler (cc): ${(e as Error).message}`);
+  }
+  if (!r.success) throw new Error(`cannot build the C floor: ${new TextDecoder().decode(r.stderr).trim()}`);
+  return out;
+}
+
+/** Microseconds per exit of the C floor, one figure per round; throws with its error output. */
+export async function exitFloor(
+  binary: string,
+  n = 20_000,
+  rounds = 5,
+  timeoutMs = 120_000,
+): Promise<number[]> {
+  const child = new Deno.Command(binary, {
+    args: [String(n), String(rounds)],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+  const r = await child.output();
+  clearTimeout(timer);
+  const text = new TextDecoder().decode(r.stdout);
+  const us = text.trim().split("\n").filter(Boolean).map(Number);
+  if (!r.success || us.length !== rounds || !us.every((x) => x > 0)) {
+    throw new Error(
+      `the C floor failed (exit ${r.code}${r.signal ? `, ${r.signal}` : ""}): ${text.trim()} ` +
+        new TextDecoder().decode(r.stderr).trim(),
+    );
+  }
+  return us;
 }

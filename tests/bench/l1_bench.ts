@@ -1,19 +1,63 @@
-/** Runs inside the nested runner's L1: the boot benchmark, one "TSVMM-BENCH {json}" line per figure. */
+/**
+ * Runs inside the nested runner's L1: the exit round trip on L1's KVM beside the C floor
+ * (when asked: the host had no /dev/kvm), then the boot and device benchmarks. Every value
+ * is printed the moment it is measured, as a "TSVMM-BENCH {json}" line:
+ * `{value: name, v, unit}` for one run, `{missing: name, why}` for one that could not be
+ * taken, `{figure: BenchFigure}` for each median at the end of its part.
+ */
 
-import { bootBench } from "./boot_bench.ts";
+import { type BenchSink, bootBench } from "./boot_bench.ts";
 import { deviceBench } from "./device_bench.ts";
+import { exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
+import { median } from "./boot_bench.ts";
 
 const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSVMM_GUEST_ASSETS")!));
 const opts = JSON.parse((await Deno.readTextFile(Deno.args[0])).trim() || "{}");
+// The host's per-VM timeout, for the runs in here.
+if (opts.vmTimeoutS) Deno.env.set("TSVMM_BENCH_VM_TIMEOUT_S", String(opts.vmTimeoutS));
+const emit = (o: Record<string, unknown>) => console.log("TSVMM-BENCH " + JSON.stringify(o));
+const sink: BenchSink = {
+  value: (name, v, unit) => emit({ value: name, v, unit }),
+  missing: (name, why) => emit({ missing: name, why: why.slice(-3000) }),
+};
+const round = (x: number) => Math.round(x * 100) / 100;
+const parts: string[] = opts.parts ?? ["exits", "boot", "devices"];
 try {
-  for (const f of await bootBench(assets, opts.runs ?? 5, opts.cpus ?? 1)) {
-    console.log("TSVMM-BENCH " + JSON.stringify(f));
+  if (opts.exits && parts.includes("exits")) {
+    for (const kind of ["pio", "mmio"] as const) {
+      const name = `vCPU exit round trip, ${kind} (L1's KVM)`;
+      try {
+        // An exit costs about a millisecond here: fewer per round than on a host.
+        const r = await exitRoundTrip(
+          kind,
+          opts.exitN ?? 2000,
+          5,
+          120_000,
+          (v) => sink.value(name, v, "us/exit"),
+        );
+        emit({ figure: { name, unit: "us/exit", runs: r.map(round), median: round(median(r)) } });
+      } catch (e) {
+        sink.missing(name, String((e as Error).message));
+      }
+    }
+    const name = "C floor: the same pio loop in a C VMM (L1's KVM)";
+    try {
+      if (!opts.floor) throw new Error(opts.floorError ?? "no C floor binary");
+      const r = await exitFloor(opts.floor, opts.exitN ?? 2000);
+      for (const v of r) sink.value(name, v, "us/exit");
+      emit({ figure: { name, unit: "us/exit", runs: r.map(round), median: round(median(r)) } });
+    } catch (e) {
+      sink.missing(name, String((e as Error).message));
+    }
   }
-  const dev = await deviceBench(assets, opts.deviceRuns ?? 3);
-  for (const f of dev.figures) console.log("TSVMM-BENCH " + JSON.stringify(f));
-  for (const error of dev.errors) console.log("TSVMM-BENCH " + JSON.stringify({ error }));
+  if (parts.includes("boot")) {
+    for (const f of await bootBench(assets, opts.runs ?? 5, sink, opts.cpus ?? 1)) emit({ figure: f });
+  }
+  if (parts.includes("devices")) {
+    for (const f of await deviceBench(assets, opts.deviceRuns ?? 3, sink)) emit({ figure: f });
+  }
 } catch (e) {
-  console.log("TSVMM-BENCH " + JSON.stringify({ error: String((e as Error).message) }));
+  sink.missing("the rest of the L1 bench", String((e as Error).stack ?? e));
 }
 Deno.exit(0);

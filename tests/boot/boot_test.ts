@@ -1,17 +1,23 @@
 /**
  * Full boots of stock Debian kernels to our initramfs /init, with 1 and 2 vCPUs.
  * Natively where this host's KVM runs stock kernels; otherwise inside the nested
- * runner (an L1 VM under QEMU TCG with an emulated SVM CPU and the real kvm_amd).
+ * runner (an L1 VM under QEMU TCG with an emulated SVM CPU and the real kvm_amd),
+ * together with the tiny-guest cases when this host has no /dev/kvm it can open, so
+ * one L1 boot serves both.
  */
 
 import { BOOT_CASES } from "./cases.ts";
-import { hostKvmRunsStockKernels, nestedUnavailable, runNested } from "../nested/runner.ts";
+import { TINY_CASES } from "../vmm/tiny_guest_cases.ts";
+import { hostKvmRunsStockKernels, hostKvmUsable, nestedUnavailable, runNested } from "../nested/runner.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
 
 const native = hostKvmRunsStockKernels();
+const tinyInL1 = !hostKvmUsable();
 
 Deno.test({
-  name: native ? "full boot (native KVM)" : "full boot (nested KVM runner)",
+  name: native
+    ? "full boot (native KVM)"
+    : `KVM tests in the nested runner's L1: ${tinyInL1 ? "tiny guests and " : ""}full boots`,
   sanitizeOps: false,
   sanitizeResources: false,
   fn: async (t) => {
@@ -22,10 +28,26 @@ Deno.test({
     }
     const why = nestedUnavailable();
     if (why) throw new Error(`the nested runner cannot run: ${why}`);
-    const run = await runNested({ timeoutMs: 45 * 60_000, echo: Deno.env.get("TSVMM_ECHO_L1") === "1" });
-    for (const c of BOOT_CASES) {
-      const r = run.results.find((x) => x.name === c.name);
-      await t.step(c.name, () => {
+    const run = await runNested({
+      timeoutMs: 45 * 60_000,
+      tiny: tinyInL1,
+      echo: Deno.env.get("TSVMM_ECHO_L1") === "1",
+    });
+    await t.step("L1 has no network device (QEMU started with -nic none)", () => {
+      if (run.l1NetDevices === undefined) {
+        throw new Error(
+          `L1 did not report its PCI network controllers\n--- L1 console tail ---\n${run.tail}`,
+        );
+      }
+      if (run.l1NetDevices !== 0) throw new Error(`L1 has ${run.l1NetDevices} PCI network controller(s)`);
+    });
+    const names = [
+      ...(tinyInL1 ? TINY_CASES.map((c) => `${c.name} (in L1)`) : []),
+      ...BOOT_CASES.map((c) => c.name),
+    ];
+    for (const name of names) {
+      const r = run.results.find((x) => x.name === name.replace(/ \(in L1\)$/, ""));
+      await t.step(name, () => {
         if (!r) {
           throw new Error(
             `no result from L1 (L1 ${run.completed ? "finished" : "did not finish"} after ${run.ms} ms)\n` +
@@ -35,7 +57,7 @@ Deno.test({
         if (!r.ok) throw new Error(r.error);
         if (r.retriedAfter) {
           console.warn(
-            `RETRIED: "${c.name}" passed on its second attempt; the first failed with:\n${r.retriedAfter}`,
+            `RETRIED: "${name}" passed on its second attempt; the first failed with:\n${r.retriedAfter}`,
           );
         }
       });

@@ -1,19 +1,37 @@
 /**
- * Stock-kernel early boot on this machine's own /dev/kvm (../shared/KVM_HERE.md): the
+ * Stock-kernel early boot on a PVM /dev/kvm (docs/DESIGN.md, "KVM on our machines"): the
  * Debian 6.1 cloud kernel, uncompressed, CX16 masked, `noxsave earlyprintk=serial`,
  * prints the e820 map we built, finds our ACPI tables, the IOAPIC and 2 CPUs from the
- * MADT. On PVM the run then ends with our clean emulation-failure report; on a
- * hardware KVM host the kernel goes on and, with no root, panics and reboots (exit 0).
+ * MADT, and the run ends with our clean emulation-failure report. It is the one test of a
+ * stock kernel on PVM, where the full boots cannot run. Elsewhere it is skipped, loudly:
+ * where KVM runs stock kernels (natively or in the nested runner's L1) the full-boot cases
+ * boot the same kernels to /init.
  */
 
 import assert from "node:assert/strict";
 import { createVm, waitForConsole } from "../../mod.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
-import { requireKvm } from "../harness/kvm.ts";
+
+const pvm = (() => {
+  try {
+    Deno.statSync("/sys/module/kvm_pvm");
+    Deno.openSync("/dev/kvm", { read: true, write: true }).close();
+    return true;
+  } catch {
+    return false;
+  }
+})();
+if (!pvm) {
+  console.error(
+    "SKIPPED early boot on PVM: this host has no PVM /dev/kvm it can open. The test checks how far a " +
+      "stock kernel gets on PVM; without PVM the full-boot cases boot stock kernels to /init instead " +
+      "(natively or in the nested runner's L1)",
+  );
+}
 
 Deno.test({
-  name: "early boot on this host's KVM: e820, ACPI tables, IOAPIC and 2 CPUs; clean end report",
-  ignore: !requireKvm("early boot"),
+  name: "early boot on PVM: e820, ACPI tables, IOAPIC and 2 CPUs; clean end report",
+  ignore: !pvm,
   fn: async () => {
     const guest = await buildGuest({ quiet: true });
     const vm = await createVm({
@@ -43,17 +61,12 @@ Deno.test({
       assert.match(text, /IOAPIC\[0\]: apic_id 0, version \d+, address 0xfec00000, GSI 0-23/);
       assert.match(text, /ACPI: INT_SRC_OVR \(bus 0 bus_irq 0 global_irq 2 dfl dfl\)/);
       const exit = await vm.wait();
-      const pvm = await Deno.stat("/sys/module/kvm_pvm").then(() => true, () => false);
-      if (pvm) {
-        assert.equal(exit.code, 1);
-        assert.equal(exit.reason, "internal-error", exit.message);
-        assert.match(
-          exit.message,
-          /^vCPU 0: KVM internal error: emulation failure at RIP 0xffffffff[0-9a-f]+, instruction bytes: ([0-9a-f]{2} ?)+$/,
-        );
-      } else {
-        assert.equal(exit.code, 0, exit.message);
-      }
+      assert.equal(exit.code, 1);
+      assert.equal(exit.reason, "internal-error", exit.message);
+      assert.match(
+        exit.message,
+        /^vCPU 0: KVM internal error: emulation failure at RIP 0xffffffff[0-9a-f]+, instruction bytes: ([0-9a-f]{2} ?)+$/,
+      );
     } finally {
       await vm.stop();
     }

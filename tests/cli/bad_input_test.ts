@@ -1,6 +1,9 @@
 /**
  * Bad user input: each case gets one clear error line on stderr, a non-zero exit and
- * no stack trace, before any guest runs.
+ * no stack trace, before any guest runs. Everything but KVM itself is checked before
+ * the KVM device is opened, so each case is run twice: against this host's /dev/kvm
+ * (whatever it is, or is not) and against a KVM device path that does not exist, and
+ * must give the same line both times.
  */
 
 import assert from "node:assert/strict";
@@ -34,6 +37,8 @@ async function cli(args: string[], opts: { asNobody?: boolean; cpus?: string } =
   return { code: out.code, stderr };
 }
 
+const NO_KVM = "/nonexistent/kvm";
+
 function assertOneLine(r: { code: number; stderr: string }, pattern: RegExp): void {
   assert.notEqual(r.code, 0, "non-zero exit");
   const lines = r.stderr.trim().split("\n");
@@ -43,12 +48,25 @@ function assertOneLine(r: { code: number; stderr: string }, pattern: RegExp): vo
   assert.doesNotMatch(r.stderr, /^\s+at /m, "no stack trace");
 }
 
+/** The same one-line error with this host's KVM device and with none at all. */
+async function assertBadInput(
+  args: string[],
+  pattern: RegExp,
+  opts: { cpus?: string } = {},
+): Promise<void> {
+  const here = await cli(args, opts);
+  assertOneLine(here, pattern);
+  const none = await cli([...args, "--kvm", NO_KVM], opts);
+  assertOneLine(none, pattern);
+  assert.equal(none.stderr.trim(), here.stderr.trim(), "the same error with and without a KVM device");
+}
+
 const guest = await buildGuest({ quiet: true });
 const kernel = guest.kernels["6.1"].vmlinux;
 
 Deno.test("bad input: missing kernel file", async () => {
-  assertOneLine(
-    await cli(["--kernel", "/nonexistent/vmlinux"]),
+  await assertBadInput(
+    ["--kernel", "/nonexistent/vmlinux"],
     /Cannot read kernel "\/nonexistent\/vmlinux": no such file/,
   );
 });
@@ -56,7 +74,7 @@ Deno.test("bad input: missing kernel file", async () => {
 Deno.test("bad input: a file that is not a kernel", async () => {
   const f = await Deno.makeTempFile();
   await Deno.writeTextFile(f, "just text\n".repeat(100));
-  assertOneLine(await cli(["--kernel", f]), /is not a Linux kernel/);
+  await assertBadInput(["--kernel", f], /is not a Linux kernel/);
   await Deno.remove(f);
 });
 
@@ -67,45 +85,93 @@ Deno.test("bad input: a truncated ELF is not a bootable kernel", async () => {
   await k.read(head);
   k.close();
   await Deno.writeFile(f, head.subarray(0, 100));
-  assertOneLine(await cli(["--kernel", f]), /not a bootable x86-64 ELF kernel/);
+  await assertBadInput(["--kernel", f], /not a bootable x86-64 ELF kernel/);
   await Deno.remove(f);
 });
 
 Deno.test("bad input: unreadable initrd (missing, or a directory)", async () => {
-  assertOneLine(await cli(["--kernel", kernel, "--initrd", "/nonexistent.cpio"]), /Cannot read initrd/);
-  assertOneLine(await cli(["--kernel", kernel, "--initrd", "/tmp"]), /Cannot read initrd "\/tmp"/);
+  await assertBadInput(["--kernel", kernel, "--initrd", "/nonexistent.cpio"], /Cannot read initrd/);
+  await assertBadInput(["--kernel", kernel, "--initrd", "/tmp"], /Cannot read initrd "\/tmp"/);
 });
 
-Deno.test("bad input: no KVM device, and no permission on it", async () => {
-  assertOneLine(await cli(["--kernel", kernel, "--kvm", "/nonexistent/kvm"]), /KVM is not available/);
-  const r = await cli(["--kernel", kernel], { asNobody: true });
-  assertOneLine(r, /Cannot open \/dev\/kvm: permission denied/);
+Deno.test("bad input: a valid config with no KVM device, and with no permission on it", async () => {
+  // Valid in every other way: the one error is that there is no KVM.
+  assertOneLine(
+    await cli(["--kernel", kernel, "--initrd", guest.kernels["6.1"].initramfs, "--kvm", NO_KVM]),
+    /^error: KVM is not available: \/nonexistent\/kvm does not exist$/,
+  );
+  // A KVM device path this user may not open (a root-only file, opened as nobody).
+  const dir = await Deno.makeTempDir();
+  await Deno.chmod(dir, 0o755);
+  const dev = `${dir}/kvm`;
+  await Deno.writeFile(dev, new Uint8Array(0), { mode: 0o600 });
+  await Deno.chmod(dev, 0o600);
+  try {
+    const r = await cli(["--kernel", kernel, "--kvm", dev], { asNobody: true });
+    assertOneLine(r, new RegExp(`^error: Cannot open ${dev}: permission denied`));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("bad input: disk images missing, locked by another process, or a directory", async () => {
+  await assertBadInput(
+    ["--kernel", kernel, "--disk", "/nonexistent/disk.img"],
+    /Cannot open disk "\/nonexistent\/disk.img": no such file/,
+  );
+  await assertBadInput(["--kernel", kernel, "--disk", "/tmp"], /Cannot open disk "\/tmp": /);
+  const img = await Deno.makeTempFile({ suffix: ".img" });
+  await Deno.writeFile(img, new Uint8Array(1024 * 1024));
+  // flock(1) holds an exclusive lock while it sleeps.
+  const holder = new Deno.Command("flock", {
+    args: ["-x", img, "sleep", "60"],
+    stdout: "null",
+    stderr: "null",
+  })
+    .spawn();
+  try {
+    await new Promise((r) => setTimeout(r, 300));
+    await assertBadInput(["--kernel", kernel, "--disk", img], /it is locked by another process/);
+    await assertBadInput(
+      ["--kernel", kernel, "--disk", `${img},readonly`],
+      /it is locked by another process/,
+    );
+  } finally {
+    holder.kill("SIGKILL");
+    await holder.status;
+    await Deno.remove(img);
+  }
 });
 
 Deno.test("bad input: memory too small for the kernel, or more than the host has", async () => {
-  assertOneLine(
-    await cli(["--kernel", kernel, "--memory", "32"]),
+  await assertBadInput(
+    ["--kernel", kernel, "--memory", "32"],
     /too small for this kernel: it needs at least \d+ MiB/,
   );
-  assertOneLine(await cli(["--kernel", kernel, "--memory", "100000G"]), /more than this host's \d+ MiB/);
-  assertOneLine(await cli(["--kernel", kernel, "--memory", "lots"]), /not a size/);
+  await assertBadInput(["--kernel", kernel, "--memory", "100000G"], /more than this host's \d+ MiB/);
+  await assertBadInput(["--kernel", kernel, "--memory", "lots"], /not a size/);
 });
 
 Deno.test("bad input: command line over the kernel's limit", async () => {
-  assertOneLine(
-    await cli(["--kernel", kernel, "--cmdline", "x".repeat(3000)]),
+  await assertBadInput(
+    ["--kernel", kernel, "--cmdline", "x".repeat(3000)],
     /command line is 3000 bytes; this kernel accepts at most 2047/,
   );
 });
 
 Deno.test("bad input: bad flags and values", async () => {
-  assertOneLine(await cli(["--bogus"]), /Unknown option '--bogus'/);
-  assertOneLine(await cli(["--kernel", kernel, "--cpus", "0"]), /--cpus must be an integer from 1/);
-  assertOneLine(await cli(["--kernel", kernel, "--cpus", "two"]), /--cpus "two" is not a whole number/);
-  assertOneLine(await cli(["--kernel", kernel, "--cpuid-mask=-nosuch"]), /neither a known feature/);
+  await assertBadInput(["--bogus"], /Unknown option '--bogus'/);
+  await assertBadInput(["--kernel", kernel, "--cpus", "0"], /--cpus must be an integer from 1/);
+  await assertBadInput(["--kernel", kernel, "--cpus", "two"], /--cpus "two" is not a whole number/);
+  await assertBadInput(["--kernel", kernel, "--cpuid-mask=-nosuch"], /neither a known feature/);
 });
 
 Deno.test("bad input: --pin-vcpus in a process limited to one CPU", async () => {
-  const r = await cli(["--kernel", kernel, "--pin-vcpus"], { cpus: "0" });
-  assertOneLine(r, /--pin-vcpus needs at least 2 host CPUs .* this process may use 1$/);
+  await assertBadInput(
+    ["--kernel", kernel, "--pin-vcpus"],
+    /--pin-vcpus needs at least 2 host CPUs .* this process may use 1$/,
+    {
+      cpus: "0",
+    },
+  );
 });

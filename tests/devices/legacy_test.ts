@@ -28,6 +28,25 @@ Deno.test("i8042: self-test, CTR round trip, idle status, and reset on 0xfe", ()
   assert.equal(resets, 1);
 });
 
+Deno.test("i8042: the status register says the keyboard is not locked (bit 4 set), whatever the guest does", () => {
+  const k = new I8042({ reset: () => {}, interrupt: () => {} });
+  const status = () => {
+    const d = new Uint8Array(1);
+    k.read(I8042_CMD, d);
+    return d[0];
+  };
+  const wr = (o: number, v: number) => k.write(o, new Uint8Array([v]));
+  assert.equal(status() & 0x10, 0x10, "idle");
+  wr(I8042_CMD, 0xaa); // self-test: output pending
+  assert.equal(status() & 0x11, 0x11, "with output pending");
+  const d = new Uint8Array(1);
+  k.read(I8042_DATA, d);
+  wr(I8042_CMD, 0x60); // write CTR: command bit set until the data byte
+  assert.equal(status() & 0x18, 0x18, "mid-command");
+  wr(I8042_DATA, 0x47);
+  assert.equal(status() & 0x10, 0x10, "after the command");
+});
+
 Deno.test("ACPI power: S5 with SLP_EN powers off; other values and the reset value act as specified", () => {
   const ev: string[] = [];
   const pm = new AcpiPm({ powerOff: () => ev.push("off"), reset: () => ev.push("reset") }, 1);

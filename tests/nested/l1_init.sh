@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # /init of the nested runner's L1 VM: loads the real KVM modules (kvm_amd on QEMU's
-# emulated SVM CPU), then runs tests/nested/l1_main.ts with the project's Deno and
-# reports over the serial console.
+# emulated SVM CPU), reports L1's network controllers (none expected), then runs the
+# program the runner chose (tests/nested/l1_main.ts, or the bench) with the project's
+# Deno, reporting over the serial console.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin /root
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -10,6 +11,8 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 while read -r m; do
   insmod "/lib/modules/$(uname -r)/$m" || echo "TSVMM-L1-MODULE-FAILED $m"
 done < /etc/tsvmm/modules.order
+# Network controllers (PCI class 0x02) on L1's buses: the runner asks for none.
+echo "TSVMM-L1-PCI-NET n=$(cat /sys/bus/pci/devices/*/class 2>/dev/null | grep -c '^0x02')"
 [ -c /dev/kvm ] && echo "TSVMM-L1-KVM-READY" || echo "TSVMM-L1-NO-KVM"
 cd /proj
 export PATH=/usr/bin:/bin:/sbin:/usr/sbin HOME=/root DENO_DIR=/tmp/deno-dir DENO_NO_UPDATE_CHECK=1 NO_COLOR=1

@@ -1,8 +1,9 @@
 /**
  * The nested-KVM runner: where this host's KVM cannot run stock kernels (PVM, or no
  * /dev/kvm), boot an L1 Linux under QEMU TCG with an emulated AMD CPU with SVM, load
- * the real kvm + kvm_amd there, and run the boot cases inside it with our Deno and
- * source, reading results back over L1's serial console (../shared/KVM_HERE.md).
+ * the real kvm + kvm_amd there, and run the boot cases (and, where this host has no
+ * usable /dev/kvm, the tiny-guest cases) inside it with our Deno and source, reading
+ * results back over L1's serial console (docs/DESIGN.md, "The nested runner").
  */
 
 import { CpioTree } from "../../vmm/guest/cpio.ts";
@@ -13,6 +14,20 @@ import { buildFioImage } from "../../vmm/guest/fio.ts";
 const ROOT = new URL("../../", import.meta.url).pathname;
 const PROJECT_DIRS = ["mod.ts", "deno.json", "vmm", "devices", "transports", "tests", "examples"];
 const L1_MODULES = ["irqbypass", "kvm", "kvm_amd"];
+
+/**
+ * Whether this host's /dev/kvm can be opened read-write (any KVM, PVM included), so the
+ * tiny-guest tests run here; false with TSVMM_NESTED=1, which sends them into L1 too.
+ */
+export function hostKvmUsable(): boolean {
+  if (Deno.env.get("TSVMM_NESTED") === "1") return false;
+  try {
+    Deno.openSync("/dev/kvm", { read: true, write: true }).close();
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /** Whether this host's KVM can run a stock kernel to userspace (hardware VMX/SVM, not PVM). */
 export function hostKvmRunsStockKernels(): boolean {
@@ -93,6 +108,8 @@ export interface L1Program {
   withQemu?: boolean;
   /** Also put the fio tools disk (vmm/guest/fio.ts) into L1. */
   withFio?: boolean;
+  /** More files: [path inside L1, host path], made executable. */
+  extraFiles?: Array<[string, string]>;
 }
 
 /** Builds the L1 initramfs: busybox, KVM modules, Deno and its libraries, the project, the guest. */
@@ -134,6 +151,9 @@ export async function buildL1Initramfs(
     for (const [inside, host] of await sharedLibs(qemu)) await addFile(inside, host, 0o755);
     for (const f of QEMU_DATA) await addFile(`usr/share/qemu/${f}`, `/usr/share/qemu/${f}`);
   }
+  for (const [inside, host] of program.extraFiles ?? []) {
+    await addFile(inside.replace(/^\//, ""), host, 0o755);
+  }
   const files: Array<[string, string]> = [];
   for (const p of PROJECT_DIRS) {
     try {
@@ -168,6 +188,8 @@ export async function buildL1Initramfs(
 export interface L1Run {
   /** Payloads of the "TSVMM-RESULT " lines, parsed. */
   results: Array<{ name: string; ok: boolean; ms: number; error?: string; retriedAfter?: string }>;
+  /** Network controllers on L1's PCI buses, as L1 counted them (undefined if it did not report). */
+  l1NetDevices?: number;
   /** Payloads of the "TSVMM-BENCH " lines, parsed. */
   bench: Array<Record<string, unknown>>;
   /** Whether L1 reported completion. */
@@ -182,8 +204,10 @@ export interface L1Run {
 export interface L1Options {
   /** What L1 runs (default: the boot cases). */
   program?: L1Program;
-  /** Regex source selecting boot cases (all if empty). */
+  /** Regex source selecting cases (all if empty); a leading "+" echoes the guests' consoles. */
   filter?: string;
+  /** Also run the tiny-guest cases (tests/vmm/tiny_guest_cases.ts) in L1. */
+  tiny?: boolean;
   /** Whole-run timeout. */
   timeoutMs?: number;
   /** Print L1's console as it comes. */
@@ -192,6 +216,25 @@ export interface L1Options {
   withQemu?: boolean;
   /** Also put the fio tools disk into L1. */
   withFio?: boolean;
+  /** Called with each "TSVMM-BENCH" payload the moment L1 prints it. */
+  onBench?: (b: Record<string, unknown>) => void;
+}
+
+/**
+ * QEMU's command line for L1: q35 under TCG with an emulated EPYC with SVM, 2 CPUs, 3 GiB,
+ * its serial console on stdio, and nothing else: no default devices, no network device
+ * (nothing may leave a test VM), no user config.
+ */
+export function l1QemuArgs(kernel: string, initrd: string): string[] {
+  return [
+    "qemu-system-x86_64",
+    ...["-nodefaults", "-no-user-config", "-nic", "none"],
+    ...["-accel", "tcg,thread=multi", "-M", "q35", "-cpu", "EPYC,+svm", "-smp", "2", "-m", "3072"],
+    ...["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"],
+    ...["-kernel", kernel, "-initrd", initrd],
+    "-append",
+    `console=ttyS0 nokaslr tsc_early_khz=${hostTscKhz()} panic=-1 reboot=t quiet`,
+  ];
 }
 
 /** Boots L1, runs the selected boot cases inside it, and returns their results. */
@@ -201,7 +244,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const program = opts.program ??
     {
       script: "tests/nested/l1_main.ts",
-      args: opts.filter ?? "",
+      args: JSON.stringify({ filter: opts.filter ?? "", tiny: opts.tiny ?? false }),
       withQemu: opts.withQemu,
       withFio: opts.withFio,
     };
@@ -209,18 +252,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const dir = await Deno.makeTempDir({ prefix: "tsvmm-l1-" });
   const initrd = `${dir}/l1.cpio`;
   await Deno.writeFile(initrd, cpio);
-  const qemu = [
-    "qemu-system-x86_64",
-    "-accel tcg,thread=multi",
-    "-M q35",
-    "-cpu EPYC,+svm",
-    "-smp 2",
-    "-m 3072",
-    "-display none -monitor none -serial stdio -no-reboot",
-    `-kernel ${kernel}`,
-    `-initrd ${initrd}`,
-    `-append 'console=ttyS0 nokaslr tsc_early_khz=${hostTscKhz()} panic=-1 reboot=t quiet'`,
-  ].join(" ");
+  const qemu = l1QemuArgs(kernel, initrd).map((a) => `'${a}'`).join(" ");
   // A watchdog shell: QEMU dies with this process, even if this process is killed outright.
   const script = `${qemu} </dev/null & q=$!; trap 'kill -9 $q 2>/dev/null' EXIT INT TERM HUP; ` +
     `while kill -0 ${Deno.pid} 2>/dev/null && kill -0 $q 2>/dev/null; do sleep 0.5; done; kill -9 $q 2>/dev/null; wait $q`;
@@ -228,6 +260,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const results: L1Run["results"] = [];
   const bench: L1Run["bench"] = [];
   let completed = false;
+  let l1NetDevices: number | undefined;
   let tail = "";
   const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
   const timer = setTimeout(() => child.kill("SIGTERM"), timeoutMs);
@@ -249,10 +282,17 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
       }
       const b = line.indexOf("TSVMM-BENCH ");
       if (b >= 0) {
+        let payload: Record<string, unknown> | undefined;
         try {
-          bench.push(JSON.parse(line.slice(b + "TSVMM-BENCH ".length)));
+          payload = JSON.parse(line.slice(b + "TSVMM-BENCH ".length));
         } catch { /* reported as missing figures */ }
+        if (payload) {
+          bench.push(payload);
+          opts.onBench?.(payload);
+        }
       }
+      const net = /TSVMM-L1-PCI-NET n=(\d+)/.exec(line);
+      if (net) l1NetDevices = Number(net[1]);
       if (line.includes("TSVMM-L1-DONE")) completed = true;
     }
   };
@@ -263,13 +303,15 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const stderr = await errText;
   if (stderr.trim()) tail += `\n[qemu stderr] ${stderr.trim()}`;
   await Deno.remove(dir, { recursive: true });
-  return { results, bench, completed, tail, ms: Math.round(performance.now() - t0) };
+  return { results, bench, completed, l1NetDevices, tail, ms: Math.round(performance.now() - t0) };
 }
 
 if (import.meta.main) {
-  // TSVMM_L1_QEMU=1 puts QEMU into L1 too, TSVMM_L1_FIO=1 the fio tools disk (for experiments).
+  // TSVMM_L1_QEMU=1 puts QEMU into L1 too, TSVMM_L1_FIO=1 the fio tools disk (for experiments);
+  // TSVMM_L1_TINY=1 runs the tiny-guest cases there as well.
   const r = await runNested({
     filter: Deno.args[0],
+    tiny: Deno.env.get("TSVMM_L1_TINY") === "1",
     echo: true,
     withQemu: Deno.env.get("TSVMM_L1_QEMU") === "1",
     withFio: Deno.env.get("TSVMM_L1_FIO") === "1",

@@ -1,16 +1,29 @@
-/** The nested runner itself: a hung L1 is killed at its timeout and leaves no QEMU behind. */
+/**
+ * The nested runner itself: L1 starts with no network device, a hung L1 is killed at its
+ * timeout and leaves no QEMU behind.
+ */
 
 import assert from "node:assert/strict";
-import { nestedUnavailable, runNested } from "./runner.ts";
+import { l1QemuArgs, nestedUnavailable, runNested } from "./runner.ts";
 
+/** L1's QEMU processes (their command line starts as l1QemuArgs builds it). */
 async function qemuCount(): Promise<number> {
   const out = await new Deno.Command("pgrep", {
-    args: ["-c", "-f", "qemu-system-x86_64 -accel tcg"],
+    args: ["-c", "-f", "^qemu-system-x86_64 -nodefaults -no-user-config -nic none -accel tcg"],
     stdout: "piped",
   })
     .output();
   return Number(new TextDecoder().decode(out.stdout).trim() || "0");
 }
+
+Deno.test("nested runner: L1's QEMU gets no default devices and no network device", () => {
+  const args = l1QemuArgs("/k", "/i");
+  for (const a of ["-nodefaults", "-no-user-config"]) {
+    assert.ok(args.includes(a), `${a} in ${args.join(" ")}`);
+  }
+  assert.equal(args[args.indexOf("-nic") + 1], "none");
+  assert.ok(!args.some((a) => /^-(netdev|net|device|drive|usb)/.test(a)), args.join(" "));
+});
 
 Deno.test({
   name: "nested runner: a run past its timeout fails with the console tail and leaves no QEMU process",
@@ -20,8 +33,21 @@ Deno.test({
     const why = nestedUnavailable();
     if (why) throw new Error(`the nested runner cannot run: ${why}`);
     const before = await qemuCount();
-    // 6 s is enough to start L1 but not to finish any boot case.
+    // Watch for L1's QEMU while the run goes on: the run must have started it.
+    let most = before;
+    let watching = true;
+    const watch = (async () => {
+      while (watching) {
+        most = Math.max(most, await qemuCount());
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    })();
+    // 6 s of QEMU is enough to start L1 but not to finish any boot case (building the L1
+    // initramfs comes first and is not counted: the timer starts with QEMU).
     const run = await runNested({ timeoutMs: 6_000 });
+    watching = false;
+    await watch;
+    assert.ok(most > before, `L1's QEMU never ran\n${run.tail}`);
     assert.equal(run.completed, false);
     assert.equal(run.results.length, 0);
     assert.ok(run.ms < 60_000, `the run ended at its timeout (${run.ms} ms)`);

@@ -37,8 +37,22 @@ export interface LoadInput {
 const PAGE = 4096;
 const MIB = 1024 * 1024;
 
-/** Loads everything and returns the boot vCPU's entry state. */
-export function loadKernel(mem: GuestMemory, input: LoadInput): EntryState {
+/** Where the initrd goes, once a kernel, initrd, command line and RAM size are known to fit. */
+export interface LoadPlan {
+  /** The command line's bytes (without the terminating NUL). */
+  cmd: Uint8Array;
+  /** The initrd's place in guest memory, if there is one. */
+  initrd?: { addr: number; size: number };
+  /** Whether an ELF kernel is entered through PVH. */
+  usePvh: boolean;
+}
+
+/**
+ * Checks that the command line, kernel and initrd fit this kernel and RAM size, and the
+ * entry protocol exists, without touching guest memory (so it runs before KVM is opened);
+ * throws ConfigError with a one-line message.
+ */
+export function planKernelLoad(input: Omit<LoadInput, "rsdpAddr">): LoadPlan {
   const k = input.kernel;
   const cmd = new TextEncoder().encode(input.cmdline);
   const cmdMax = k.kind === "bzimage" ? k.cmdlineSize : X86_COMMAND_LINE_SIZE - 1;
@@ -68,9 +82,21 @@ export function loadKernel(mem: GuestMemory, input: LoadInput): EntryState {
         } MiB is too small for this kernel and initrd: they need at least ${needMiB} MiB`,
       );
     }
-    mem.write(addr, input.initrd);
     initrd = { addr, size: initrdSize };
   }
+  const usePvh = k.kind === "elf" &&
+    (input.protocol === "pvh" || (input.protocol === "auto" && k.pvhEntry !== undefined));
+  if (usePvh && k.kind === "elf" && k.pvhEntry === undefined) {
+    throw new ConfigError("This kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)");
+  }
+  return { cmd, initrd, usePvh };
+}
+
+/** Loads everything and returns the boot vCPU's entry state. */
+export function loadKernel(mem: GuestMemory, input: LoadInput): EntryState {
+  const k = input.kernel;
+  const { cmd, initrd, usePvh } = planKernelLoad(input);
+  if (initrd) mem.write(initrd.addr, input.initrd!);
 
   const cmdBuf = mem.view(CMDLINE_ADDR, cmd.length + 1);
   cmdBuf.set(cmd);
@@ -94,17 +120,13 @@ export function loadKernel(mem: GuestMemory, input: LoadInput): EntryState {
   }
 
   for (const s of k.segments) mem.write(s.paddr, s.data);
-  const usePvh = input.protocol === "pvh" || (input.protocol === "auto" && k.pvhEntry !== undefined);
   if (usePvh) {
-    if (k.pvhEntry === undefined) {
-      throw new ConfigError("This kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)");
-    }
     mem.write(
       PVH_INFO_ADDR,
       buildPvhStartInfo(PVH_INFO_ADDR, { cmdlineAddr: CMDLINE_ADDR, rsdpAddr: input.rsdpAddr, e820, initrd }),
     );
     writeBootTables(mem, "pvh32");
-    return { mode: "pvh32", rip: k.pvhEntry, rbx: PVH_INFO_ADDR };
+    return { mode: "pvh32", rip: k.pvhEntry!, rbx: PVH_INFO_ADDR };
   }
   mem.write(
     ZERO_PAGE_ADDR,

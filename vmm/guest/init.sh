@@ -140,6 +140,15 @@ check_fio() {
   echo "TSVMM-CHECK fio dev=$d$out"
 }
 
+# Kernel log lines that say something went wrong (warnings with their call traces, BUGs,
+# ACPI and firmware complaints), one "TSVMM-DMESG line" each, then a count. Run it last.
+DMESG_BAD='(^|[^a-z])(warning|bug):|call trace|acpi error|acpi warning|fw_bug|firmware bug'
+check_dmesg() {
+  dmesg > /tmp/dmesg
+  grep -iE "$DMESG_BAD" /tmp/dmesg | while IFS= read -r l; do echo "TSVMM-DMESG $l"; done
+  echo "TSVMM-CHECK dmesg lines=$(wc -l < /tmp/dmesg) flagged=$(grep -ciE "$DMESG_BAD" /tmp/dmesg)"
+}
+
 for c in $(arg tsvmm.checks | tr ',' ' '); do
   case "$c" in
     cpus) check_cpus ;;
@@ -155,6 +164,7 @@ for c in $(arg tsvmm.checks | tr ',' ' '); do
     mkfs) check_mkfs ;;
     ddbench) check_ddbench ;;
     fio) check_fio ;;
+    dmesg) check_dmesg ;;
     *) echo "TSVMM-CHECK $c unknown-check" ;;
   esac
 done

@@ -1,4 +1,4 @@
-/** The x86-64 guest physical address map (see the README's boot layout). */
+/** The x86-64 guest physical address map (docs/DESIGN.md section 3). */
 
 /** GDT. */
 export const GDT_ADDR = 0x500;

@@ -1,0 +1,287 @@
+/**
+ * Tiny guests: a few instructions of 64-bit code that touch ports and MMIO and write to the
+ * UART, then power off through ACPI; a guest that hangs; vCPU pinning. They need a KVM but
+ * not one that runs stock kernels, so they run on this host's /dev/kvm where it can be
+ * opened (PVM included: tiny_guest_test.ts) and inside the nested runner's L1 where it
+ * cannot (tests/nested/l1_main.ts).
+ */
+
+import assert from "node:assert/strict";
+import { buildMachine } from "../../vmm/builder.ts";
+import { bootTest, ConsoleTimeoutError, type Vm, waitForConsole } from "../../mod.ts";
+
+/** One tiny-guest case. */
+export interface TinyCase {
+  /** Test name. */
+  name: string;
+  /** Runs the case; throws when what it names is broken. */
+  run(): Promise<void>;
+}
+
+// Assembled from tests/vmm/tiny_guest.s (GNU as, .code64); see the comments there.
+const GUEST = new Uint8Array([
+  0x66,
+  0xba,
+  0xf8,
+  0x03,
+  0xb0,
+  0x48,
+  0xee,
+  0xb0,
+  0x69,
+  0xee,
+  0xb0,
+  0x0a,
+  0xee,
+  0x66,
+  0xba,
+  0x10,
+  0x05,
+  0xb0,
+  0x11,
+  0xee,
+  0x66,
+  0xb8,
+  0x33,
+  0x22,
+  0x66,
+  0xef,
+  0xb8,
+  0x77,
+  0x66,
+  0x55,
+  0x44,
+  0xef,
+  0xec,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0xee,
+  0x66,
+  0xba,
+  0x12,
+  0x05,
+  0x66,
+  0xed,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0x66,
+  0xef,
+  0x66,
+  0xba,
+  0x12,
+  0x05,
+  0xed,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0xef,
+  0x48,
+  0xc7,
+  0xc3,
+  0x00,
+  0x00,
+  0x00,
+  0x30,
+  0xc6,
+  0x03,
+  0x12,
+  0x66,
+  0xc7,
+  0x43,
+  0x02,
+  0x56,
+  0x34,
+  0xc7,
+  0x43,
+  0x04,
+  0xde,
+  0xbc,
+  0x9a,
+  0x78,
+  0x48,
+  0xb8,
+  0x88,
+  0x77,
+  0x66,
+  0x55,
+  0x44,
+  0x33,
+  0x22,
+  0x11,
+  0x48,
+  0x89,
+  0x43,
+  0x08,
+  0x8b,
+  0x43,
+  0x10,
+  0x66,
+  0xba,
+  0x11,
+  0x05,
+  0xef,
+  0x48,
+  0x8b,
+  0x43,
+  0x18,
+  0x48,
+  0x89,
+  0x43,
+  0x20,
+  0x66,
+  0xba,
+  0x00,
+  0x06,
+  0xb0,
+  0x34,
+  0xee,
+  0xf4,
+]);
+
+type Access = [string, number, number, string];
+
+function le(d: Uint8Array): string {
+  return Array.from(d).reverse().map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+const exitsCase: TinyCase = {
+  name: "tiny guest: port I/O and MMIO exits reach the buses with the right width and data; UART prints",
+  run: async () => {
+    const vm = await buildMachine({ program: { code: GUEST }, memoryMiB: 16 });
+    const log: Access[] = [];
+    let out = "";
+    vm.console.onOutput((c) => out += new TextDecoder().decode(c));
+    vm.pio.register(0x510, 3, {
+      read: (o, d) => {
+        const v = o === 0 ? 0xa5n : d.length === 2 ? 0xbeefn : 0xcafef00dn;
+        for (let i = 0; i < d.length; i++) d[i] = Number((v >> BigInt(8 * i)) & 0xffn);
+        log.push(["pio-r", 0x510 + o, d.length, le(d)]);
+      },
+      write: (o, d) => void log.push(["pio-w", 0x510 + o, d.length, le(d)]),
+    }, "test port");
+    vm.mmio.register(0x3000_0000, 0x100, {
+      read: (o, d) => {
+        const v = o === 16 ? 0x0badf00dn : 0x0102030405060708n;
+        for (let i = 0; i < d.length; i++) d[i] = Number((v >> BigInt(8 * i)) & 0xffn);
+        log.push(["mmio-r", o, d.length, le(d)]);
+      },
+      write: (o, d) => void log.push(["mmio-w", o, d.length, le(d)]),
+    }, "test mmio");
+    await vm.start();
+    const exit = await vm.exited;
+    assert.equal(exit.reason, "poweroff", exit.message);
+    assert.equal(exit.code, 0);
+    assert.equal(out, "Hi\n");
+    assert.deepEqual(log, [
+      ["pio-w", 0x510, 1, "11"],
+      ["pio-w", 0x510, 2, "2233"],
+      ["pio-w", 0x510, 4, "44556677"],
+      ["pio-r", 0x510, 1, "a5"],
+      ["pio-w", 0x511, 1, "a5"],
+      ["pio-r", 0x512, 2, "beef"],
+      ["pio-w", 0x511, 2, "beef"],
+      ["pio-r", 0x512, 4, "cafef00d"],
+      ["pio-w", 0x511, 4, "cafef00d"],
+      ["mmio-w", 0, 1, "12"],
+      ["mmio-w", 2, 2, "3456"],
+      ["mmio-w", 4, 4, "789abcde"],
+      ["mmio-w", 8, 8, "1122334455667788"],
+      ["mmio-r", 16, 4, "0badf00d"],
+      ["pio-w", 0x511, 4, "0badf00d"],
+      ["mmio-r", 24, 8, "0102030405060708"],
+      ["mmio-w", 32, 8, "0102030405060708"],
+    ]);
+  },
+};
+
+// Prints "spin\n" then loops forever (jmp .).
+const SPINNER = new Uint8Array([
+  0x66,
+  0xba,
+  0xf8,
+  0x03, // mov dx, 0x3f8
+  ...[..."spin\n"].flatMap((c) => [0xb0, c.charCodeAt(0), 0xee]), // mov al, c; out dx, al
+  0xeb,
+  0xfe, // jmp .
+]);
+
+const hungCase: TinyCase = {
+  name: "tiny guest: a hung guest fails its boot test with the console tail, and is stopped",
+  run: async () => {
+    let vmRef: Vm | undefined;
+    const err = await bootTest({ program: { code: SPINNER }, memoryMiB: 16, cpus: 2 }, async (vm) => {
+      vmRef = vm;
+      await waitForConsole(vm, /never printed/, 1500);
+    }).then(() => undefined, (e) => e);
+    assert.ok(err instanceof ConsoleTimeoutError, String(err));
+    assert.match(err.message, /no \/never printed\/ on the console within 1500 ms/);
+    assert.match(err.message, /--- console tail ---\nspin\n/);
+    // Where the guest is: both vCPUs answered the kick (the spinner runs with interrupts off).
+    assert.match(
+      err.message,
+      /\[cpu\]\nvCPU 0: rip=0x[0-9a-f]+ IF=0 runnable .*lapic irr=\[.* code=.* \| eb fe /,
+    );
+    assert.match(err.message, /\nvCPU 1: rip=0x[0-9a-f]+ IF=\d /);
+    assert.match(err.message, /\nioapic: /);
+    const exit = await vmRef!.wait();
+    assert.equal(exit.reason, "stopped");
+  },
+};
+
+/** Each thread of this process: [tid, name, the CPUs it may run on (Cpus_allowed_list)]. */
+function affinities(): Array<[number, string, string]> {
+  const out: Array<[number, string, string]> = [];
+  for (const e of Deno.readDirSync("/proc/self/task")) {
+    try {
+      const st = Deno.readTextFileSync(`/proc/self/task/${e.name}/status`);
+      out.push([Number(e.name), /Name:\s*(.*)/.exec(st)![1], /Cpus_allowed_list:\s*(\S+)/.exec(st)![1]]);
+    } catch { /* the thread ended */ }
+  }
+  return out;
+}
+
+/** The CPUs a Cpus_allowed_list names, e.g. "0-2,5" -> [0, 1, 2, 5]. */
+function cpuList(s: string): number[] {
+  return s.split(",").flatMap((r) => {
+    const [a, b] = r.split("-").map(Number);
+    return Array.from({ length: (b ?? a) - a + 1 }, (_, i) => a + i);
+  });
+}
+
+const pinCase: TinyCase = {
+  name:
+    "tiny guest: pinVcpus gives the vCPUs CPUs of their own and the VMM's threads the first allowed one, and undoes it at the end",
+  run: async () => {
+    const before = /Cpus_allowed_list:\s*(\S+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1];
+    const [vmm, ...rest] = cpuList(before);
+    assert.ok(rest.length >= 1, `pinning needs 2 CPUs; this process may use ${before}`);
+    await bootTest({ program: { code: SPINNER }, memoryMiB: 16, cpus: 2, pinVcpus: true }, async (vm) => {
+      await waitForConsole(vm, /spin/, 5000);
+      const a = affinities();
+      const show = a.map(([, n, c]) => `${n}:${c}`).join(" ");
+      assert.equal(a.find(([tid]) => tid === Deno.pid)?.[2], String(vmm), `main thread: ${show}`);
+      // vCPU i on rest[i mod rest.length]: each of those CPUs runs a thread pinned to it alone
+      // (the vCPU workers and any thread they start, e.g. KVM's own per-VM worker).
+      const want = [rest[0], rest[1 % rest.length]];
+      for (const cpu of want) {
+        assert.ok(a.some(([, , c]) => c === String(cpu)), `a vCPU on CPU ${cpu}: ${show}`);
+      }
+      assert.ok(a.filter(([, , c]) => want.map(String).includes(c)).length >= 2, show);
+      // The runtime's pools on the VMM's CPU.
+      assert.ok(a.filter(([, n]) => /tokio|V8/.test(n)).every(([, , c]) => c === String(vmm)), show);
+    });
+    const after = affinities();
+    assert.ok(
+      after.every(([, , c]) => c === before),
+      `after the VM (${before} before): ${after.map(([, n, c]) => `${n}:${c}`)}`,
+    );
+  },
+};
+
+/** Every tiny-guest case, in the order they run. */
+export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, pinCase];
