@@ -9,7 +9,8 @@
  * take.
  *
  * TSVMM_BENCH_RUNS (boot runs, default 5), TSVMM_BENCH_DEVICE_RUNS (default 3),
- * TSVMM_BENCH_PARTS (default "exits,boot,devices"), TSVMM_BENCH_VM_TIMEOUT_S (default 300).
+ * TSVMM_BENCH_PARTS (default "exits,boot,devices"), TSVMM_BENCH_VM_TIMEOUT_S (default 300),
+ * TSVMM_BENCH_TRANSPORTS (the device bench's transports, default "pci,pci-legacy,mmio").
  */
 
 import { type BenchFigure, type BenchSink, bootBench, median } from "./boot_bench.ts";
@@ -116,6 +117,7 @@ if (native && wantVms) {
           floor: floor ? "/usr/bin/exit_floor" : undefined,
           floorError,
           vmTimeoutS: Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S"),
+          transports: Deno.env.get("TSVMM_BENCH_TRANSPORTS"),
         }),
         withQemu: wantVms,
         withFio: parts.includes("devices"),

@@ -1,12 +1,21 @@
 /**
  * virtio-blk and virtio-rng throughput with dd in the guest, and 4 KiB random IOPS with fio,
- * tsvmm (vCPU pinned) beside QEMU's virtio-mmio devices (microvm, unpinned), same kernel,
- * initramfs and image size.
+ * tsvmm beside QEMU on the same transport: virtio-PCI modern (QEMU microvm with pcie=on,
+ * virtio-*-pci, disable-legacy=on), virtio-PCI legacy (disable-modern=on) and virtio-MMIO
+ * (microvm's virtio-*-device). Same kernel, initramfs and image size, and both pinned the
+ * same way: the vCPU on a CPU of its own, every other thread of the VMM on the first CPU.
  */
 
 import { bootTest, waitForConsole } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
+import type { TransportKind } from "../../vmm/config.ts";
+import { sysGetAffinity, sysSetAffinity } from "../../vmm/sys/libc.ts";
+
+/** The transports the device bench compares (TSVMM_BENCH_TRANSPORTS, comma-separated). */
+export const BENCH_TRANSPORTS: TransportKind[] =
+  (Deno.env.get("TSVMM_BENCH_TRANSPORTS") ?? "pci,pci-legacy,mmio")
+    .split(",").filter((t) => t) as TransportKind[];
 
 const MIB = 1024 * 1024;
 const DISK_MIB = 64;
@@ -48,18 +57,21 @@ interface BenchVm {
  * Boots tsvmm with a fresh data disk (plus `b`'s devices); returns the console text. A run
  * that hangs rejects after vmTimeoutMs() with the console tail and the hung-guest report.
  */
-async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
+async function ours(g: GuestAssets, b: BenchVm, transport: TransportKind): Promise<string> {
   const img = await image();
   try {
     const k = g.kernels["6.1"];
-    const disks = [{ path: img }, ...(b.tools ? [{ path: b.tools, readonly: true }] : [])];
+    const disks = [
+      { path: img, transport },
+      ...(b.tools ? [{ path: b.tools, readonly: true, transport }] : []),
+    ];
     return await bootTest(
       {
         kernel: k.vmlinux,
         initrd: k.initramfs,
         memoryMiB: b.memoryMiB,
         disks,
-        rng: b.rng,
+        rng: b.rng ? { transport } : undefined,
         cmdline: b.cmdline,
         // A vCPU sharing its CPU with the VMM's threads is what makes long interrupt-heavy
         // runs fail under the nested runner (README, Known problems).
@@ -81,21 +93,30 @@ async function ours(g: GuestAssets, b: BenchVm): Promise<string> {
  * The same boot under QEMU microvm with its virtio-mmio devices; returns the console text.
  * A run past vmTimeoutMs() is killed and rejects with its console tail.
  */
-async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
+async function qemu(g: GuestAssets, b: BenchVm, transport: TransportKind): Promise<string> {
   const img = await image();
   try {
     const k = g.kernels["6.1"];
-    const args = [
-      ...qemuMicrovmArgs(k.vmlinux, k.initramfs, b.cmdline, b.memoryMiB),
-      ...["-drive", `id=d0,file=${img},format=raw,if=none`, "-device", "virtio-blk-device,drive=d0"],
-    ];
+    const pci = transport.startsWith("pci");
+    // The device suffix and properties that give QEMU the same transport as ours.
+    const dev = (kind: string, props: string) =>
+      pci
+        ? `virtio-${kind}-pci,${props},${
+          transport === "pci-legacy" ? "disable-modern=on,disable-legacy=off" : "disable-legacy=on"
+        }`
+        : `virtio-${kind}-device,${props}`;
+    const args = qemuMicrovmArgs(k.vmlinux, k.initramfs, b.cmdline, b.memoryMiB);
+    if (pci) args[args.indexOf("microvm,acpi=on")] = "microvm,acpi=on,pcie=on";
+    args.push("-drive", `id=d0,file=${img},format=raw,if=none`, "-device", dev("blk", "drive=d0"));
     if (b.tools) {
       args.push("-drive", `id=d1,file=${b.tools},format=raw,if=none,readonly=on`);
-      args.push("-device", "virtio-blk-device,drive=d1");
+      args.push("-device", dev("blk", "drive=d1"));
     }
     if (b.rng) {
-      args.push("-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0");
+      args.push("-object", "rng-random,id=r0,filename=/dev/urandom", "-device", dev("rng", "rng=r0"));
     }
+    // Pinned as ours are: every thread on the first CPU, then the vCPU thread on the next.
+    const cpus = sysGetAffinity();
     const child = new Deno.Command("qemu-system-x86_64", {
       args,
       stdin: "null",
@@ -107,7 +128,9 @@ async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
       killed = true;
       child.kill("SIGKILL");
     }, vmTimeoutMs());
+    const pinning = cpus.length > 1 ? setInterval(() => pinQemu(child.pid, cpus), 100) : undefined;
     const out = await child.output();
+    clearInterval(pinning);
     clearTimeout(timer);
     const text = new TextDecoder().decode(out.stdout);
     if (killed) {
@@ -124,6 +147,22 @@ async function qemu(g: GuestAssets, b: BenchVm): Promise<string> {
     return text;
   } finally {
     await Deno.remove(img);
+  }
+}
+
+/**
+ * Pins QEMU as pinVcpus pins ours: its vCPU thread ("CPU 0/KVM") on the second CPU this
+ * process may use, every other thread on the first. Called repeatedly while QEMU runs, so
+ * threads it starts later are pinned too.
+ */
+function pinQemu(pid: number, cpus: number[]): void {
+  try {
+    for (const t of Deno.readDirSync(`/proc/${pid}/task`)) {
+      const comm = Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/comm`).trim();
+      sysSetAffinity(Number(t.name), [comm === "CPU 0/KVM" ? cpus[1] : cpus[0]]);
+    }
+  } catch {
+    // QEMU (or one of its threads) is gone.
   }
 }
 
@@ -161,7 +200,9 @@ function parseFio(text: string): Record<string, number> {
 export function deviceFigureNames(withFio: boolean): string[] {
   const dd = ["blk sequential read MB/s", "blk sequential write MB/s (fsync)", "rng MB/s (/dev/hwrng)"];
   const fio = FIO_JOBS.map((j) => `blk 4 KiB ${j.replace("_qd", " QD")} IOPS`);
-  return ["tsvmm", "QEMU"].flatMap((who) => [...dd, ...(withFio ? fio : [])].map((f) => `${who} ${f}`));
+  return BENCH_TRANSPORTS.flatMap((t) =>
+    ["tsvmm", "QEMU"].flatMap((who) => [...dd, ...(withFio ? fio : [])].map((f) => `${who} ${t} ${f}`))
+  );
 }
 
 /**
@@ -171,38 +212,44 @@ export function deviceFigureNames(withFio: boolean): string[] {
  */
 export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink): Promise<BenchFigure[]> {
   const set = new FigureSet(sink);
-  const dd = async (who: "tsvmm" | "QEMU", i: number) => {
+  const dd = async (who: "tsvmm" | "QEMU", t: TransportKind, i: number) => {
     let text: string;
     try {
-      text = who === "tsvmm" ? await ours(g, DD) : await qemu(g, DD);
+      text = who === "tsvmm" ? await ours(g, DD, t) : await qemu(g, DD, t);
     } catch (e) {
-      sink.missing(`${who} dd read, write and rng, run ${i + 1}`, String((e as Error).message ?? e));
+      sink.missing(`${who} ${t} dd read, write and rng, run ${i + 1}`, String((e as Error).message ?? e));
       return;
     }
-    await set.measure(`${who} blk sequential read MB/s`, "MB/s", i, () => Promise.resolve(parse(text).read));
+    const name = (f: string) => `${who} ${t} ${f}`;
+    await set.measure(name("blk sequential read MB/s"), "MB/s", i, () => Promise.resolve(parse(text).read));
     await set.measure(
-      `${who} blk sequential write MB/s (fsync)`,
+      name("blk sequential write MB/s (fsync)"),
       "MB/s",
       i,
       () => Promise.resolve(parse(text).write),
     );
-    await set.measure(`${who} rng MB/s (/dev/hwrng)`, "MB/s", i, () => Promise.resolve(parse(text).rng));
+    await set.measure(name("rng MB/s (/dev/hwrng)"), "MB/s", i, () => Promise.resolve(parse(text).rng));
   };
-  const fio = async (who: "tsvmm" | "QEMU", i: number) => {
+  const fio = async (who: "tsvmm" | "QEMU", t: TransportKind, i: number) => {
     try {
-      const text = who === "tsvmm" ? await ours(g, fioVm(g.fioImage!)) : await qemu(g, fioVm(g.fioImage!));
+      const vm = fioVm(g.fioImage!);
+      const text = who === "tsvmm" ? await ours(g, vm, t) : await qemu(g, vm, t);
       const r = parseFio(text);
-      for (const j of FIO_JOBS) set.add(`${who} blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, "IOPS", r[j]);
+      for (const j of FIO_JOBS) {
+        set.add(`${who} ${t} blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, "IOPS", r[j]);
+      }
     } catch (e) {
-      sink.missing(`${who} fio random IOPS, run ${i + 1}`, String((e as Error).message ?? e));
+      sink.missing(`${who} ${t} fio random IOPS, run ${i + 1}`, String((e as Error).message ?? e));
     }
   };
   for (let i = 0; i < runs; i++) {
-    await dd("tsvmm", i);
-    await dd("QEMU", i);
-    if (g.fioImage) {
-      await fio("tsvmm", i);
-      await fio("QEMU", i);
+    for (const t of BENCH_TRANSPORTS) {
+      await dd("tsvmm", t, i);
+      await dd("QEMU", t, i);
+      if (g.fioImage) {
+        await fio("tsvmm", t, i);
+        await fio("QEMU", t, i);
+      }
     }
   }
   if (!g.fioImage) sink.missing("fio random IOPS", "no fio tools disk");

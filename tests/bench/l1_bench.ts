@@ -7,7 +7,7 @@
  */
 
 import { type BenchSink, bootBench } from "./boot_bench.ts";
-import { deviceBench } from "./device_bench.ts";
+import type { deviceBench as DeviceBench } from "./device_bench.ts";
 import { exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { median } from "./boot_bench.ts";
@@ -16,6 +16,9 @@ const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSV
 const opts = JSON.parse((await Deno.readTextFile(Deno.args[0])).trim() || "{}");
 // The host's per-VM timeout, for the runs in here.
 if (opts.vmTimeoutS) Deno.env.set("TSVMM_BENCH_VM_TIMEOUT_S", String(opts.vmTimeoutS));
+// The host's transport list, read by device_bench.ts when it loads (so imported after this).
+if (opts.transports) Deno.env.set("TSVMM_BENCH_TRANSPORTS", String(opts.transports));
+const { deviceBench }: { deviceBench: typeof DeviceBench } = await import("./device_bench.ts");
 const emit = (o: Record<string, unknown>) => console.log("TSVMM-BENCH " + JSON.stringify(o));
 const sink: BenchSink = {
   value: (name, v, unit) => emit({ value: name, v, unit }),
