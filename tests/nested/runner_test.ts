@@ -6,14 +6,24 @@
 import assert from "node:assert/strict";
 import { l1QemuArgs, nestedUnavailable, runNested } from "./runner.ts";
 
-/** L1's QEMU processes (their command line starts as l1QemuArgs builds it). */
-async function qemuCount(): Promise<number> {
+/**
+ * L1 QEMU processes started by the runner in process `owner`: their parent is the runner's
+ * watchdog shell, which names the owner's pid (other checkouts' L1s on the machine do not count).
+ */
+async function qemuCount(owner: number = Deno.pid): Promise<number> {
   const out = await new Deno.Command("pgrep", {
-    args: ["-c", "-f", "^qemu-system-x86_64 -nodefaults -no-user-config -nic none -accel tcg"],
+    args: ["-f", "^qemu-system-x86_64 -nodefaults -no-user-config -nic none -accel tcg"],
     stdout: "piped",
-  })
-    .output();
-  return Number(new TextDecoder().decode(out.stdout).trim() || "0");
+  }).output();
+  let n = 0;
+  for (const pid of new TextDecoder().decode(out.stdout).split("\n").filter(Boolean)) {
+    try {
+      const ppid = Deno.readTextFileSync(`/proc/${pid}/stat`).replace(/^.*\) /s, "").split(" ")[1];
+      const parent = Deno.readTextFileSync(`/proc/${ppid}/cmdline`).replaceAll("\0", " ");
+      if (parent.includes(`kill -0 ${owner} `)) n++;
+    } catch { /* it ended meanwhile */ }
+  }
+  return n;
 }
 
 Deno.test("nested runner: L1's QEMU gets no default devices and no network device", () => {
@@ -72,7 +82,7 @@ Deno.test({
     let seen = false;
     for (let i = 0; i < 120 && !seen; i++) {
       await new Promise((r) => setTimeout(r, 250));
-      seen = (await qemuCount()) > before;
+      seen = (await qemuCount(child.pid)) > before;
     }
     assert.ok(seen, "QEMU started");
     child.kill("SIGKILL");
@@ -80,7 +90,7 @@ Deno.test({
     let left = -1;
     for (let i = 0; i < 40; i++) {
       await new Promise((r) => setTimeout(r, 250));
-      left = await qemuCount();
+      left = await qemuCount(child.pid);
       if (left === before) break;
     }
     assert.equal(left, before, "QEMU ended with its parent");
