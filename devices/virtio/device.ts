@@ -1,5 +1,5 @@
 /**
- * What a virtio device is, independent of its transport (DESIGN.md section 1): type,
+ * What a virtio device is, independent of its transport (docs/DESIGN.md section 1): type,
  * features, config space, queues, activate and reset. Transports own status, selectors
  * and register layout; devices never know which one carries them.
  */
