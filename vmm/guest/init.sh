@@ -9,8 +9,12 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# Module parameters from the command line (name.param=value), as modprobe would pass them:
+# insmod does not read /proc/cmdline, and a built-in driver on one kernel is a module on another.
 while read -r m; do
-  insmod "/lib/modules/$(uname -r)/$m" 2>/dev/null || echo "TSVMM-MODULE-FAILED $m"
+  name=$(basename "$m"); name=${name%%.ko*}; name=$(echo "$name" | tr '-' '_')
+  params=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$name\.//p" | tr '\n' ' ')
+  insmod "/lib/modules/$(uname -r)/$m" $params 2>/dev/null || echo "TSVMM-MODULE-FAILED $m"
 done < /etc/tsvmm/modules.order
 
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
@@ -28,7 +32,7 @@ check_virtio() {
     f=$(cat "$d/features" 2>/dev/null)
     echo "TSVMM-CHECK virtio dev=$(basename "$d") device=$(cat "$d/device") driver=$(basename "$(readlink "$d/driver")") v1=$(echo "$f" | cut -c33)"
   done
-  echo "TSVMM-CHECK virtio-count n=$(ls /sys/bus/virtio/devices 2>/dev/null | wc -l)"
+  echo "TSVMM-CHECK virtio-count n=$(ls /sys/bus/virtio/devices 2>/dev/null | wc -l) force_legacy=$(cat /sys/module/virtio_pci/parameters/force_legacy 2>/dev/null)"
 }
 # Every PCI function: IDs, revision, class, the driver bound to it.
 check_pci() {
@@ -40,7 +44,7 @@ check_pci() {
 }
 # What the kernel said about PCI resources (ECAM, BAR placement); problems are asserted absent.
 check_pcilog() {
-  dmesg | grep -E "MMCONFIG|ECAM|not reserved|can't claim|no compatible bridge window|no space for|PCI: Fatal" |
+  dmesg | grep -E "MMCONFIG|ECAM|not reserved|can't claim|no compatible bridge window|no space for|PCI: Fatal|virtio" |
     sed 's/^\[[ 0-9.]*\] //; s/^/TSVMM-CHECK pcilog /'
   echo "TSVMM-CHECK pcilog-done"
 }
