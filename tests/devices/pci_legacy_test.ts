@@ -10,6 +10,7 @@ import { CMD } from "../../devices/pci/config_space.ts";
 import { PciBus } from "../../devices/pci/bus.ts";
 import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { VirtioBlk } from "../../devices/virtio/blk.ts";
+import type { BlockBackend } from "../../devices/virtio/blk_backend.ts";
 import { STATUS, type VirtioDevice } from "../../devices/virtio/device.ts";
 import { MSIX_BAR, type PciFlavor, VirtioPci } from "../../transports/pci.ts";
 import { LEGACY_REG as R } from "../../transports/pci_legacy.ts";
@@ -36,6 +37,22 @@ function fn(flavor: PciFlavor, device: VirtioDevice = new VirtioRng({ fill: (b) 
     return io.write(off, d);
   };
   return { ram, router, intx, t, cfg, r, w };
+}
+
+/** A disk backend that answers every call at once without data (for register-level tests). */
+function idleDisk(size: number, identity: string): BlockBackend {
+  const done = () => Promise.resolve();
+  return {
+    size,
+    readonly: false,
+    identity,
+    read: done,
+    write: done,
+    flush: done,
+    discard: done,
+    writeZeroes: done,
+    close: done,
+  };
 }
 
 /** A legacy driver's queue: PFN-placed rings (4096 alignment) of the device's size. */
@@ -72,17 +89,7 @@ Deno.test("pci-legacy: transitional IDs, revision 0, subsystem = virtio ID, I/O 
   assert.deepEqual(cfg.capabilities().map(([id]) => id), [0x11], "MSI-X only");
   const blk = fn(
     "legacy",
-    new VirtioBlk({
-      size: 1 << 20,
-      readonly: false,
-      identity: "x",
-      read: () => Promise.resolve(),
-      write: () => Promise.resolve(),
-      flush: () => Promise.resolve(),
-      discard: () => Promise.resolve(),
-      writeZeroes: () => Promise.resolve(),
-      close: () => Promise.resolve(),
-    }),
+    new VirtioBlk(idleDisk(1 << 20, "x")),
   );
   assert.equal(blk.cfg.read(2, 2), 0x1001, "blk's transitional device ID");
   assert.equal(blk.cfg.read(0x0b, 1), 0x01, "mass storage class");
@@ -129,17 +136,7 @@ Deno.test("pci-legacy: every register; a request through PFN rings; ISR read-to-
 
 Deno.test("pci-legacy: the vector registers appear and the config moves from 20 to 24 with the live MSI-X enable bit", () => {
   const blkCfg = new Uint8Array(60);
-  const dev = new VirtioBlk({
-    size: 8 << 20,
-    readonly: false,
-    identity: "legacy-cfg",
-    read: () => Promise.resolve(),
-    write: () => Promise.resolve(),
-    flush: () => Promise.resolve(),
-    discard: () => Promise.resolve(),
-    writeZeroes: () => Promise.resolve(),
-    close: () => Promise.resolve(),
-  });
+  const dev = new VirtioBlk(idleDisk(8 << 20, "legacy-cfg"));
   dev.readConfig(0, blkCfg);
   const capacity = new DataView(blkCfg.buffer).getUint32(0, true);
   const { t, r, w, router, ram } = fn("legacy", dev);

@@ -99,6 +99,21 @@ export interface FuzzReport {
   maxRss: number;
 }
 
+/** A report of nothing done yet. */
+export function emptyReport(): FuzzReport {
+  return {
+    episodes: 0,
+    chains: 0,
+    hostileChains: 0,
+    registerAccesses: 0,
+    resetsInFlight: 0,
+    needsReset: 0,
+    failures: [],
+    ms: 0,
+    maxRss: 0,
+  };
+}
+
 /** splitmix32: a small seeded generator; the same seed gives the same sequence. */
 export class Prng {
   private s: number;
@@ -234,17 +249,7 @@ class Run {
   readonly expected = new Uint8Array(RAM);
   readonly ram32 = new Uint32Array(this.buffer, GUARD, RAM / 4);
   readonly expected32 = new Uint32Array(this.expected.buffer);
-  readonly report: FuzzReport = {
-    episodes: 0,
-    chains: 0,
-    hostileChains: 0,
-    registerAccesses: 0,
-    resetsInFlight: 0,
-    needsReset: 0,
-    failures: [],
-    ms: 0,
-    maxRss: 0,
-  };
+  readonly report: FuzzReport = emptyReport();
   shadow = new Uint8Array(DISK_SECTORS * SECTOR);
   /** The image, open for the oracle's reads. */
   readonly imageFile: Deno.FsFile;

@@ -10,7 +10,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { type FuzzReport, runFuzz } from "./fuzzer.ts";
+import { emptyReport, type FuzzReport, runFuzz } from "./fuzzer.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -48,17 +48,7 @@ console.log(
     gcPressure ? "on" : "off"
   }`,
 );
-const total: FuzzReport = {
-  episodes: 0,
-  chains: 0,
-  hostileChains: 0,
-  registerAccesses: 0,
-  resetsInFlight: 0,
-  needsReset: 0,
-  failures: [],
-  ms: 0,
-  maxRss: 0,
-};
+const total: FuzzReport = emptyReport();
 // Runs in slices so progress shows; the episode numbers continue across slices.
 let next = replay ? num("episode", values.episode, 0) : 0;
 const t0 = performance.now();
