@@ -55,6 +55,9 @@ async function attempt(run: () => Promise<void>): Promise<{ ms: number; error?: 
   }
 }
 
+// A heartbeat: the host tells a frozen L1 (no line at all) from a long case by its silence.
+setInterval(() => console.log("TSVMM-L1-ALIVE"), 15_000);
+
 const cases = [
   ...(args.tiny ? TINY_CASES.map((c) => ({ name: c.name, run: () => c.run(), retry: false })) : []),
   ...BOOT_CASES.map((c) => ({ name: c.name, run: () => c.run(assets), retry: true })),

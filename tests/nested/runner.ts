@@ -198,6 +198,8 @@ export interface L1Run {
   tail: string;
   /** Wall time of the run. */
   ms: number;
+  /** L1 printed nothing, not even its heartbeat, for `silenceMs` and was killed. */
+  frozen?: boolean;
 }
 
 /** Options for an L1 run. */
@@ -210,6 +212,12 @@ export interface L1Options {
   tiny?: boolean;
   /** Whole-run timeout. */
   timeoutMs?: number;
+  /**
+   * Kill L1 when, after its first heartbeat ("TSVMM-L1-ALIVE", every 15 s from the boot-case
+   * program), it prints nothing for this long: only a frozen L1 is that quiet. Default: no
+   * such check.
+   */
+  silenceMs?: number;
   /** Print L1's console as it comes. */
   echo?: boolean;
   /** Also put QEMU into L1 (for cases that run it beside us). */
@@ -264,9 +272,20 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   let tail = "";
   const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
   const timer = setTimeout(() => child.kill("SIGTERM"), timeoutMs);
+  let lastOutput = performance.now();
+  let alive = false;
+  let frozen = false;
+  const silence = opts.silenceMs
+    ? setInterval(() => {
+      if (!alive || performance.now() - lastOutput < opts.silenceMs!) return;
+      frozen = true;
+      child.kill("SIGTERM");
+    }, 5_000)
+    : undefined;
   const decoder = new TextDecoder();
   let pending = "";
   const onText = (s: string) => {
+    lastOutput = performance.now();
     if (opts.echo) Deno.stderr.writeSync(new TextEncoder().encode(s));
     tail = (tail + s).slice(-8000);
     pending += s;
@@ -294,16 +313,21 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
       const net = /TSVMM-L1-PCI-NET n=(\d+)/.exec(line);
       if (net) l1NetDevices = Number(net[1]);
       if (line.includes("TSVMM-L1-DONE")) completed = true;
+      if (line.includes("TSVMM-L1-ALIVE")) alive = true;
     }
   };
   const errText = new Response(child.stderr).text();
   for await (const chunk of child.stdout) onText(decoder.decode(chunk, { stream: true }));
   await child.status;
   clearTimeout(timer);
+  clearInterval(silence);
   const stderr = await errText;
   if (stderr.trim()) tail += `\n[qemu stderr] ${stderr.trim()}`;
   await Deno.remove(dir, { recursive: true });
-  return { results, bench, completed, l1NetDevices, tail, ms: Math.round(performance.now() - t0) };
+  if (frozen) {
+    tail += `\n[runner] L1 printed nothing for ${Math.round(opts.silenceMs! / 1000)} s and was killed`;
+  }
+  return { results, bench, completed, l1NetDevices, tail, ms: Math.round(performance.now() - t0), frozen };
 }
 
 if (import.meta.main) {
