@@ -23,7 +23,7 @@ import { VIRTIO_F_VERSION_1 } from "../devices/virtio/queue.ts";
 import { CMD, PciConfigSpace } from "../devices/pci/config_space.ts";
 import type { PciFunction } from "../devices/pci/bus.ts";
 import { CAP_ID_MSIX, type MsiRouter, MsixTable } from "../devices/pci/msix.ts";
-import { INT_CONFIG, INT_USED_RING, type IrqLine, VirtioCore } from "./virtio_core.ts";
+import { INT_CONFIG, INT_USED_RING, type IrqLine, leValue, putLe, VirtioCore } from "./virtio_core.ts";
 import { LEGACY_BAR_SIZE, LEGACY_REG, legacyRead, legacyWrite } from "./pci_legacy.ts";
 
 /** Which virtio-PCI interfaces a function offers. */
@@ -126,18 +126,6 @@ export interface PciTransportOptions {
   msi: MsiRouter;
   /** Which interfaces (default modern). */
   flavor?: PciFlavor;
-}
-
-function le(data: Uint8Array): number {
-  let v = 0;
-  for (let i = data.length - 1; i >= 0; i--) v = v * 256 + data[i];
-  return v;
-}
-
-function put(data: Uint8Array, v: number): void {
-  for (let i = 0; i < data.length; i++) {
-    data[i] = i < 6 ? Math.floor(v / 2 ** (8 * i)) & 0xff : 0;
-  }
 }
 
 /** A virtio device behind a virtio-PCI function. */
@@ -341,11 +329,11 @@ export class VirtioPci implements PciFunction {
     const c = this.core;
     const q = this.queue;
     const f = (at: number, size: number, v: number) =>
-      off === at && data.length === size ? (put(data, v), true) : false;
+      off === at && data.length === size ? (putLe(data, v), true) : false;
     const half = (at: number, v: number) =>
-      (off === at && data.length === 8 && (put(data, v), true)) ||
-      (off === at && data.length === 4 && (put(data, v % 2 ** 32), true)) ||
-      (off === at + 4 && data.length === 4 && (put(data, Math.floor(v / 2 ** 32)), true));
+      (off === at && data.length === 8 && (putLe(data, v), true)) ||
+      (off === at && data.length === 4 && (putLe(data, v % 2 ** 32), true)) ||
+      (off === at + 4 && data.length === 4 && (putLe(data, Math.floor(v / 2 ** 32)), true));
     const handled = f(COMMON.deviceFeatureSelect, 4, c.deviceFeaturesSel) ||
       f(COMMON.deviceFeature, 4, c.deviceFeatureWord(c.deviceFeaturesSel)) ||
       f(COMMON.driverFeatureSelect, 4, c.driverFeaturesSel) ||
@@ -387,8 +375,14 @@ export class VirtioPci implements PciFunction {
     return false;
   }
 
-  /** The BARs as the VMM maps them. */
+  private bars: PciBarHandler[] | undefined;
+
+  /** The BARs as the VMM maps them (made once: they depend only on the flavour). */
   barHandlers(): PciBarHandler[] {
+    return this.bars ??= this.makeBarHandlers();
+  }
+
+  private makeBarHandlers(): PciBarHandler[] {
     const queues = this.core.queues.length;
     const out: PciBarHandler[] = [];
     if (this.flavor !== "modern") {
@@ -435,12 +429,11 @@ export class VirtioPci implements PciFunction {
   private writeCommon(off: number, data: Uint8Array): void | Promise<void> {
     const c = this.core;
     const q = this.queue;
-    const v = le(data);
+    const v = leValue(data);
     if (!this.claim("modern", off === COMMON.deviceStatus && data.length === 1 && (v & 0xff) === 0)) return;
     const is = (at: number, size: number) => off === at && data.length === size;
     // Queue fields: only before DRIVER_OK, and only while the queue is not enabled.
     const qw = q !== undefined && c.queueWritable && !q.ready;
-    const vector = (n: number) => (n < this.msix.count ? n : VIRTIO_MSI_NO_VECTOR);
     const setHalf = (at: number, old: number, set: (a: number) => void) => {
       if (!qw) return;
       if (is(at, 8)) set(v);
@@ -450,13 +443,13 @@ export class VirtioPci implements PciFunction {
     if (is(COMMON.deviceFeatureSelect, 4)) c.deviceFeaturesSel = v;
     else if (is(COMMON.driverFeatureSelect, 4)) c.driverFeaturesSel = v;
     else if (is(COMMON.driverFeature, 4)) c.setDriverFeatureWord(c.driverFeaturesSel, v);
-    else if (is(COMMON.msixConfig, 2)) this.configVector = vector(v);
+    else if (is(COMMON.msixConfig, 2)) this.configVector = this.vectorValue(v);
     else if (is(COMMON.deviceStatus, 1)) return c.writeStatus(v);
     else if (is(COMMON.queueSelect, 2)) c.queueSel = v;
     else if (is(COMMON.queueSize, 2)) {
       if (qw) q.size = v;
     } else if (is(COMMON.queueMsixVector, 2)) {
-      if (q) this.queueVectors[c.queueSel] = vector(v);
+      if (q) this.queueVectors[c.queueSel] = this.vectorValue(v);
     } else if (is(COMMON.queueEnable, 2)) {
       // 1 enables (before DRIVER_OK); the driver must not write 0 (section 4.1.4.3.2).
       if (q && c.queueWritable && v === 1) q.ready = true;
@@ -467,7 +460,7 @@ export class VirtioPci implements PciFunction {
     }
   }
 
-  /** The interrupt a used buffer or config change raises (for the legacy register block too). */
+  /** The vector a driver's write asks for, or VIRTIO_MSI_NO_VECTOR when the device has no such vector. */
   vectorValue(v: number): number {
     return v < this.msix.count ? v : VIRTIO_MSI_NO_VECTOR;
   }

@@ -17,6 +17,7 @@
 
 import { STATUS } from "../devices/virtio/device.ts";
 import type { VirtioPci } from "./pci.ts";
+import { leValue, putLe } from "./virtio_core.ts";
 
 /** Register offsets. */
 export const LEGACY_REG = {
@@ -42,16 +43,6 @@ export function legacyConfigOffset(t: VirtioPci): number {
   return t.msix.enabled ? 24 : 20;
 }
 
-function le(data: Uint8Array): number {
-  let v = 0;
-  for (let i = data.length - 1; i >= 0; i--) v = v * 256 + data[i];
-  return v;
-}
-
-function put(data: Uint8Array, v: number): void {
-  for (let i = 0; i < data.length; i++) data[i] = i < 4 ? (v >>> (8 * i)) & 0xff : 0;
-}
-
 /** A guest read of the legacy block. */
 export function legacyRead(t: VirtioPci, off: number, data: Uint8Array): void {
   const c = t.core;
@@ -62,23 +53,24 @@ export function legacyRead(t: VirtioPci, off: number, data: Uint8Array): void {
     return;
   }
   const is = (at: number, size: number) => off === at && data.length === size;
-  if (is(LEGACY_REG.hostFeatures, 4)) put(data, Number(c.device.features & 0xffff_ffffn));
-  else if (is(LEGACY_REG.guestFeatures, 4)) put(data, c.driverFeatureWord(0));
-  else if (is(LEGACY_REG.queuePfn, 4)) put(data, q?.ready ? Math.floor(q.descAddr / LEGACY_VRING_ALIGN) : 0);
-  else if (is(LEGACY_REG.queueNum, 2)) put(data, q ? q.maxSize : 0);
-  else if (is(LEGACY_REG.queueSel, 2)) put(data, c.queueSel);
-  else if (is(LEGACY_REG.status, 1)) put(data, c.status);
-  else if (is(LEGACY_REG.isr, 1)) put(data, c.takeIsr());
-  else if (t.msix.enabled && is(LEGACY_REG.configVector, 2)) put(data, t.configVector);
+  if (is(LEGACY_REG.hostFeatures, 4)) putLe(data, Number(c.device.features & 0xffff_ffffn));
+  else if (is(LEGACY_REG.guestFeatures, 4)) putLe(data, c.driverFeatureWord(0));
+  else if (is(LEGACY_REG.queuePfn, 4)) {
+    putLe(data, q?.ready ? Math.floor(q.descAddr / LEGACY_VRING_ALIGN) : 0);
+  } else if (is(LEGACY_REG.queueNum, 2)) putLe(data, q ? q.maxSize : 0);
+  else if (is(LEGACY_REG.queueSel, 2)) putLe(data, c.queueSel);
+  else if (is(LEGACY_REG.status, 1)) putLe(data, c.status);
+  else if (is(LEGACY_REG.isr, 1)) putLe(data, c.takeIsr());
+  else if (t.msix.enabled && is(LEGACY_REG.configVector, 2)) putLe(data, t.configVector);
   else if (t.msix.enabled && is(LEGACY_REG.queueVector, 2)) {
-    put(data, q ? t.queueVectors[c.queueSel] : 0xffff);
+    putLe(data, q ? t.queueVectors[c.queueSel] : 0xffff);
   } else data.fill(0xff);
 }
 
 /** A guest write of the legacy block (a promise while a STATUS reset waits for in-flight I/O). */
 export function legacyWrite(t: VirtioPci, off: number, data: Uint8Array): void | Promise<void> {
   const c = t.core;
-  const v = le(data);
+  const v = leValue(data);
   const cfg = legacyConfigOffset(t);
   const is = (at: number, size: number) => off === at && data.length === size;
   const reset = is(LEGACY_REG.status, 1) && v === 0;

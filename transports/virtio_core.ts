@@ -11,6 +11,18 @@ import { privateCell, type SharedCell } from "../vmm/shared_regs.ts";
 import { STATUS, type VirtioDevice, type VirtioInterrupt } from "../devices/virtio/device.ts";
 import { SplitQueue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "../devices/virtio/queue.ts";
 
+/** The little-endian value of a register access's bytes (up to 6 bytes exactly). */
+export function leValue(data: Uint8Array): number {
+  let v = 0;
+  for (let i = data.length - 1; i >= 0; i--) v = v * 256 + data[i];
+  return v;
+}
+
+/** Fills a read's bytes with `v`, little-endian (bytes past the 6th read 0). */
+export function putLe(data: Uint8Array, v: number): void {
+  for (let i = 0; i < data.length; i++) data[i] = i < 6 ? Math.floor(v / 2 ** (8 * i)) & 0xff : 0;
+}
+
 /** An interrupt line the transport raises (an irqfd in the VMM, a counter in tests). */
 export interface IrqLine {
   /** Raises the interrupt (edge). */

@@ -153,6 +153,17 @@ export class VcpuThreads {
     if (this.threads.every((x) => x.done)) this.resolveExited();
   }
 
+  /** A device model fault is a VMM bug: end the VM with a report, never hang the vCPU. */
+  private deviceFault(mb: Int32Array, addr: number, d: Uint8Array, e: unknown): void {
+    d.fill(0xff);
+    const kind = mb[MB.kind] === KIND_PIO ? "port" : "MMIO";
+    this.onExit({
+      index: -1,
+      reason: "error",
+      detail: `device fault at ${kind} 0x${addr.toString(16)}: ${(e as Error).message}`,
+    });
+  }
+
   /** Answers one vCPU's mailbox until it stops. */
   private async pump(t: Thread): Promise<void> {
     const mb = t.mb;
@@ -170,26 +181,16 @@ export class VcpuThreads {
         const addr = (mb[MB.addrLo] >>> 0) + (mb[MB.addrHi] >>> 0) * 0x1_0000_0000;
         const bus = mb[MB.kind] === KIND_PIO ? this.pio : this.mmio;
         const d = views[size] ?? views[8];
-        const kind = mb[MB.kind] === KIND_PIO ? "port" : "MMIO";
-        const fault = (e: unknown) => {
-          // A device model fault is a VMM bug: end the VM with a report, never hang the vCPU.
-          d.fill(0xff);
-          this.onExit({
-            index: -1,
-            reason: "error",
-            detail: `device fault at ${kind} 0x${addr.toString(16)}: ${(e as Error).message}`,
-          });
-        };
         let later: void | Promise<void> = undefined;
         try {
           if (mb[MB.isWrite]) later = bus.write(addr, d);
           else bus.read(addr, d);
         } catch (e) {
-          fault(e);
+          this.deviceFault(mb, addr, d, e);
         }
         // A write the device may not answer yet (a virtio reset draining in-flight I/O):
         // this vCPU stays in its exit until the device is done.
-        if (later instanceof Promise) await later.catch(fault);
+        if (later instanceof Promise) await later.catch((e) => this.deviceFault(mb, addr, d, e));
         Atomics.store(mb, MB.state, MB_RESPONSE);
         Atomics.notify(mb, MB.state);
         continue;

@@ -13,6 +13,7 @@ import type { BlockBackend } from "../../devices/virtio/blk_backend.ts";
 import { STATUS } from "../../devices/virtio/device.ts";
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT } from "../../devices/virtio/chain.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
+import { parkBlockingPool } from "../harness/blocking_pool.ts";
 import { VirtioMmio } from "../../transports/mmio.ts";
 
 const tick = (ms = 5) => new Promise((r) => setTimeout(r, ms));
@@ -60,7 +61,8 @@ function queueRead(vm: Vm, sector: number, len: number): number {
 Deno.test("blk integrity: after the driver sees Status 0, no guest byte changes (reset with reads in flight)", async () => {
   let gate!: ReturnType<typeof gated>;
   const vm = await blkVm({ wrap: (b) => gate = gated(b) });
-  const bufs = [queueRead(vm, 3, 32 * 1024), queueRead(vm, 100, 4096)];
+  queueRead(vm, 3, 32 * 1024);
+  queueRead(vm, 100, 4096);
   vm.d.notify(0);
   assert.equal(gate.waiting, 2, "both reads started");
   const resetDone = vm.d.w32(0x070, 0);
@@ -78,7 +80,6 @@ Deno.test("blk integrity: after the driver sees Status 0, no guest byte changes 
   assert.deepEqual(vm.ram.bytes, snapshot, "guest memory changed after the reset completed");
   assert.equal(vm.q.usedIdx(), 0, "no used entry written after the reset");
   assert.equal(vm.dev.pending, 0);
-  void bufs;
   await vm.close();
 });
 
@@ -92,21 +93,10 @@ Deno.test("blk integrity: a reset with nothing in flight completes at once", asy
 
 Deno.test("blk integrity: closing an image waits for queued writes; a file opened meanwhile never gets them", async () => {
   // Fill Deno's blocking pool with reads parked on an empty pipe, so the disk writes queue.
-  const lib = Deno.dlopen("libc.so.6", {
-    pipe: { parameters: ["buffer"], result: "i32" },
-    read_nb: { name: "read", parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
-    write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-    close: { parameters: ["i32"], result: "i32" },
-  });
   const pathA = await Deno.makeTempFile(), pathB = await Deno.makeTempFile();
   await Deno.writeFile(pathA, new Uint8Array(64 * 1024));
   await Deno.writeFile(pathB, new Uint8Array(64 * 1024));
-  const fds = new Int32Array(2);
-  assert.equal(lib.symbols.pipe(fds), 0);
-  const PARKED = 600;
-  const parkedBuf = new Uint8Array(PARKED);
-  const parked = [];
-  for (let i = 0; i < PARKED; i++) parked.push(lib.symbols.read_nb(fds[0], parkedBuf.subarray(i, i + 1), 1n));
+  const pool = parkBlockingPool();
   const a = FileBackend.open(pathA, false);
   const data = new Uint8Array(4096).fill(0x77);
   const writes = [];
@@ -114,14 +104,10 @@ Deno.test("blk integrity: closing an image waits for queued writes; a file opene
   const closed = a.close();
   // The VMM opens the next image (or anything else) while the old writes still wait.
   const b = FileBackend.open(pathB, false);
-  lib.symbols.write(fds[1], new Uint8Array(PARKED).fill(1), BigInt(PARKED));
-  await Promise.all(parked);
+  await pool.release();
   await Promise.all(writes);
   await closed;
   await b.close();
-  lib.symbols.close(fds[0]);
-  lib.symbols.close(fds[1]);
-  lib.close();
   const imgA = await Deno.readFile(pathA), imgB = await Deno.readFile(pathB);
   await Deno.remove(pathA);
   await Deno.remove(pathB);

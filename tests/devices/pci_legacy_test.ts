@@ -139,7 +139,7 @@ Deno.test("pci-legacy: the vector registers appear and the config moves from 20 
   const dev = new VirtioBlk(idleDisk(8 << 20, "legacy-cfg"));
   dev.readConfig(0, blkCfg);
   const capacity = new DataView(blkCfg.buffer).getUint32(0, true);
-  const { t, r, w, router, ram } = fn("legacy", dev);
+  const { t, r, w, ram } = fn("legacy", dev);
   assert.equal(r(20, 4), capacity, "config at 20 without MSI-X");
   assert.equal(r(20, 2) | (r(22, 2) << 16), capacity, "a field read in pieces is the same");
   const msixCap = t.config.bytes[0x34];
@@ -163,10 +163,8 @@ Deno.test("pci-legacy: the vector registers appear and the config moves from 20 
   const q = legacyQueue(ram, 256);
   void w(R.queuePfn, 4, q.pfn);
   void w(R.status, 1, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.DRIVER_OK);
-  void t;
   t.config.write(msixCap + 2, new Uint8Array([0, 0])); // off again: config back at 20
   assert.equal(r(20, 4), capacity);
-  void router;
 });
 
 Deno.test("pci-legacy: hostile accesses (any offset, width, value; PFN outside RAM; bad queue select) keep it sane", () => {

@@ -470,7 +470,6 @@ class PciPort implements Port {
       if (size !== r(t, L + 12, 2) || desc % 4096 || avail !== desc + 16 * size) {
         throw new Failure("legacy rings must be laid out by the device's rules");
       }
-      void used;
       await w(t, L + 8, 4, desc / 4096);
       return;
     }
@@ -555,7 +554,7 @@ class Episode {
     const o = this.off(gpa);
     return new DataView(this.run.buffer, GUARD + o, 4).getUint32(0, true);
   }
-  setDesc(q: Queue, table: number, i: number, addr: number, len: number, flags: number, next: number): void {
+  setDesc(table: number, i: number, addr: number, len: number, flags: number, next: number): void {
     const b = new Uint8Array(16);
     const dv = new DataView(b.buffer);
     dv.setBigUint64(0, BigInt(addr), true);
@@ -563,7 +562,6 @@ class Episode {
     dv.setUint16(12, flags, true);
     dv.setUint16(14, next & 0xffff, true);
     this.put(table + 16 * i, b);
-    void q;
   }
   allocValid(len: number, align = 16): number | undefined {
     const a = Math.ceil(this.validCursor / align) * align;
@@ -575,19 +573,6 @@ class Episode {
     const span = HOSTILE_ZONE[1] - HOSTILE_ZONE[0];
     const l = Math.min(len, span);
     return BASE + HOSTILE_ZONE[0] + this.p.int(span - l + 1);
-  }
-
-  // --- register access ---
-  r32(t: MmioRegisterFile, off: number): number {
-    const d = new Uint8Array(4);
-    t.read(off, d);
-    return new DataView(d.buffer).getUint32(0, true);
-  }
-  async w32(t: MmioRegisterFile, off: number, v: number): Promise<void> {
-    const d = new Uint8Array(4);
-    new DataView(d.buffer).setUint32(0, v >>> 0, true);
-    const r = t.write(off, d);
-    if (r instanceof Promise) await r;
   }
 
   // --- setup ---
@@ -690,7 +675,6 @@ class Episode {
       if (table === undefined) return undefined;
       bufs.forEach(([a, l, w], i) =>
         this.setDesc(
-          q,
           table,
           i,
           a,
@@ -700,14 +684,13 @@ class Episode {
         )
       );
       const head = q.free.shift()!;
-      this.setDesc(q, q.desc, head, table, 16 * bufs.length, VIRTQ_DESC_F_INDIRECT, 0);
+      this.setDesc(q.desc, head, table, 16 * bufs.length, VIRTQ_DESC_F_INDIRECT, 0);
       return { head, slots: [head] };
     }
     if (q.free.length < bufs.length) return undefined;
     const slots = q.free.splice(0, bufs.length);
     bufs.forEach(([a, l, w], i) =>
       this.setDesc(
-        q,
         q.desc,
         slots[i],
         a,
@@ -906,7 +889,7 @@ class Episode {
         for (let j = 0; j < Math.min(entries, 64); j++) {
           const inner = p.int(8);
           const il = randLen();
-          this.setDesc(q, addr, j, randAddr(il), il, inner, p.chance(0.8) ? j + 1 : p.int(70000));
+          this.setDesc(addr, j, randAddr(il), il, inner, p.chance(0.8) ? j + 1 : p.int(70000));
         }
       } else if (style === 2) {
         // A blk-shaped chain whose header is in the hostile zone: type never a write.
@@ -926,7 +909,7 @@ class Episode {
           addr = this.hostileAddr(len);
         }
       }
-      this.setDesc(q, q.desc, slots[i], addr, len, flags, style === 2 ? slots[i + 1] ?? 0 : randNext(i));
+      this.setDesc(q.desc, slots[i], addr, len, flags, style === 2 ? slots[i + 1] ?? 0 : randNext(i));
     }
     this.hostileHeads.add(slots[0]);
     this.run.report.hostileChains++;
@@ -1151,7 +1134,7 @@ class Episode {
     const buf = BASE + RING_BYSTANDER + 0x3000; // its own page after its rings
     this.put(buf, new Uint8Array(64).fill(0));
     const head = bq.availIdx % bq.size;
-    this.setDesc(bq, bq.desc, head, buf, 64, VIRTQ_DESC_F_WRITE, 0);
+    this.setDesc(bq.desc, head, buf, 64, VIRTQ_DESC_F_WRITE, 0);
     this.publish(bq, head);
     const d = new Uint8Array(4);
     this.bystander.write(0x050, d);

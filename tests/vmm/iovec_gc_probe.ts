@@ -16,6 +16,7 @@
  */
 
 import { FileBackend } from "../../vmm/block_file.ts";
+import { parkBlockingPool } from "../harness/blocking_pool.ts";
 
 const gc = (globalThis as { gc?: () => void }).gc;
 if (!gc) {
@@ -33,13 +34,6 @@ for (let s = 0; s < SECTORS; s++) {
 }
 await Deno.writeFile(path, image);
 
-const pipeLib = Deno.dlopen("libc.so.6", {
-  pipe: { parameters: ["buffer"], result: "i32" },
-  read_nb: { name: "read", parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
-  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-  close: { parameters: ["i32"], result: "i32" },
-}).symbols;
-
 const disk = FileBackend.open(path, false);
 let failures = 0;
 const fail = (what: string) => {
@@ -56,11 +50,7 @@ try {
   }
 
   // 2. Park blocking calls on an empty pipe.
-  const fds = new Int32Array(2);
-  if (pipeLib.pipe(fds) !== 0) throw new Error("pipe failed");
-  const parkedBuf = new Uint8Array(PARKED);
-  const parked: Promise<number | bigint>[] = [];
-  for (let i = 0; i < PARKED; i++) parked.push(pipeLib.read_nb(fds[0], parkedBuf.subarray(i, i + 1), 1n));
+  const pool = parkBlockingPool(PARKED);
 
   // 3. Requests that queue behind them: reads of sectors 0..255, writes of sectors 1024..1279.
   // Each outcome is caught at once: a rejection is a failure to report, not a crash.
@@ -90,8 +80,7 @@ try {
   }
 
   // 5. Release the parked reads and check every request.
-  pipeLib.write(fds[1], new Uint8Array(PARKED).fill(1), BigInt(PARKED));
-  await Promise.all(parked);
+  await pool.release();
   for (const r of reads) {
     const e = await r.p;
     if (e) {
@@ -106,8 +95,6 @@ try {
     const e = await w.p;
     if (e) fail(`write of sector ${w.s} rejected: ${e.message}`);
   }
-  pipeLib.close(fds[0]);
-  pipeLib.close(fds[1]);
   await disk.close();
   const after = await Deno.readFile(path);
   for (const w of writes) {
