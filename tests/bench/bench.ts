@@ -18,7 +18,7 @@ import { deviceBench, deviceFigureNames } from "./device_bench.ts";
 import { buildExitFloor, exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import { hostKvmRunsStockKernels, hostKvmUsable, nestedUnavailable, runNested } from "../nested/runner.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
-import { buildFioImage } from "../../vmm/guest/fio.ts";
+import { buildToolsDisk } from "../../vmm/guest/tools_disk.ts";
 
 const runs = Number(Deno.env.get("TSVMM_BENCH_RUNS") ?? "5");
 const deviceRuns = Number(Deno.env.get("TSVMM_BENCH_DEVICE_RUNS") ?? "3");
@@ -91,7 +91,7 @@ const wantVms = parts.includes("boot") || parts.includes("devices");
 if (native && wantVms) {
   const sink = sinkAt(HERE);
   const g = await buildGuest({ quiet: true });
-  if (parts.includes("devices")) g.fioImage = await buildFioImage({ quiet: true });
+  if (parts.includes("devices")) g.toolsImage = (await buildToolsDisk({ quiet: true })).image;
   console.log(`\n== boot to /init and devices on ${HERE}, ${runs} boot runs, ${deviceRuns} device runs`);
   const got: BenchFigure[] = [];
   if (parts.includes("boot")) got.push(...await bootBench(g, runs, sink));
@@ -120,7 +120,7 @@ if (native && wantVms) {
           transports: Deno.env.get("TSVMM_BENCH_TRANSPORTS"),
         }),
         withQemu: wantVms,
-        withFio: parts.includes("devices"),
+        withTools: parts.includes("devices"),
         extraFiles: floor ? [["/usr/bin/exit_floor", floor]] : [],
       },
       timeoutMs: 60 * 60_000,

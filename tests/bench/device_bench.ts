@@ -232,7 +232,7 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
   };
   const fio = async (who: "tsvmm" | "QEMU", t: TransportKind, i: number) => {
     try {
-      const vm = fioVm(g.fioImage!);
+      const vm = fioVm(g.toolsImage!);
       const text = who === "tsvmm" ? await ours(g, vm, t) : await qemu(g, vm, t);
       const r = parseFio(text);
       for (const j of FIO_JOBS) {
@@ -246,12 +246,12 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
     for (const t of BENCH_TRANSPORTS) {
       await dd("tsvmm", t, i);
       await dd("QEMU", t, i);
-      if (g.fioImage) {
+      if (g.toolsImage) {
         await fio("tsvmm", t, i);
         await fio("QEMU", t, i);
       }
     }
   }
-  if (!g.fioImage) sink.missing("fio random IOPS", "no fio tools disk");
+  if (!g.toolsImage) sink.missing("fio random IOPS", "no fio tools disk");
   return set.figures();
 }

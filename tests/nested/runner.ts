@@ -9,11 +9,13 @@
 import { CpioTree } from "../../vmm/guest/cpio.ts";
 import { loadOrder, parseModulesBuiltin, parseModulesDep } from "../../vmm/guest/modules.ts";
 import { buildGuest, type GuestAssets, userlandFiles } from "../../vmm/guest/build.ts";
-import { buildFioImage } from "../../vmm/guest/fio.ts";
+import { buildToolsDisk } from "../../vmm/guest/tools_disk.ts";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
 const PROJECT_DIRS = ["mod.ts", "deno.json", "vmm", "devices", "transports", "tests", "examples"];
-const L1_MODULES = ["irqbypass", "kvm", "kvm_amd"];
+// tun: the VMM inside L1 opens /dev/net/tun for the network cases' TAPs (L1 has no network
+// device of its own; the TAPs are its only interfaces besides lo).
+const L1_MODULES = ["irqbypass", "kvm", "kvm_amd", "tun"];
 
 /**
  * Whether this host's /dev/kvm can be opened read-write (any KVM, PVM included), so the
@@ -106,8 +108,11 @@ export interface L1Program {
   args: string;
   /** Also put QEMU (binary, libraries, firmware) into L1. */
   withQemu?: boolean;
-  /** Also put the fio tools disk (vmm/guest/fio.ts) into L1. */
-  withFio?: boolean;
+  /**
+   * Also put the tools disk (vmm/guest/tools_disk.ts: fio, iperf3) into L1, and iperf3 itself
+   * (`/usr/bin/iperf3`, the host end of the network bench).
+   */
+  withTools?: boolean;
   /** More files: [path inside L1, host path], made executable. */
   extraFiles?: Array<[string, string]>;
 }
@@ -176,9 +181,21 @@ export async function buildL1Initramfs(
     };
   }
   inL1.initramfs = inL1.kernels["6.1"].initramfs;
-  if (program.withFio) {
-    inL1.fioImage = "/proj/.cache/guest/out/fio-tools.ext4";
-    await addFile(inL1.fioImage.slice(1), await buildFioImage({ quiet: true }));
+  if (program.withTools) {
+    const tools = await buildToolsDisk({ quiet: true });
+    inL1.toolsImage = "/proj/.cache/guest/out/tools.ext4";
+    await addFile(inL1.toolsImage.slice(1), tools.image);
+    // iperf3 with its own loader and libraries, as the guest runs it from the disk.
+    await addFile("opt/iperf3/iperf3", `${tools.tree}/iperf3`, 0o755);
+    await addFile("opt/iperf3/ld.so", `${tools.tree}/ld.so`, 0o755);
+    for (const lib of tools.libs.iperf3) await addFile(`opt/iperf3/lib/${lib}`, `${tools.tree}/lib/${lib}`);
+    await addFile(
+      "usr/bin/iperf3",
+      enc.encode(
+        '#!/bin/sh\nexec /opt/iperf3/ld.so --library-path /opt/iperf3/lib /opt/iperf3/iperf3 "$@"\n',
+      ),
+      0o755,
+    );
   }
   await addFile("proj/.cache/guest/assets.json", enc.encode(JSON.stringify(inL1)));
   return { cpio: tree.bytes(), kernel: l1.bzImage };
@@ -222,8 +239,8 @@ export interface L1Options {
   echo?: boolean;
   /** Also put QEMU into L1 (for cases that run it beside us). */
   withQemu?: boolean;
-  /** Also put the fio tools disk into L1. */
-  withFio?: boolean;
+  /** Also put the tools disk (fio, iperf3) and iperf3 itself into L1. */
+  withTools?: boolean;
   /** Called with each "TSVMM-BENCH" payload the moment L1 prints it. */
   onBench?: (b: Record<string, unknown>) => void;
 }
@@ -254,7 +271,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
       script: "tests/nested/l1_main.ts",
       args: JSON.stringify({ filter: opts.filter ?? "", tiny: opts.tiny ?? false }),
       withQemu: opts.withQemu,
-      withFio: opts.withFio,
+      withTools: opts.withTools,
     };
   const { cpio, kernel } = await buildL1Initramfs(guest, program);
   const dir = await Deno.makeTempDir({ prefix: "tsvmm-l1-" });
@@ -331,14 +348,14 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
 }
 
 if (import.meta.main) {
-  // TSVMM_L1_QEMU=1 puts QEMU into L1 too, TSVMM_L1_FIO=1 the fio tools disk (for experiments);
+  // TSVMM_L1_QEMU=1 puts QEMU into L1 too, TSVMM_L1_TOOLS=1 the tools disk and iperf3 (for experiments);
   // TSVMM_L1_TINY=1 runs the tiny-guest cases there as well.
   const r = await runNested({
     filter: Deno.args[0],
     tiny: Deno.env.get("TSVMM_L1_TINY") === "1",
     echo: true,
     withQemu: Deno.env.get("TSVMM_L1_QEMU") === "1",
-    withFio: Deno.env.get("TSVMM_L1_FIO") === "1",
+    withTools: Deno.env.get("TSVMM_L1_TOOLS") === "1",
   });
   console.log(JSON.stringify({ ...r, tail: undefined }, null, 2));
 }

@@ -57,8 +57,8 @@ export interface GuestAssets {
   kernels: Record<string, GuestKernel>;
   /** initramfs of the 6.1 kernel (the default). */
   initramfs: string;
-  /** The fio tools disk (vmm/guest/fio.ts), when the benchmark built it. */
-  fioImage?: string;
+  /** The tools disk (vmm/guest/tools_disk.ts: fio, iperf3), when the benchmark built it. */
+  toolsImage?: string;
 }
 
 /** The cache directory: $TSVMM_CACHE or .cache/guest in the project. */

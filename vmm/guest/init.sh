@@ -23,6 +23,45 @@ sleep 0.2 2>/dev/null || sleep 1
 
 echo "TSVMM-INIT-MARKER kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
 
+# tsvmm.net=IF:ADDR/LEN[+IF:ADDR/LEN...]: bring each interface up with that address. IF is an
+# interface name (eth0) or a MAC (52:54:00:12:34:56), which names a NIC whatever order its
+# transport probes in. One "IFACE:ADDR/LEN" word per interface is kept in /tmp/net for the checks.
+: > /tmp/net
+ifname_of() {
+  if echo "$1" | grep -qiE '^([0-9a-f]{2}:){5}[0-9a-f]{2}$'; then
+    for n in /sys/class/net/*; do
+      [ "$(cat "$n/address" 2>/dev/null)" = "$(echo "$1" | tr 'A-F' 'a-f')" ] && { basename "$n"; return; }
+    done
+  elif [ -e "/sys/class/net/$1" ]; then
+    echo "$1"
+  fi
+}
+for e in $(arg tsvmm.net | tr '+' ' '); do
+  if echo "$e" | grep -qiE '^([0-9a-f]{2}:){6}'; then
+    want=$(echo "$e" | cut -c1-17); addr=$(echo "$e" | cut -c19-)
+  else
+    want=${e%%:*}; addr=${e#*:}
+  fi
+  i=$(ifname_of "$want")
+  if [ -z "$i" ]; then echo "TSVMM-NET-MISSING $want"; echo "-$want:$addr" >> /tmp/net; continue; fi
+  ip link set "$i" up && ip addr add "$addr" dev "$i" || echo "TSVMM-NET-FAILED $i $addr"
+  echo "$i:$addr" >> /tmp/net
+done
+if [ -s /tmp/net ]; then
+  # Link up (operstate "up", carrier 1) on every interface found, 10 s at most.
+  n=0
+  while [ $n -lt 50 ]; do
+    down=0
+    for w in $(cat /tmp/net); do
+      i=${w%%:*}; [ "${i#-}" = "$i" ] || continue
+      [ "$(cat /sys/class/net/$i/operstate 2>/dev/null)" = up ] || down=1
+    done
+    [ $down = 0 ] && break
+    sleep 0.2; n=$((n + 1))
+  done
+fi
+ip link set lo up 2>/dev/null
+
 check_cpus() {
   echo "TSVMM-CHECK cpus online=$(cat /sys/devices/system/cpu/online) count=$(grep -c ^processor /proc/cpuinfo)"
 }
@@ -118,7 +157,7 @@ check_ddbench() {
 
 # tsvmm.fio=SECONDS: 4 KiB random read and write IOPS at queue depth 1 and 32 (libaio,
 # O_DIRECT) on the first virtio disk that is not the read-only fio tools disk
-# (vmm/guest/fio.ts), which is found by mounting each disk; VMMs number disks differently.
+# (vmm/guest/tools_disk.ts), which is found by mounting each disk; VMMs number disks differently.
 check_fio() {
   s=$(arg tsvmm.fio); s=${s:-5}; tools=""; d=""
   mkdir -p /tools
@@ -142,6 +181,103 @@ check_fio() {
   done
   umount /tools
   echo "TSVMM-CHECK fio dev=$d$out"
+}
+
+# The host end of interface number $1 (1-based) in /tmp/net: tsvmm.netpeer=A[+B...] in the same
+# order, else .1 of the interface's /24.
+net_peer() {
+  p=$(arg tsvmm.netpeer | tr '+' '\n' | sed -n "${1}p")
+  if [ -z "$p" ]; then
+    a=$(sed -n "${1}p" /tmp/net); a=${a#*:}; a=${a%/*}
+    p=${a%.*}.1
+  fi
+  echo "$p"
+}
+# One line per interface of tsvmm.net=: its state, MAC, MTU, the virtio device behind it (its
+# negotiated features, its transport's bus, the PCI IDs when on PCI) and a ping of its peer.
+# tsvmm.pings=N[:A]: N echo requests (default 3), each sent as soon as the last reply came with A.
+check_net() {
+  k=0; pings=$(arg tsvmm.pings); popt=""
+  [ "${pings%:A}" != "$pings" ] && { popt=-A; pings=${pings%:A}; }
+  pings=${pings:-3}
+  for w in $(cat /tmp/net); do
+    k=$((k + 1)); i=${w%%:*}; addr=${w#*:}; peer=$(net_peer $k)
+    if [ "${i#-}" != "$i" ]; then echo "TSVMM-CHECK net want=${i#-} error=no-such-interface"; continue; fi
+    vdev=$(readlink -f /sys/class/net/$i/device); parent=$(dirname "$vdev")
+    bus=other; ids=none
+    case "$(readlink -f "$parent/subsystem")" in
+      */bus/pci) bus=pci; ids=$(cat "$parent/vendor"):$(cat "$parent/device"):$(cat "$parent/revision") ;;
+      */bus/platform) bus=platform ;;
+    esac
+    ping -c "$pings" -W 5 $popt "$peer" > /tmp/ping 2>&1
+    tx=$(sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p' /tmp/ping)
+    rx=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping)
+    rtt=$(sed -n 's#^round-trip min/avg/max = [0-9.]*/\([0-9.]*\)/.*#\1#p' /tmp/ping)
+    echo "TSVMM-CHECK net if=$i mac=$(cat /sys/class/net/$i/address) addr=$addr" \
+      "state=$(cat /sys/class/net/$i/operstate) carrier=$(cat /sys/class/net/$i/carrier 2>/dev/null)" \
+      "mtu=$(cat /sys/class/net/$i/mtu) vdev=$(basename "$vdev")" \
+      "driver=$(basename "$(readlink "$vdev/driver")") bus=$bus parent=$(basename "$parent") ids=$ids" \
+      "features=$(cat "$vdev/features") peer=$peer ping_tx=${tx:-0} ping_rx=${rx:-0} rtt_ms=${rtt:-none}"
+  done
+  echo "TSVMM-CHECK net-done"
+}
+# tsvmm.xfer=PORT[:MiB]: per interface, receive MiB (default 64) from its peer's PORT (the host
+# sends, then closes) and print the md5 of what arrived; then send a file of MiB from
+# /dev/urandom, made once, to the peer's PORT+1 (the host closes once it has it all) and print
+# that file's md5. Times are seconds from /proc/uptime (10 ms resolution).
+check_xfer() {
+  spec=$(arg tsvmm.xfer); port=${spec%%:*}; mb=${spec#*:}; [ "$mb" = "$spec" ] && mb=64
+  up() { cut -d' ' -f1 /proc/uptime; }
+  dd if=/dev/urandom of=/tmp/tx bs=1048576 count=$mb 2>/dev/null
+  txmd5=$(md5sum /tmp/tx | cut -d' ' -f1); txbytes=$(wc -c < /tmp/tx)
+  k=0
+  for w in $(cat /tmp/net); do
+    k=$((k + 1)); i=${w%%:*}; peer=$(net_peer $k)
+    [ "${i#-}" = "$i" ] || continue
+    a=$(up)
+    timeout 300 nc "$peer" "$port" < /dev/null > /tmp/rx 2>/tmp/nc.err; rc1=$?
+    b=$(up)
+    rxbytes=$(wc -c < /tmp/rx); rxmd5=$(md5sum /tmp/rx | cut -d' ' -f1); rm -f /tmp/rx
+    c=$(up)
+    timeout 300 nc "$peer" $((port + 1)) < /tmp/tx > /dev/null 2>>/tmp/nc.err; rc2=$?
+    d=$(up)
+    echo "TSVMM-CHECK xfer if=$i peer=$peer rx_rc=$rc1 rx_bytes=$rxbytes rx_md5=$rxmd5" \
+      "rx_s=$(echo $b $a | awk '{print $1-$2}') tx_rc=$rc2 tx_bytes=$txbytes tx_md5=$txmd5" \
+      "tx_s=$(echo $d $c | awk '{print $1-$2}') err=$(head -c 80 /tmp/nc.err | tr ' \n' '__')"
+  done
+  rm -f /tmp/tx
+  echo "TSVMM-CHECK xfer-done"
+}
+
+# tsvmm.iperf=SECONDS: TCP throughput with iperf3 from the tools disk (vmm/guest/tools_disk.ts,
+# found by mounting each disk) against an iperf3 server on each interface's peer: guest to host,
+# then host to guest (-R), in Mbit/s as the receiving side counted them.
+check_iperf() {
+  s=$(arg tsvmm.iperf); s=${s:-5}; found=0
+  mkdir -p /tools
+  for b in /sys/block/vd*; do
+    b=${b##*/}
+    if mount -t ext4 -o ro /dev/$b /tools 2>/dev/null; then
+      [ -x /tools/iperf3 ] && { found=1; break; }
+      umount /tools
+    fi
+  done
+  if [ $found = 0 ]; then echo "TSVMM-CHECK iperf error=no-tools-disk"; return; fi
+  k=0
+  for w in $(cat /tmp/net); do
+    k=$((k + 1)); i=${w%%:*}; peer=$(net_peer $k)
+    [ "${i#-}" = "$i" ] || continue
+    out=""
+    for dir in tx rx; do
+      r=""; [ $dir = rx ] && r=-R
+      /tools/ld.so --library-path /tools/lib /tools/iperf3 -c "$peer" -t "$s" -f m $r > /tmp/iperf 2>&1
+      mbps=$(awk '/receiver$/ {print $(NF-2)}' /tmp/iperf)
+      [ -n "$mbps" ] || tail -n 3 /tmp/iperf | sed 's/^/TSVMM-IPERF-OUT /'
+      out="$out ${dir}_mbps=${mbps:-0}"
+    done
+    echo "TSVMM-CHECK iperf if=$i peer=$peer$out"
+  done
+  umount /tools
 }
 
 # Kernel log lines that say something went wrong (warnings with their call traces, BUGs,
@@ -168,6 +304,9 @@ for c in $(arg tsvmm.checks | tr ',' ' '); do
     mkfs) check_mkfs ;;
     ddbench) check_ddbench ;;
     fio) check_fio ;;
+    net) check_net ;;
+    xfer) check_xfer ;;
+    iperf) check_iperf ;;
     dmesg) check_dmesg ;;
     *) echo "TSVMM-CHECK $c unknown-check" ;;
   esac
