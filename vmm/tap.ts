@@ -120,7 +120,10 @@ export interface TapSource {
 export class Tap implements NetBackend {
   /** Whether this process created the interface (it goes away when the fd closes). */
   readonly created: boolean;
-  private readonly iov = new BigUint64Array(2 * IOV_MAX);
+  /** struct iovec[IOV_MAX] as 32-bit halves: base lo, base hi, len lo, len hi. */
+  private readonly iov = new Uint32Array(4 * IOV_MAX);
+  /** Host address of each ArrayBuffer frames have lived in (guest RAM is one or two). */
+  private readonly bases = new WeakMap<ArrayBufferLike, number>();
   private readonly iovPtr: Deno.PointerValue;
   private watch: FdWatch | undefined;
   private wantRead: (() => void) | undefined;
@@ -206,9 +209,18 @@ export class Tap implements NetBackend {
     const n = Math.min(bufs.length, IOV_MAX);
     const iov = this.iov;
     for (let i = 0; i < n; i++) {
-      const b = bufs[i] as Uint8Array<ArrayBuffer>;
-      iov[2 * i] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(b)));
-      iov[2 * i + 1] = BigInt(b.byteLength);
+      const b = bufs[i];
+      let base = this.bases.get(b.buffer);
+      if (base === undefined) {
+        const whole = new Uint8Array(b.buffer as ArrayBuffer);
+        base = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(whole)));
+        this.bases.set(b.buffer, base);
+      }
+      const addr = base + b.byteOffset;
+      iov[4 * i] = addr >>> 0;
+      iov[4 * i + 1] = Math.floor(addr / 2 ** 32);
+      iov[4 * i + 2] = b.byteLength;
+      iov[4 * i + 3] = 0;
     }
     return n;
   }

@@ -25,6 +25,7 @@ const SCENARIOS: Array<[string, string]> = [
   ["toobig", "a frame larger than the posted buffers is dropped and counted, not truncated"],
   ["hostile", "hostile transmit chains are dropped and answered; receive and other devices go on"],
   ["eagain", "transmit waits out a full TAP and loses nothing"],
+  ["fd", "a TAP fd handed over by a parent is adopted and made nonblocking"],
 ];
 
 for (const [name, what] of SCENARIOS) {

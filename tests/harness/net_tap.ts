@@ -16,6 +16,7 @@ import { NET_F, type NetBackend, type NetOffloads, VirtioNet } from "../../devic
 import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { Tap } from "../../vmm/tap.ts";
 import { EventLoop } from "../../vmm/event_loop.ts";
+import { libc, sysOpen } from "../../vmm/sys/libc.ts";
 
 const TAP = "tsvmm-h0";
 const HOST_IP = "169.254.77.1";
@@ -87,8 +88,8 @@ interface Rig {
   close(): Promise<void>;
 }
 
-async function rig(features: bigint, opts: { mtu?: number } = {}): Promise<Rig> {
-  const tap = Tap.open({ name: TAP });
+async function rig(features: bigint, opts: { mtu?: number; fd?: number } = {}): Promise<Rig> {
+  const tap = Tap.open(opts.fd !== undefined ? { fd: opts.fd } : { name: TAP });
   const loop = new EventLoop();
   tap.attach(loop);
   const backend = new EagainTap(tap);
@@ -456,6 +457,27 @@ const scenarios: Record<string, () => Promise<void>> = {
       rq.add([{ addr: rngRam.alloc(64), len: 64, write: true }]);
       rngDrv.notify(0);
       assert.deepEqual(rq.takeUsed().map(([, l]) => l), [64]);
+    } finally {
+      sock.close();
+      await r.close();
+    }
+  },
+
+  /** A TAP fd opened elsewhere (as a jailer would hand one over) is adopted: name, nonblocking, frames. */
+  async fd() {
+    const fd = sysOpen("/dev/net/tun", 2); // O_RDWR, blocking, as a parent might open it
+    const req = new Uint8Array(40);
+    req.set(new TextEncoder().encode(TAP));
+    new DataView(req.buffer).setUint16(16, 0x0002 | 0x1000 | 0x4000, true); // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+    assert.equal(libc().ioctl(fd, 0x400454can, req), 0, "TUNSETIFF");
+    const r = await rig(VERSION_1 | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF), { fd });
+    const { got, sock } = await hostSocket();
+    try {
+      assert.equal(r.tap.name, TAP);
+      assert.equal(r.tap.readFrame([new Uint8Array(2048)]), -11, "nonblocking: nothing waiting is EAGAIN");
+      sendTx(r, udpFrame(r, payloadOf(500, 15)));
+      await until("the datagram at the host", () => got.length === 1);
+      assert.deepEqual(got[0], payloadOf(500, 15));
     } finally {
       sock.close();
       await r.close();
