@@ -35,6 +35,9 @@ const SYMBOLS = {
   writev: { parameters: ["i32", "pointer", "i32"], result: "isize" },
   fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" },
   if_nametoindex: { parameters: ["buffer"], result: "u32" },
+  // Synchronous, with RWF_NOWAIT: served from the page cache or refused with EAGAIN, never waits.
+  preadv2: { parameters: ["i32", "pointer", "i32", "i64", "i32"], result: "isize" },
+  pwritev2: { parameters: ["i32", "pointer", "i32", "i64", "i32"], result: "isize" },
   // Blocking calls run off the main thread (Deno's blocking pool); they return promises.
   preadv_nb: {
     name: "preadv",
