@@ -16,7 +16,17 @@ import { buildMachine } from "./vmm/builder.ts";
 import type { Machine, VmExit } from "./vmm/machine.ts";
 import type { VmConfig } from "./vmm/config.ts";
 
-export { type BootProtocol, ConfigError, DEFAULT_CMDLINE, type VmConfig } from "./vmm/config.ts";
+export {
+  type BootProtocol,
+  ConfigError,
+  DEFAULT_CMDLINE,
+  type DiskConfig,
+  type NetConfig,
+  type RngConfig,
+  type TransportKind,
+  type VmConfig,
+} from "./vmm/config.ts";
+export { createPersistentTap, removePersistentTap } from "./vmm/tap.ts";
 export type { VmExit } from "./vmm/machine.ts";
 export { type CpuidBitChange, parseCpuidMask } from "./vmm/arch/x86_64/cpuid.ts";
 export { buildGuest, GUEST_CMDLINE, type GuestAssets } from "./vmm/guest/build.ts";

@@ -219,7 +219,8 @@ export class VirtioCore implements VirtioInterrupt {
     return `${this.device.name} status=0x${this.status.toString(16)} features=0x${
       (this.driverFeatures & this.offered).toString(16)
     } isr=${this.interruptStatus} notifies=${c.notifies} ignored=${c.ignoredNotifies} irqs=${c.interrupts} ${qs}` +
-      (this.lastError ? ` error="${this.lastError}"` : "");
+      (this.lastError ? ` error="${this.lastError}"` : "") +
+      (this.device.describe ? ` | ${this.device.describe()}` : "");
   }
 
   /** InterruptACK. */

@@ -18,6 +18,8 @@ const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
 const FALLOC_FL_ZERO_RANGE = 0x10;
 const IOV_MAX = 1024;
+const RWF_NOWAIT = 0x08;
+const EAGAIN = 11;
 
 /** An image that cannot be used; the message is one line for the user. */
 export class DiskError extends Error {
@@ -35,6 +37,8 @@ export class FileBackend implements BlockBackend {
   /** Identity for derived serials: the absolute path. */
   readonly identity: string;
   private closing: Promise<void> | undefined;
+  /** Whether the kernel takes RWF_NOWAIT on this file, per direction (until it says otherwise). */
+  private nowait = { read: true, write: true };
   private inFlight = 0;
   private idle: (() => void) | undefined;
 
@@ -48,8 +52,11 @@ export class FileBackend implements BlockBackend {
     this.identity = identity;
   }
 
-  /** Opens and locks `path`; throws DiskError with a clear message. */
-  static open(path: string, readonly: boolean): FileBackend {
+  /**
+   * Opens and locks `path`; throws DiskError with a clear message. `opts.nowait: false`
+   * sends every transfer through the blocking pool (tests of that path use it).
+   */
+  static open(path: string, readonly: boolean, opts: { nowait?: boolean } = {}): FileBackend {
     let abs: string;
     let st: Deno.FileInfo;
     try {
@@ -85,7 +92,9 @@ export class FileBackend implements BlockBackend {
       sysClose(fd);
       throw new DiskError(`Cannot use disk "${path}": it is smaller than one 512-byte sector`);
     }
-    return new FileBackend(fd, size, abs, readonly);
+    const b = new FileBackend(fd, size, abs, readonly);
+    if (opts.nowait === false) b.nowait = { read: false, write: false };
+    return b;
   }
 
   private static blockDeviceSize(path: string): number {
@@ -130,14 +139,19 @@ export class FileBackend implements BlockBackend {
     while (rest.length > 0) {
       const batch = rest.slice(0, IOV_MAX);
       const { iov, total } = FileBackend.iovecs(batch);
-      const n = Number(
-        await pinnedCall([iov, ...batch], () => {
-          const p = Deno.UnsafePointer.of(iov);
-          return write
-            ? libc().pwritev_nb(this.fd, p, batch.length, BigInt(off))
-            : libc().preadv_nb(this.fd, p, batch.length, BigInt(off));
-        }),
-      );
+      // First on this thread with RWF_NOWAIT: data in the page cache (or room in it) moves at
+      // once, with no trip through the blocking pool; what would wait goes to the pool.
+      let n = this.tryNowait(write, iov, batch.length, off);
+      if (n < 0) {
+        n = Number(
+          await pinnedCall([iov, ...batch], () => {
+            const p = Deno.UnsafePointer.of(iov);
+            return write
+              ? libc().pwritev_nb(this.fd, p, batch.length, BigInt(off))
+              : libc().preadv_nb(this.fd, p, batch.length, BigInt(off));
+          }),
+        );
+      }
       let done = n;
       if (n <= 0) {
         if (n < 0 || write) throw new Error(write ? "pwritev failed" : "preadv failed");
@@ -160,6 +174,28 @@ export class FileBackend implements BlockBackend {
       rest = next;
     }
   }
+
+  /** A synchronous RWF_NOWAIT transfer: bytes moved, or -1 when it must go to the pool. */
+  private tryNowait(write: boolean, iov: BigUint64Array, count: number, off: number): number {
+    const dir = write ? "write" : "read";
+    if (!this.nowait[dir]) return -1;
+    const p = Deno.UnsafePointer.of(iov);
+    const n = Number(
+      write
+        ? libc().pwritev2(this.fd, p, count, BigInt(off), RWF_NOWAIT)
+        : libc().preadv2(this.fd, p, count, BigInt(off), RWF_NOWAIT),
+    );
+    if (n > 0) {
+      this.nowaitHits++;
+      return n;
+    }
+    // EAGAIN: not cached now. Anything else (EOPNOTSUPP on a file system without it): stop trying.
+    if (n < 0 && errno() !== EAGAIN) this.nowait[dir] = false;
+    return -1;
+  }
+
+  /** Transfers done at once with RWF_NOWAIT (for tests and the bench). */
+  nowaitHits = 0;
 
   /** Reads into guest buffers. */
   read(bufs: Uint8Array[], offset: number): Promise<void> {

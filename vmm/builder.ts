@@ -32,6 +32,8 @@ import { SharedRegisters } from "./shared_regs.ts";
 import { DiskError, FileBackend } from "./block_file.ts";
 import { VirtioBlk } from "../devices/virtio/blk.ts";
 import { VirtioRng } from "../devices/virtio/rng.ts";
+import { VirtioNet } from "../devices/virtio/net.ts";
+import { macForName, Tap, TapError } from "./tap.ts";
 
 async function readUserFile(path: string, what: string): Promise<Uint8Array> {
   try {
@@ -81,12 +83,17 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
 
   // Disks open (and lock) before anything else, so a missing or locked image is a clear error.
   const backends: FileBackend[] = [];
-  const closeBackends = () => Promise.all(backends.map((b) => b.close()));
+  const taps: Tap[] = [];
+  // TAPs close after the disks' last calls settle; a TAP this VM created goes away with its fd.
+  const closeBackends = () =>
+    Promise.all(backends.map((b) => b.close())).finally(() => taps.forEach((t) => t.close()));
   try {
     for (const d of cfg.disks) backends.push(FileBackend.open(d.path, d.readonly));
+    // TAPs too: a missing permission or a busy TAP is a one-line error before KVM is opened.
+    for (const n of cfg.nets) taps.push(Tap.open({ name: n.tap, fd: n.fd }));
   } catch (e) {
-    closeBackends();
-    if (e instanceof DiskError) throw new ConfigError(e.message);
+    await closeBackends();
+    if (e instanceof DiskError || e instanceof TapError) throw new ConfigError(e.message);
     throw e;
   }
 
@@ -94,13 +101,13 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
   try {
     kvm = Kvm.open(cfg.kvmDevice);
   } catch (e) {
-    closeBackends();
+    await closeBackends();
     throw new ConfigError((e as Error).message);
   }
   const maxVcpus = kvm.maxVcpus();
   if (cfg.cpus > maxVcpus) {
     kvm.close();
-    closeBackends();
+    await closeBackends();
     throw new ConfigError(`--cpus ${cfg.cpus} is more than this KVM allows (${maxVcpus})`);
   }
 
@@ -154,7 +161,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       mmio64Start,
       mmio64Start + L.PCI_MMIO64_SIZE,
     ]);
-    const place = (dev: VirtioBlk | VirtioRng, transport: TransportKind) => {
+    const place = (dev: VirtioBlk | VirtioRng | VirtioNet, transport: TransportKind) => {
       if (transport === "mmio" || transport === "mmio-legacy") virtio!.add(dev, transport);
       else pci!.add(dev, transport);
     };
@@ -163,6 +170,11 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       const rng = new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, cfg.rng);
       place(rng, cfg.rng.transport);
     }
+    cfg.nets.forEach((n, i) => {
+      const tap = taps[i];
+      tap.attach(loop!);
+      place(new VirtioNet(tap, { mac: n.mac ?? macForName(tap.name), mtu: n.mtu }), n.transport);
+    });
     const mmioDevices = virtio.placed.map((p) => p.info);
     const acpi = { cpus: cfg.cpus, mmioDevices, pci: pci.hostInfo() };
     for (const [addr, bytes] of buildAcpiTables(acpi, L.ACPI_START, L.RSDP_ADDR)) {

@@ -10,6 +10,7 @@ import {
   ConfigError,
   DEFAULT_CMDLINE,
   type DiskConfig,
+  type NetConfig,
   type TransportKind,
   type VmConfig,
 } from "./config.ts";
@@ -38,6 +39,9 @@ Options:
   --rng                 a virtio-rng device fed by the host's CSPRNG
   --rng-rate BYTES      rate-limit the rng to BYTES per second
   --rng-transport T     pci (default), pci-legacy, pci-transitional, mmio or mmio-legacy
+  --net SPEC            a virtio-net interface on a TAP (repeatable): tap=NAME|fd=N[,mac=52:54:..]
+                        [,mtu=N][,transport=pci|pci-legacy|pci-transitional|mmio|mmio-legacy]
+                        (a missing TAP is created for the VM's life, which needs CAP_NET_ADMIN)
   --kvm PATH            KVM device (default /dev/kvm)
   -h, --help            this text
 
@@ -74,6 +78,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
         "boot-protocol": { type: "string" },
         kvm: { type: "string" },
         disk: { type: "string", multiple: true },
+        net: { type: "string", multiple: true },
         rng: { type: "boolean" },
         "rng-rate": { type: "string" },
         "rng-transport": { type: "string" },
@@ -99,6 +104,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
     bootProtocol: v["boot-protocol"] as VmConfig["bootProtocol"],
     kvmDevice: v.kvm,
     disks: (v.disk ?? []).map(parseDisk),
+    nets: (v.net ?? []).map(parseNet),
     rng: v.rng || v["rng-rate"] || v["rng-transport"]
       ? {
         rateBytesPerSec: v["rng-rate"] === undefined ? undefined : parseCount(v["rng-rate"], "--rng-rate"),
@@ -125,6 +131,26 @@ export function parseDisk(spec: string): DiskConfig {
       );}
   }
   return d;
+}
+
+/** Parses `tap=NAME|fd=N[,mac=MAC][,mtu=N][,transport=KIND]`. */
+export function parseNet(spec: string): NetConfig {
+  const n: NetConfig = {};
+  for (const o of spec.split(",")) {
+    const i = o.indexOf("=");
+    const [k, val] = i < 0 ? [o, ""] : [o.slice(0, i), o.slice(i + 1)];
+    if (k === "tap" && i > 0) n.tap = val;
+    else if (k === "fd" && i > 0) n.fd = parseCount(val, "--net fd");
+    else if (k === "mac" && i > 0) n.mac = val;
+    else if (k === "mtu" && i > 0) n.mtu = parseCount(val, "--net mtu");
+    else if (k === "transport" && i > 0) n.transport = val as TransportKind;
+    else {
+      throw new ConfigError(
+        `--net ${spec}: unknown option "${o}" (tap=NAME or fd=N, mac=52:54:00:12:34:56, mtu=N, transport=pci|pci-legacy|pci-transitional|mmio|mmio-legacy)`,
+      );
+    }
+  }
+  return n;
 }
 
 const CTRL_A = 0x01;

@@ -1,6 +1,7 @@
 /** VM configuration: the shape users write (CLI and mod.ts) and its validation. */
 
 import { type CpuidBitChange, parseCpuidMask } from "./arch/x86_64/cpuid.ts";
+import { badInterfaceName, macForName, parseMac } from "./tap.ts";
 
 /**
  * How a virtio device is reached: "pci" (modern virtio-PCI with MSI-X), "pci-legacy"
@@ -38,6 +39,20 @@ export interface RngConfig {
   rateBytesPerSec?: number;
   /** Largest answer to one request (default 64 KiB). */
   maxRequestBytes?: number;
+}
+
+/** A virtio-net interface backed by a Linux TAP. */
+export interface NetConfig {
+  /** TAP interface name: attached if it exists, else created (needs CAP_NET_ADMIN) for the VM's life. */
+  tap?: string;
+  /** Instead of a name: an open TAP fd handed over by a parent process (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR). */
+  fd?: number;
+  /** MAC address the guest sees, "52:54:00:12:34:56" (default: derived from the TAP name). */
+  mac?: string;
+  /** MTU advertised to the guest (VIRTIO_NET_F_MTU), 68 to 65535 (default: not advertised, 1500). */
+  mtu?: number;
+  /** Transport (default "pci"). */
+  transport?: TransportKind;
 }
 
 /** How the kernel is entered. */
@@ -80,6 +95,8 @@ export interface VmConfig {
   disks?: DiskConfig[];
   /** A virtio-rng device (true for the defaults). */
   rng?: boolean | RngConfig;
+  /** virtio-net interfaces. */
+  nets?: NetConfig[];
 }
 
 /** The default kernel command line. */
@@ -127,6 +144,8 @@ export interface ResolvedConfig {
   disks: Array<Required<Omit<DiskConfig, "serial">> & { serial?: string }>;
   /** The rng device, if any. */
   rng?: Required<Pick<RngConfig, "transport">> & RngConfig;
+  /** Net interfaces, validated (mac undefined: derived from the TAP's name once it is open). */
+  nets: Array<{ tap?: string; fd?: number; mac?: Uint8Array; mtu?: number; transport: TransportKind }>;
 }
 
 function hostMemoryMiB(): number | undefined {
@@ -203,9 +222,39 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
     }
     rng = { ...r, transport: transport(r.transport, "--rng") };
   }
+  const seen = new Set<string>();
+  const nets = (c.nets ?? []).map((n) => {
+    const what = n.tap !== undefined ? `--net tap=${n.tap}` : `--net fd=${n.fd}`;
+    if ((n.tap === undefined) === (n.fd === undefined)) {
+      throw new ConfigError("--net needs either tap=NAME or fd=N");
+    }
+    if (n.tap !== undefined) {
+      const bad = badInterfaceName(n.tap);
+      if (bad) throw new ConfigError(`${what}: ${bad}`);
+    }
+    if (n.fd !== undefined && !(Number.isInteger(n.fd) && n.fd >= 0)) {
+      throw new ConfigError(`${what}: fd must be a file descriptor number`);
+    }
+    const key = n.tap ?? `fd ${n.fd}`;
+    if (seen.has(key)) throw new ConfigError(`${what} is given twice`);
+    seen.add(key);
+    if (n.mtu !== undefined && !(Number.isInteger(n.mtu) && n.mtu >= 68 && n.mtu <= 65535)) {
+      throw new ConfigError(`${what}: mtu must be an integer from 68 to 65535, not ${n.mtu}`);
+    }
+    let mac: Uint8Array | undefined;
+    try {
+      mac = n.mac !== undefined ? parseMac(n.mac) : n.tap !== undefined ? macForName(n.tap) : undefined;
+    } catch (e) {
+      throw new ConfigError(`${what}: ${(e as Error).message}`);
+    }
+    return { tap: n.tap, fd: n.fd, mac, mtu: n.mtu, transport: transport(n.transport, what) };
+  });
+  const macs = nets.filter((n) => n.mac).map((n) => n.mac!.join(":"));
+  if (new Set(macs).size !== macs.length) throw new ConfigError("two --net interfaces have the same MAC");
   return {
     disks,
     rng,
+    nets,
     kernel: c.kernel ?? "",
     program: c.program ? { code: c.program.code, at: c.program.at ?? 0x100000 } : undefined,
     initrd: c.initrd,

@@ -9,7 +9,15 @@ import { errno, libc, pinnedCall, sysClose, SysError, sysEventfd } from "./sys/l
 const EPOLL_CLOEXEC = 0o2000000;
 const EPOLL_CTL_ADD = 1;
 const EPOLL_CTL_DEL = 2;
-const EPOLLIN = 0x001;
+const EPOLL_CTL_MOD = 3;
+/** epoll: readable. */
+export const EPOLLIN = 0x001;
+/** epoll: writable. */
+export const EPOLLOUT = 0x004;
+/** epoll: an error on the fd (always reported while the fd is watched). */
+export const EPOLLERR = 0x008;
+/** epoll: hang-up (always reported while the fd is watched). */
+export const EPOLLHUP = 0x010;
 const EVENT_SIZE = 12; // struct epoll_event is packed on x86-64
 const MAX_EVENTS = 64;
 const STOP_TOKEN = 0;
@@ -27,11 +35,19 @@ export function signalEventfd(fd: number): void {
   libc().write_ptr(fd, Deno.UnsafePointer.of(b), 8n);
 }
 
+/** One fd watched for a set of events that can change. */
+export interface FdWatch {
+  /** Watches for `events` (EPOLLIN | EPOLLOUT ...); 0 takes the fd out of epoll. */
+  set(events: number): void;
+  /** Stops watching for good. */
+  close(): void;
+}
+
 /** An epoll-based loop of fd handlers. */
 export class EventLoop {
   private readonly epfd: number;
   private readonly stopFd: number;
-  private readonly handlers = new Map<number, { fd: number; fn: () => void }>();
+  private readonly handlers = new Map<number, { fd: number; fn: (events: number) => void }>();
   private nextToken = 1;
   private running: Promise<void> | undefined;
   private stopping = false;
@@ -47,10 +63,10 @@ export class EventLoop {
     this.ctl(EPOLL_CTL_ADD, this.stopFd, STOP_TOKEN);
   }
 
-  private ctl(op: number, fd: number, token: number): void {
+  private ctl(op: number, fd: number, token: number, events = EPOLLIN): void {
     const ev = new Uint8Array(EVENT_SIZE);
     const dv = new DataView(ev.buffer);
-    dv.setUint32(0, EPOLLIN, true);
+    dv.setUint32(0, events, true);
     dv.setBigUint64(4, BigInt(token), true);
     if (libc().epoll_ctl(this.epfd, op, fd, ev) < 0) throw new SysError("epoll_ctl", errno());
   }
@@ -63,6 +79,30 @@ export class EventLoop {
     return () => {
       if (this.handlers.delete(token)) this.ctl(EPOLL_CTL_DEL, fd, token);
     };
+  }
+
+  /**
+   * Watches `fd` for a changing set of events (none at first); `fn` gets the events that
+   * occurred. Epoll is level-triggered: the handler must consume what it is told about
+   * or stop watching for it.
+   */
+  watch(fd: number, fn: (events: number) => void): FdWatch {
+    const token = this.nextToken++;
+    let current = 0;
+    const set = (events: number) => {
+      if (events === current) return;
+      if (current === 0) {
+        this.handlers.set(token, { fd, fn });
+        this.ctl(EPOLL_CTL_ADD, fd, token, events);
+      } else if (events === 0) {
+        this.handlers.delete(token);
+        this.ctl(EPOLL_CTL_DEL, fd, token);
+      } else {
+        this.ctl(EPOLL_CTL_MOD, fd, token, events);
+      }
+      current = events;
+    };
+    return { set, close: () => set(0) };
   }
 
   /** Starts dispatching. */
@@ -81,11 +121,12 @@ export class EventLoop {
       if (n < 0) continue; // EINTR
       for (let i = 0; i < n; i++) {
         const token = Number(dv.getBigUint64(i * EVENT_SIZE + 4, true));
+        const bits = dv.getUint32(i * EVENT_SIZE, true);
         if (token === STOP_TOKEN) continue;
         const h = this.handlers.get(token);
         if (!h) continue;
         try {
-          h.fn();
+          h.fn(bits);
         } catch (e) {
           this.onError(e as Error);
         }

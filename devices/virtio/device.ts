@@ -69,6 +69,8 @@ export interface VirtioDevice {
    * section 2.4: after a reset the device must not interact with the guest's buffers).
    */
   reset(): void | Promise<void>;
+  /** Device-specific state for failure reports (counters, say); optional. */
+  describe?(): string;
 }
 
 /** Reads a little-endian config space image at `offset` (out-of-range bytes read as 0). */

@@ -110,6 +110,11 @@ export class SplitQueue {
     return chain;
   }
 
+  /** Gives the last chain taken back: the next `pop` returns it again. */
+  unpop(): void {
+    this.nextAvail = (this.nextAvail - 1) & 0xffff;
+  }
+
   /**
    * Tells the driver where to notify next (event index: avail_event = nextAvail), then
    * reports whether more work arrived meanwhile.

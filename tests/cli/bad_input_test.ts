@@ -11,9 +11,21 @@ import { buildGuest } from "../../vmm/guest/build.ts";
 
 const CLI = new URL("../../vmm/cli.ts", import.meta.url).pathname;
 
-async function cli(args: string[], opts: { asNobody?: boolean; cpus?: string } = {}) {
+async function cli(
+  args: string[],
+  opts: { asNobody?: boolean; cpus?: string; netns?: string; noNetAdmin?: boolean } = {},
+) {
   let cmd = Deno.execPath();
   let argv = ["run", "-A", CLI, ...args];
+  if (opts.noNetAdmin) {
+    // Still root, but without CAP_NET_ADMIN (dropped from the bounding set before exec).
+    argv = ["--bounding-set=-net_admin", "--inh-caps=-net_admin", cmd, ...argv];
+    cmd = "setpriv";
+  }
+  if (opts.netns) {
+    argv = ["netns", "exec", opts.netns, cmd, ...argv];
+    cmd = "ip";
+  }
   if (opts.cpus) {
     argv = ["-c", opts.cpus, cmd, ...argv]; // taskset: the CPUs the process may use
     cmd = "taskset";
@@ -52,7 +64,7 @@ function assertOneLine(r: { code: number; stderr: string }, pattern: RegExp): vo
 async function assertBadInput(
   args: string[],
   pattern: RegExp,
-  opts: { cpus?: string } = {},
+  opts: { cpus?: string; netns?: string; noNetAdmin?: boolean } = {},
 ): Promise<void> {
   const here = await cli(args, opts);
   assertOneLine(here, pattern);
@@ -174,4 +186,114 @@ Deno.test("bad input: --pin-vcpus in a process limited to one CPU", async () => 
       cpus: "0",
     },
   );
+});
+
+async function sh(cmd: string): Promise<string> {
+  const out = await new Deno.Command("sh", { args: ["-c", cmd], stdout: "piped", stderr: "piped" }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  if (!out.success) throw new Error(`${cmd}: ${text}`);
+  return text;
+}
+
+/** Runs `fn` with a network namespace of its own (deleted afterwards, with whatever is in it). */
+async function withNetns(fn: (ns: string) => Promise<void>): Promise<void> {
+  const ns = `tsvmm-bad-${Deno.pid}`;
+  await sh(`ip netns add ${ns}`);
+  try {
+    await fn(ns);
+  } finally {
+    await sh(`ip netns del ${ns}`);
+  }
+}
+
+/** The interfaces in namespace `ns` other than loopback. */
+async function links(ns: string): Promise<string[]> {
+  return (await sh(`ip netns exec ${ns} ip -o link show`)).split("\n").filter(Boolean)
+    .map((l) => l.split(":")[1].trim().split("@")[0]).filter((n) => n !== "lo");
+}
+
+Deno.test("bad input: --net values (MAC, MTU, name, options)", async () => {
+  await assertBadInput(
+    ["--kernel", kernel, "--net", "tap=t0,mac=01:00:5e:00:00:01"],
+    /is a multicast address/,
+  );
+  await assertBadInput(["--kernel", kernel, "--net", "tap=t0,mac=52:54:00:zz:00:01"], /is not six hex bytes/);
+  await assertBadInput(["--kernel", kernel, "--net", "tap=t0,mac=00:00:00:00:00:00"], /is all zero/);
+  await assertBadInput(
+    ["--kernel", kernel, "--net", "tap=t0,mtu=20"],
+    /mtu must be an integer from 68 to 65535/,
+  );
+  await assertBadInput(
+    ["--kernel", kernel, "--net", "tap=t0,mtu=big"],
+    /--net mtu "big" is not a whole number/,
+  );
+  await assertBadInput(["--kernel", kernel, "--net", "tap=a-name-that-is-too-long"], /1 to 15 bytes/);
+  await assertBadInput(
+    ["--kernel", kernel, "--net", "mac=52:54:00:00:00:01"],
+    /needs either tap=NAME or fd=N/,
+  );
+  await assertBadInput(["--kernel", kernel, "--net", "tap=t0,speed=10"], /unknown option "speed=10"/);
+  await assertBadInput(["--kernel", kernel, "--net", "tap=t0,transport=usb"], /transport must be pci/);
+  await assertBadInput(["--kernel", kernel, "--net", "fd=99"], /TAP fd 99 is not open in this process/);
+});
+
+Deno.test("bad input: --net TAP missing without permission to create it, busy, or not a TAP", async () => {
+  await withNetns(async (ns) => {
+    // No CAP_NET_ADMIN: a missing TAP cannot be created, nor one owned by another user attached.
+    await assertBadInput(
+      ["--kernel", kernel, "--net", "tap=tsvmm-np0"],
+      /cannot create TAP "tsvmm-np0": permission denied/,
+      {
+        netns: ns,
+        noNetAdmin: true,
+      },
+    );
+    assert.deepEqual(await links(ns), [], "nothing created");
+    await sh(`ip netns exec ${ns} ip tuntap add tsvmm-np1 mode tap user 65534`);
+    await assertBadInput(
+      ["--kernel", kernel, "--net", "tap=tsvmm-np1"],
+      /cannot attach TAP "tsvmm-np1": permission denied/,
+      {
+        netns: ns,
+        noNetAdmin: true,
+      },
+    );
+    await sh(`ip netns exec ${ns} ip tuntap del tsvmm-np1 mode tap`);
+    // Busy: another process holds the TAP (one it created, so it goes when that process ends).
+    const holder = new Deno.Command("ip", {
+      args: [
+        "netns",
+        "exec",
+        ns,
+        Deno.execPath(),
+        "eval",
+        `import { Tap } from "${new URL("../../vmm/tap.ts", import.meta.url).href}";
+         Tap.open({ name: "tsvmm-busy" }); console.log("ready"); await new Promise((r) => setTimeout(r, 60000));`,
+      ],
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    try {
+      const reader = holder.stdout.getReader();
+      const { value } = await reader.read();
+      assert.match(new TextDecoder().decode(value), /ready/);
+      reader.releaseLock();
+      await assertBadInput(["--kernel", kernel, "--net", "tap=tsvmm-busy"], /TAP "tsvmm-busy" is busy/, {
+        netns: ns,
+      });
+    } finally {
+      holder.kill("SIGKILL");
+      await holder.status;
+      await holder.stdout.cancel();
+    }
+    // An interface that is not a TAP.
+    await assertBadInput(
+      ["--kernel", kernel, "--net", "tap=lo"],
+      /"lo" is a network interface but not a TAP/,
+      {
+        netns: ns,
+      },
+    );
+    assert.deepEqual(await links(ns), [], "nothing left behind");
+  });
 });

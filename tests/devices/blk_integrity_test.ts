@@ -97,7 +97,7 @@ Deno.test("blk integrity: closing an image waits for queued writes; a file opene
   await Deno.writeFile(pathA, new Uint8Array(64 * 1024));
   await Deno.writeFile(pathB, new Uint8Array(64 * 1024));
   const pool = parkBlockingPool();
-  const a = FileBackend.open(pathA, false);
+  const a = FileBackend.open(pathA, false, { nowait: false }); // every write through the pool
   const data = new Uint8Array(4096).fill(0x77);
   const writes = [];
   for (let i = 0; i < 8; i++) writes.push(a.write([data], i * 4096));

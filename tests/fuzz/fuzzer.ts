@@ -1295,7 +1295,9 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzReport> {
   const ip = new Prng(opts.seed);
   for (let i = 0; i < init.length; i++) init[i] = 0x80 | (ip.u32() & 0x7f);
   await Deno.writeFile(image, init);
-  const file = FileBackend.open(image, false);
+  // Under GC pressure every transfer takes the blocking pool, whose buffers must stay pinned;
+  // otherwise reads the page cache holds are served at once (RWF_NOWAIT), as in the VMM.
+  const file = FileBackend.open(image, false, { nowait: !opts.gcPressure });
   const run = new Run(opts, image, file);
   run.shadow = init.slice();
   const transports = FUZZ_TRANSPORTS.filter((t) => !opts.transports || opts.transports.includes(t));

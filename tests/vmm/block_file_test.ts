@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import { FileBackend } from "../../vmm/block_file.ts";
 
 Deno.test("block file: iovecs of queued preadv/pwritev survive a GC (warmed up, blocking pool full)", async () => {
   const probe = new URL("./iovec_gc_probe.ts", import.meta.url).pathname;
@@ -15,4 +16,31 @@ Deno.test("block file: iovecs of queued preadv/pwritev survive a GC (warmed up, 
   }).output();
   const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
   assert.ok(out.success && /iovec-probe ok/.test(text), `probe failed (exit ${out.code}):\n${text}`);
+});
+
+Deno.test("block file: a read the page cache holds completes without the blocking pool (RWF_NOWAIT)", async () => {
+  const path = await Deno.makeTempFile();
+  const data = Uint8Array.from({ length: 65536 }, (_, i) => (i * 13) & 0xff);
+  await Deno.writeFile(path, data);
+  const f = FileBackend.open(path, true);
+  const copy = await Deno.makeTempFile();
+  await Deno.copyFile(path, copy);
+  const pool = FileBackend.open(copy, true, { nowait: false });
+  try {
+    // Warm the cache, then read through both paths: the same bytes, only one skips the pool.
+    await Deno.readFile(path);
+    await Deno.readFile(copy);
+    const a = new Uint8Array(8192), b = new Uint8Array(8192);
+    await f.read([a.subarray(0, 100), a.subarray(100)], 4096);
+    await pool.read([b.subarray(0, 5000), b.subarray(5000)], 4096);
+    assert.deepEqual(a, data.subarray(4096, 4096 + 8192));
+    assert.deepEqual(b, a);
+    assert.equal(f.nowaitHits, 1, "the cached read was done at once");
+    assert.equal(pool.nowaitHits, 0);
+  } finally {
+    await f.close();
+    await pool.close();
+    await Deno.remove(path);
+    await Deno.remove(copy);
+  }
 });

@@ -34,7 +34,8 @@ for (let s = 0; s < SECTORS; s++) {
 }
 await Deno.writeFile(path, image);
 
-const disk = FileBackend.open(path, false);
+// Every transfer through the blocking pool: that is the path whose buffers must stay pinned.
+const disk = FileBackend.open(path, false, { nowait: false });
 let failures = 0;
 const fail = (what: string) => {
   if (failures++ < 10) console.error("FAIL:", what);

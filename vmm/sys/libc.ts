@@ -31,6 +31,13 @@ const SYMBOLS = {
   epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   read_ptr: { name: "read", parameters: ["i32", "pointer", "usize"], result: "isize" },
   write_ptr: { name: "write", parameters: ["i32", "pointer", "usize"], result: "isize" },
+  readv: { parameters: ["i32", "pointer", "i32"], result: "isize" },
+  writev: { parameters: ["i32", "pointer", "i32"], result: "isize" },
+  fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" },
+  if_nametoindex: { parameters: ["buffer"], result: "u32" },
+  // Synchronous, with RWF_NOWAIT: served from the page cache or refused with EAGAIN, never waits.
+  preadv2: { parameters: ["i32", "pointer", "i32", "i64", "i32"], result: "isize" },
+  pwritev2: { parameters: ["i32", "pointer", "i32", "i64", "i32"], result: "isize" },
   // Blocking calls run off the main thread (Deno's blocking pool); they return promises.
   preadv_nb: {
     name: "preadv",
