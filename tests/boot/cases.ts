@@ -8,6 +8,18 @@
 import { bootTest, GUEST_CMDLINE, waitForConsole } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import type { TransportKind } from "../../vmm/config.ts";
+import { createPersistentTap, removePersistentTap } from "../../vmm/tap.ts";
+import {
+  addressTap,
+  guestAddr,
+  hostAddr,
+  hostPing,
+  inIsolatedNetns,
+  payload,
+  type PingResult,
+  receivingPeer,
+  sendingPeer,
+} from "./net_peer.ts";
 
 /** One boot case. */
 export interface BootCase {
@@ -510,6 +522,201 @@ function mixedTransports(line: "6.1" | "6.12"): BootCase {
   };
 }
 
+/**
+ * Runs a case that creates TAPs in a network namespace of its own: `unshare --net` around a
+ * fresh Deno that runs just this case (tests/boot/run_case.ts). Inside the nested runner's
+ * L1 (no network device; TSVMM_NET_ISOLATED=1) the case runs in place instead.
+ */
+async function inOwnNetns(name: string): Promise<void> {
+  const out = await new Deno.Command("unshare", {
+    args: [
+      "--net",
+      "--",
+      Deno.execPath(),
+      "run",
+      "-A",
+      new URL("./run_case.ts", import.meta.url).pathname,
+      name,
+    ],
+    env: { TSVMM_NET_ISOLATED: "1" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!out.success) {
+    const d = new TextDecoder();
+    throw new Error(`in its own network namespace:\n${d.decode(out.stdout)}${d.decode(out.stderr)}`.trim());
+  }
+}
+
+const NET_MIB = 64;
+const NET_PORT = 5000;
+// Inside the nested runner the guest moves some MB/s over each NIC; 640 MiB in all and md5 on
+// both ends, plus the boot.
+const NET_TIMEOUT_MS = 900_000;
+
+/** The features a NIC's line shows negotiated (sysfs: one character per bit, bit 0 first). */
+function featureBits(f: string | undefined): Set<number> {
+  return new Set([...(f ?? "")].flatMap((c, i) => c === "1" ? [i] : []));
+}
+
+const NET_BITS: Record<string, number> = {
+  CSUM: 0,
+  GUEST_CSUM: 1,
+  MTU: 3,
+  MAC: 5,
+  GUEST_TSO4: 7,
+  HOST_TSO4: 11,
+  MRG_RXBUF: 15,
+  STATUS: 16,
+  VERSION_1: 32,
+};
+
+/**
+ * One VM with a virtio-net NIC on each of the five transports, each on its own TAP and /24
+ * (169.254.N.0/24, the host .1, the guest .2): link up, the configured MAC and MTU, the
+ * offloads negotiated (and VERSION_1 exactly on the modern interfaces), ping from the guest
+ * and from the host, and 64 MiB each way over TCP whose md5 matches at the other end.
+ */
+function netTransports(line: "6.1" | "6.12", base: number): BootCase {
+  const kinds: TransportKind[] = ["pci", "pci-legacy", "pci-transitional", "mmio", "mmio-legacy"];
+  const name = `virtio-net on all five transports in one VM on ${line}: link up, MAC, MTU, offloads, ` +
+    `ping both ways, ${NET_MIB} MiB each way over TCP with matching md5`;
+  return {
+    name,
+    run: async (g) => {
+      if (!inIsolatedNetns()) return await inOwnNetns(name);
+      const k = g.kernels[line];
+      const nics = kinds.map((transport, i) => {
+        const n = base + i;
+        return {
+          transport,
+          n,
+          tap: `tsvn${n}`,
+          mac: `52:54:00:00:${n.toString(16).padStart(2, "0")}:02`,
+          // One NIC advertises an MTU (VIRTIO_NET_F_MTU); the others leave Linux's 1500.
+          mtu: transport === "mmio" ? 1400 : undefined,
+        };
+      });
+      const data = payload(NET_MIB * MIB, base);
+      const peers: Array<ReturnType<typeof sendingPeer>> = [];
+      try {
+        for (const nic of nics) {
+          createPersistentTap(nic.tap);
+          await addressTap(nic.tap, nic.n);
+        }
+        // The host sends only once it has pinged the guest: the guest waits in its receive.
+        let pinged!: () => void;
+        const pingDone = new Promise<void>((r) => pinged = r);
+        const sends = nics.map((nic) => sendingPeer(hostAddr(nic.n), NET_PORT, data, pingDone));
+        const recvs = nics.map((nic) => receivingPeer(hostAddr(nic.n), NET_PORT + 1, NET_MIB * MIB));
+        peers.push(...sends, ...recvs);
+        const hostPings: PingResult[] = [];
+        await bootTest({
+          kernel: k.vmlinux,
+          initrd: k.initramfs,
+          memoryMiB: 512,
+          nets: nics.map((nic) => ({ tap: nic.tap, mac: nic.mac, mtu: nic.mtu, transport: nic.transport })),
+          pinVcpus: PIN,
+          cmdline: "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=net,xfer,dmesg " +
+            `tsvmm.net=${nics.map((nic) => `${nic.mac}:${guestAddr(nic.n)}/24`).join("+")} ` +
+            `tsvmm.xfer=${NET_PORT}:${NET_MIB}`,
+        }, async (vm) => {
+          await waitForConsole(vm, /TSVMM-CHECK net-done/, CASE_TIMEOUT_MS);
+          for (const nic of nics) hostPings.push(await hostPing(guestAddr(nic.n)));
+          pinged();
+          await waitForConsole(vm, /TSVMM-CHECKS-DONE/, NET_TIMEOUT_MS);
+          const text = vm.consoleText, tail = vm.consoleTail();
+          const nets = checkLines(text, "net");
+          const xfers = checkLines(text, "xfer");
+          const sent = await Promise.all(sends.map((p) => p.done));
+          const got = await Promise.all(recvs.map((p) => p.done));
+          nics.forEach((nic, i) => {
+            const what = `NIC on ${nic.transport} (${nic.tap}, ${nic.mac})`;
+            const l = nets.find((x) => x.mac === nic.mac);
+            assert(l, `${what}: no interface with the configured MAC: ${JSON.stringify(nets)}`, tail);
+            assert(
+              l.state === "up" && l.carrier === "1",
+              `${what}: link ${l.state}, carrier ${l.carrier}`,
+              tail,
+            );
+            assert(l.driver === "virtio_net", `${what}: driver ${l.driver}`, tail);
+            const mtu = String(nic.mtu ?? 1500);
+            assert(l.mtu === mtu, `${what}: MTU ${l.mtu}, expected ${mtu}`, tail);
+            const pci = nic.transport.startsWith("pci");
+            assert(l.bus === (pci ? "pci" : "platform"), `${what}: on bus ${l.bus}`, tail);
+            if (pci) {
+              const ids = nic.transport === "pci" ? "0x1af4:0x1041:0x01" : "0x1af4:0x1000:0x00";
+              assert(l.ids === ids, `${what}: PCI vendor:device:revision ${l.ids}, expected ${ids}`, tail);
+            }
+            // The offloads on every transport; VERSION_1 only where Linux binds the modern interface.
+            const bits = featureBits(l.features);
+            const legacy = nic.transport === "pci-legacy" || nic.transport === "mmio-legacy";
+            const want = ["CSUM", "GUEST_CSUM", "GUEST_TSO4", "HOST_TSO4", "MRG_RXBUF", "MAC", "STATUS"];
+            if (nic.mtu) want.push("MTU");
+            if (!legacy) want.push("VERSION_1");
+            const missing = want.filter((f) => !bits.has(NET_BITS[f]));
+            assert(
+              missing.length === 0,
+              `${what}: not negotiated: ${missing} (features ${l.features})`,
+              tail,
+            );
+            assert(
+              legacy === !bits.has(NET_BITS.VERSION_1),
+              `${what}: VERSION_1 ${legacy ? "negotiated on a legacy transport" : "missing"}`,
+              tail,
+            );
+            assert(!nic.mtu === !bits.has(NET_BITS.MTU), `${what}: MTU feature without an MTU set`, tail);
+            assert(
+              l.ping_tx === "3" && l.ping_rx === "3",
+              `${what}: guest ping of ${hostAddr(nic.n)}: ${l.ping_rx}/${l.ping_tx} answered`,
+              tail,
+            );
+            const hp = hostPings[i];
+            assert(
+              hp.sent === 3 && hp.received === 3,
+              `${what}: host ping of ${guestAddr(nic.n)}: ${hp.received}/${hp.sent} answered\n${hp.out}`,
+              tail,
+            );
+            const x = xfers.find((y) => y.if === l.if);
+            assert(x, `${what}: no transfer line for ${l.if}`, tail);
+            const bytes = String(NET_MIB * MIB);
+            // Host to guest: every byte the host sent arrived, in order.
+            assert(
+              !sent[i].error && sent[i].bytes === NET_MIB * MIB,
+              `${what}: host sent ${sent[i].bytes} bytes ${sent[i].error ?? ""}`,
+              tail,
+            );
+            assert(
+              x.rx_rc === "0" && x.rx_bytes === bytes && x.rx_md5 === sent[i].md5,
+              `${what}: the guest received ${x.rx_bytes} bytes, md5 ${x.rx_md5} (nc exit ${x.rx_rc}); ` +
+                `the host sent ${sent[i].bytes}, md5 ${sent[i].md5}`,
+              tail,
+            );
+            // Guest to host.
+            assert(
+              x.tx_rc === "0" && x.tx_bytes === bytes && !got[i].error && got[i].bytes === NET_MIB * MIB &&
+                got[i].md5 === x.tx_md5,
+              `${what}: the guest sent ${x.tx_bytes} bytes, md5 ${x.tx_md5} (nc exit ${x.tx_rc}); ` +
+                `the host received ${got[i].bytes}, md5 ${got[i].md5} ${got[i].error ?? ""}`,
+              tail,
+            );
+          });
+          const exit = await vm.wait();
+          assert(exit.code === 0 && exit.reason === "poweroff", `VM ended with ${exit.message}`, tail);
+          assertCleanDmesg(text, tail);
+        }, NET_TIMEOUT_MS + CASE_TIMEOUT_MS);
+      } finally {
+        for (const p of peers) p.close();
+        for (const nic of nics) {
+          try {
+            removePersistentTap(nic.tap);
+          } catch { /* reported by the next run's create */ }
+        }
+      }
+    },
+  };
+}
+
 /** Every full-boot case, in the order they run. */
 export const BOOT_CASES: BootCase[] = [
   kernelBoot("6.1", 1),
@@ -537,4 +744,6 @@ export const BOOT_CASES: BootCase[] = [
   virtioDevices("mmio", "6.1"),
   virtioDevices("mmio-legacy", "6.1"),
   mkfsCase(),
+  netTransports("6.1", 21),
+  netTransports("6.12", 31),
 ];
