@@ -9,12 +9,15 @@
  * take.
  *
  * TSVMM_BENCH_RUNS (boot runs, default 5), TSVMM_BENCH_DEVICE_RUNS (default 3),
- * TSVMM_BENCH_PARTS (default "exits,boot,devices"), TSVMM_BENCH_VM_TIMEOUT_S (default 300),
- * TSVMM_BENCH_TRANSPORTS (the device bench's transports, default "pci,pci-legacy,mmio").
+ * TSVMM_BENCH_PARTS (default "exits,boot,devices,net"), TSVMM_BENCH_VM_TIMEOUT_S (default 300),
+ * TSVMM_BENCH_TRANSPORTS (the device and network bench's transports, default
+ * "pci,pci-legacy,mmio"). The network part (iperf3, ping) runs where its TAPs may live: in L1,
+ * or natively in a network namespace of its own (tests/bench/net_bench.ts).
  */
 
 import { type BenchFigure, type BenchSink, bootBench, median } from "./boot_bench.ts";
 import { deviceBench, deviceFigureNames } from "./device_bench.ts";
+import { netFigureNames } from "./net_bench.ts";
 import { buildExitFloor, exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import { hostKvmRunsStockKernels, hostKvmUsable, nestedUnavailable, runNested } from "../nested/runner.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
@@ -22,7 +25,7 @@ import { buildToolsDisk } from "../../vmm/guest/tools_disk.ts";
 
 const runs = Number(Deno.env.get("TSVMM_BENCH_RUNS") ?? "5");
 const deviceRuns = Number(Deno.env.get("TSVMM_BENCH_DEVICE_RUNS") ?? "3");
-const parts = (Deno.env.get("TSVMM_BENCH_PARTS") ?? "exits,boot,devices").split(",");
+const parts = (Deno.env.get("TSVMM_BENCH_PARTS") ?? "exits,boot,devices,net").split(",");
 const fmt = (x: number) => (x < 1 ? x.toFixed(3) : x.toFixed(1)).padStart(8);
 
 type Placed = BenchFigure & { where: string };
@@ -87,16 +90,36 @@ if (parts.includes("exits")) {
 }
 
 const wantL1Exits = parts.includes("exits") && !kvmHere;
-const wantVms = parts.includes("boot") || parts.includes("devices");
+const wantVms = parts.includes("boot") || parts.includes("devices") || parts.includes("net");
 if (native && wantVms) {
   const sink = sinkAt(HERE);
   const g = await buildGuest({ quiet: true });
-  if (parts.includes("devices")) g.toolsImage = (await buildToolsDisk({ quiet: true })).image;
+  if (parts.includes("devices") || parts.includes("net")) {
+    g.toolsImage = (await buildToolsDisk({ quiet: true })).image;
+  }
   console.log(`\n== boot to /init and devices on ${HERE}, ${runs} boot runs, ${deviceRuns} device runs`);
   const got: BenchFigure[] = [];
   if (parts.includes("boot")) got.push(...await bootBench(g, runs, sink));
   if (parts.includes("devices")) got.push(...await deviceBench(g, deviceRuns, sink));
   figures.push(...got.map((f) => ({ ...f, where: HERE })));
+  if (parts.includes("net")) {
+    // TAPs only in a network namespace of its own: net_bench.ts re-runs itself under unshare.
+    const where = `${HERE}, own network namespace`;
+    const netSink = sinkAt(where);
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", new URL("./net_bench.ts", import.meta.url).pathname, String(deviceRuns)],
+      stdout: "piped",
+    }).spawn();
+    for (const line of (await new Response(child.stdout).text()).split("\n")) {
+      const i = line.indexOf("TSVMM-BENCH ");
+      if (i < 0) continue;
+      const b = JSON.parse(line.slice(i + "TSVMM-BENCH ".length));
+      if (typeof b.value === "string") netSink.value(b.value, Number(b.v), String(b.unit));
+      else if (typeof b.missing === "string") netSink.missing(b.missing, String(b.why));
+      else if (b.figure) figures.push({ ...(b.figure as BenchFigure), where });
+    }
+    await child.status;
+  }
 } else if (wantVms || wantL1Exits) {
   const why = nestedUnavailable();
   if (why) {
@@ -120,7 +143,7 @@ if (native && wantVms) {
           transports: Deno.env.get("TSVMM_BENCH_TRANSPORTS"),
         }),
         withQemu: wantVms,
-        withTools: parts.includes("devices"),
+        withTools: parts.includes("devices") || parts.includes("net"),
         extraFiles: floor ? [["/usr/bin/exit_floor", floor]] : [],
       },
       timeoutMs: 60 * 60_000,
@@ -156,6 +179,7 @@ if (parts.includes("boot")) {
   );
 }
 if (parts.includes("devices")) expected.push(...deviceFigureNames(true));
+if (parts.includes("net")) expected.push(...netFigureNames());
 for (const name of expected) {
   if (!figures.some((f) => f.name === name)) missing.push(`${name} (no run succeeded)`);
 }
@@ -166,6 +190,8 @@ const bootQemu = figures.find((f) => f.name.startsWith("QEMU microvm"));
 const floorFig = figures.find((f) => f.name.startsWith("C floor"));
 for (const f of figures) {
   const isBoot = f.name.includes("/init marker");
+  // Times (boots, ping round trips) compare as "x QEMU's time", the rest as rates.
+  const isTime = isBoot || f.unit === "ms";
   const isExit = f.name.startsWith("vCPU exit");
   const peer = isBoot
     ? bootQemu
@@ -176,7 +202,7 @@ for (const f of figures) {
     ? ""
     : isExit
     ? `  ${(f.median / peer.median).toFixed(2)}x the C floor`
-    : isBoot
+    : isTime
     ? `  ${(f.median / peer.median).toFixed(2)}x QEMU's time`
     : `  ${(f.median / peer.median).toFixed(2)}x QEMU's rate`;
   console.log(

@@ -155,7 +155,7 @@ async function qemu(g: GuestAssets, b: BenchVm, transport: TransportKind): Promi
  * process may use, every other thread on the first. Called repeatedly while QEMU runs, so
  * threads it starts later are pinned too.
  */
-function pinQemu(pid: number, cpus: number[]): void {
+export function pinQemu(pid: number, cpus: number[]): void {
   try {
     for (const t of Deno.readDirSync(`/proc/${pid}/task`)) {
       const comm = Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/comm`).trim();

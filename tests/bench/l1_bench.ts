@@ -8,6 +8,7 @@
 
 import { type BenchSink, bootBench } from "./boot_bench.ts";
 import type { deviceBench as DeviceBench } from "./device_bench.ts";
+import type { netBench as NetBench } from "./net_bench.ts";
 import { exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { median } from "./boot_bench.ts";
@@ -19,13 +20,14 @@ if (opts.vmTimeoutS) Deno.env.set("TSVMM_BENCH_VM_TIMEOUT_S", String(opts.vmTime
 // The host's transport list, read by device_bench.ts when it loads (so imported after this).
 if (opts.transports) Deno.env.set("TSVMM_BENCH_TRANSPORTS", String(opts.transports));
 const { deviceBench }: { deviceBench: typeof DeviceBench } = await import("./device_bench.ts");
+const { netBench }: { netBench: typeof NetBench } = await import("./net_bench.ts");
 const emit = (o: Record<string, unknown>) => console.log("TSVMM-BENCH " + JSON.stringify(o));
 const sink: BenchSink = {
   value: (name, v, unit) => emit({ value: name, v, unit }),
   missing: (name, why) => emit({ missing: name, why: why.slice(-3000) }),
 };
 const round = (x: number) => Math.round(x * 100) / 100;
-const parts: string[] = opts.parts ?? ["exits", "boot", "devices"];
+const parts: string[] = opts.parts ?? ["exits", "boot", "devices", "net"];
 try {
   if (opts.exits && parts.includes("exits")) {
     for (const kind of ["pio", "mmio"] as const) {
@@ -59,6 +61,10 @@ try {
   }
   if (parts.includes("devices")) {
     for (const f of await deviceBench(assets, opts.deviceRuns ?? 3, sink)) emit({ figure: f });
+  }
+  if (parts.includes("net")) {
+    // L1 has no network device (its /init sets TSVMM_NET_ISOLATED); iperf3 is the runner's wrapper.
+    for (const f of await netBench(assets, opts.deviceRuns ?? 3, sink, ["iperf3"])) emit({ figure: f });
   }
 } catch (e) {
   sink.missing("the rest of the L1 bench", String((e as Error).stack ?? e));

@@ -1,0 +1,196 @@
+/**
+ * virtio-net: TCP throughput with iperf3 (guest to host and host to guest) and the ping round
+ * trip, tsvmm beside QEMU's virtio-net on the same transport over a TAP without vhost
+ * (`-netdev tap,...,vhost=off`; microvm with pcie=on and virtio-net-pci for PCI, disable-legacy
+ * or disable-modern as the device bench does, virtio-net-device for MMIO), both pinned the same
+ * way. The guest runs iperf3 and ping; the host end is an iperf3 server on the TAP's address.
+ *
+ * Network rules as in the boot cases (tests/boot/net_peer.ts): the TAPs live only in a
+ * namespace with no other device (the nested runner's L1, or `unshare --net` around this file
+ * run as a program), with 169.254.0.0/16 addresses.
+ */
+
+import { bootTest, waitForConsole } from "../../mod.ts";
+import type { GuestAssets } from "../../vmm/guest/build.ts";
+import type { TransportKind } from "../../vmm/config.ts";
+import { createPersistentTap, removePersistentTap } from "../../vmm/tap.ts";
+import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
+import { BENCH_TRANSPORTS, pinQemu } from "./device_bench.ts";
+import { addressTap, guestAddr, hostAddr, inIsolatedNetns } from "../boot/net_peer.ts";
+import { sysGetAffinity } from "../../vmm/sys/libc.ts";
+
+const IPERF_SECONDS = 5;
+const PINGS = 20;
+/** Test networks 169.254.41.0/24 and up, one per transport. */
+const NET_BASE = 41;
+
+/** The figures one VM run gives, by name suffix and unit. */
+const NET_FIGURES: Array<[string, string]> = [
+  ["net TCP guest->host Mbit/s (iperf3)", "Mbit/s"],
+  ["net TCP host->guest Mbit/s (iperf3)", "Mbit/s"],
+  ["net ping round trip ms (guest->host)", "ms"],
+];
+
+/** The figures netBench takes. */
+export function netFigureNames(): string[] {
+  return BENCH_TRANSPORTS.flatMap((t) =>
+    ["tsvmm", "QEMU"].flatMap((who) => NET_FIGURES.map(([f]) => `${who} ${t} ${f}`))
+  );
+}
+
+function cmdline(n: number, mac: string): string {
+  return "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=net,iperf " +
+    `tsvmm.net=${mac}:${guestAddr(n)}/24 tsvmm.pings=${PINGS}:A tsvmm.iperf=${IPERF_SECONDS}`;
+}
+
+/** Mbit/s both ways and the ping average from the guest's lines. */
+function parse(text: string): number[] {
+  const ip = /TSVMM-CHECK iperf if=\S+ peer=\S+ tx_mbps=([\d.]+) rx_mbps=([\d.]+)/.exec(text);
+  const rtt = /TSVMM-CHECK net if=.* ping_rx=(\d+) rtt_ms=([\d.]+)/.exec(text);
+  if (!ip || !(Number(ip[1]) > 0) || !(Number(ip[2]) > 0)) {
+    throw new Error(`iperf3 gave no figures: ${/TSVMM-CHECK iperf.*|TSVMM-IPERF-OUT.*/.exec(text)?.[0]}`);
+  }
+  if (!rtt || Number(rtt[1]) === 0) throw new Error("no ping answered");
+  return [Number(ip[1]), Number(ip[2]), Number(rtt[2])];
+}
+
+async function ours(g: GuestAssets, t: TransportKind, tap: string, n: number, mac: string): Promise<string> {
+  const k = g.kernels["6.1"];
+  return await bootTest(
+    {
+      kernel: k.vmlinux,
+      initrd: k.initramfs,
+      memoryMiB: 512,
+      nets: [{ tap, mac, transport: t }],
+      disks: [{ path: g.toolsImage!, readonly: true, transport: t }],
+      cmdline: cmdline(n, mac),
+      pinVcpus: true,
+    },
+    async (vm) => {
+      await waitForConsole(vm, /TSVMM-CHECKS-DONE/, vmTimeoutMs());
+      await vm.wait();
+      return vm.consoleText;
+    },
+    vmTimeoutMs() + 30_000,
+  );
+}
+
+async function qemu(g: GuestAssets, t: TransportKind, tap: string, n: number, mac: string): Promise<string> {
+  const k = g.kernels["6.1"];
+  const pci = t.startsWith("pci");
+  const dev = (kind: string, props: string) =>
+    pci
+      ? `virtio-${kind}-pci,${props},${
+        t === "pci-legacy" ? "disable-modern=on,disable-legacy=off" : "disable-legacy=on"
+      }`
+      : `virtio-${kind}-device,${props}`;
+  const args = qemuMicrovmArgs(k.vmlinux, k.initramfs, cmdline(n, mac), 512);
+  if (pci) args[args.indexOf("microvm,acpi=on")] = "microvm,acpi=on,pcie=on";
+  args.push("-netdev", `tap,id=n0,ifname=${tap},script=no,downscript=no,vhost=off`);
+  // No option ROM (microvm boots the kernel directly; L1 carries no efi-virtio.rom).
+  args.push("-device", dev("net", `netdev=n0,mac=${mac}${pci ? ",romfile=" : ""}`));
+  args.push(
+    "-drive",
+    `id=d1,file=${g.toolsImage},format=raw,if=none,readonly=on`,
+    "-device",
+    dev("blk", "drive=d1"),
+  );
+  const cpus = sysGetAffinity();
+  const child = new Deno.Command("qemu-system-x86_64", {
+    args,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  })
+    .spawn();
+  let killed = false;
+  const timer = setTimeout(() => {
+    killed = true;
+    child.kill("SIGKILL");
+  }, vmTimeoutMs());
+  const pinning = cpus.length > 1 ? setInterval(() => pinQemu(child.pid, cpus), 100) : undefined;
+  const out = await child.output();
+  clearInterval(pinning);
+  clearTimeout(timer);
+  const text = new TextDecoder().decode(out.stdout);
+  if (killed || !text.includes("TSVMM-CHECKS-DONE")) {
+    throw new Error(
+      `QEMU ${
+        killed ? `did not end within ${vmTimeoutMs()} ms` : `ended (exit ${out.code}) before its checks`
+      }` +
+        `\n--- console tail ---\n${text.slice(-2000)}${new TextDecoder().decode(out.stderr).trim()}`,
+    );
+  }
+  return text;
+}
+
+/**
+ * Network throughput and latency, `runs` alternating runs per transport; values go to `sink`
+ * as they are measured and a failed run is reported there as missing. `iperf3` is the command
+ * that runs iperf3 on this side. Needs an isolated network namespace (see the file comment).
+ */
+export async function netBench(
+  g: GuestAssets,
+  runs: number,
+  sink: BenchSink,
+  iperf3: string[],
+): Promise<BenchFigure[]> {
+  if (!inIsolatedNetns()) throw new Error("the network bench runs only in an isolated network namespace");
+  const set = new FigureSet(sink);
+  for (let i = 0; i < runs; i++) {
+    for (const [j, t] of BENCH_TRANSPORTS.entries()) {
+      const n = NET_BASE + j;
+      const tap = `tsvb${n}`;
+      const mac = `52:54:00:00:${n.toString(16).padStart(2, "0")}:02`;
+      for (const who of ["tsvmm", "QEMU"] as const) {
+        let server: Deno.ChildProcess | undefined;
+        try {
+          createPersistentTap(tap);
+          await addressTap(tap, n);
+          server = new Deno.Command(iperf3[0], {
+            args: [...iperf3.slice(1), "-s", "-B", hostAddr(n)],
+            stdin: "null",
+            stdout: "null",
+            stderr: "null",
+          }).spawn();
+          await new Promise((r) => setTimeout(r, 1000)); // the server listens before the guest asks
+          const text = who === "tsvmm" ? await ours(g, t, tap, n, mac) : await qemu(g, t, tap, n, mac);
+          const v = parse(text);
+          NET_FIGURES.forEach(([f, unit], x) => set.add(`${who} ${t} ${f}`, unit, v[x]));
+        } catch (e) {
+          sink.missing(`${who} ${t} net iperf3 and ping, run ${i + 1}`, String((e as Error).message ?? e));
+        } finally {
+          try {
+            server?.kill("SIGKILL");
+            await server?.status;
+          } catch { /* gone */ }
+          removePersistentTap(tap);
+        }
+      }
+    }
+  }
+  return set.figures();
+}
+
+// As a program (the bench on a host whose KVM runs stock kernels): re-run in a network
+// namespace of its own, printing "TSVMM-BENCH {json}" lines as the L1 bench does.
+if (import.meta.main) {
+  const { buildGuest } = await import("../../vmm/guest/build.ts");
+  const { buildToolsDisk } = await import("../../vmm/guest/tools_disk.ts");
+  if (!inIsolatedNetns()) {
+    const r = await new Deno.Command("unshare", {
+      args: ["--net", "--", Deno.execPath(), "run", "-A", new URL(import.meta.url).pathname, ...Deno.args],
+      env: { TSVMM_NET_ISOLATED: "1" },
+    }).spawn().status;
+    Deno.exit(r.code);
+  }
+  const g = await buildGuest({ quiet: true });
+  const tools = await buildToolsDisk({ quiet: true });
+  g.toolsImage = tools.image;
+  const emit = (o: Record<string, unknown>) => console.log("TSVMM-BENCH " + JSON.stringify(o));
+  const figures = await netBench(g, Number(Deno.args[0] ?? "1"), {
+    value: (name, v, unit) => emit({ value: name, v, unit }),
+    missing: (name, why) => emit({ missing: name, why: why.slice(-3000) }),
+  }, [`${tools.tree}/ld.so`, "--library-path", `${tools.tree}/lib`, `${tools.tree}/iperf3`]);
+  for (const f of figures) emit({ figure: f });
+}
