@@ -710,9 +710,19 @@ function netTransports(line: "6.1" | "6.12", base: number): BootCase {
         for (const nic of nics) {
           try {
             removePersistentTap(nic.tap);
-          } catch { /* reported by the next run's create */ }
+          } catch { /* checked just below */ }
         }
       }
+      // Nothing left behind: every TAP the case made is gone.
+      const left = nics.filter((nic) => {
+        try {
+          Deno.statSync(`/sys/class/net/${nic.tap}`);
+          return true;
+        } catch {
+          return false;
+        }
+      });
+      assert(left.length === 0, `TAPs left behind: ${left.map((nic) => nic.tap)}`, "");
     },
   };
 }
