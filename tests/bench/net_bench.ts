@@ -39,7 +39,7 @@ export function netFigureNames(): string[] {
 }
 
 function cmdline(n: number, mac: string): string {
-  return "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=net,iperf " +
+  return "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=pci,net,iperf " +
     `tsvmm.net=${mac}:${guestAddr(n)}/24 tsvmm.pings=${PINGS}:A tsvmm.iperf=${IPERF_SECONDS}`;
 }
 
@@ -47,10 +47,11 @@ function cmdline(n: number, mac: string): string {
 function parse(text: string): number[] {
   const ip = /TSVMM-CHECK iperf if=\S+ peer=\S+ tx_mbps=([\d.]+) rx_mbps=([\d.]+)/.exec(text);
   const rtt = /TSVMM-CHECK net if=.* ping_rx=(\d+) rtt_ms=([\d.]+)/.exec(text);
+  const lines = () => text.split("\n").filter((l) => /^TSVMM-/.test(l)).join("\n");
   if (!ip || !(Number(ip[1]) > 0) || !(Number(ip[2]) > 0)) {
-    throw new Error(`iperf3 gave no figures: ${/TSVMM-CHECK iperf.*|TSVMM-IPERF-OUT.*/.exec(text)?.[0]}`);
+    throw new Error(`iperf3 gave no figures:\n${lines()}`);
   }
-  if (!rtt || Number(rtt[1]) === 0) throw new Error("no ping answered");
+  if (!rtt || Number(rtt[1]) === 0) throw new Error(`no ping answered:\n${lines()}`);
   return [Number(ip[1]), Number(ip[2]), Number(rtt[2])];
 }
 

@@ -25,7 +25,8 @@ echo "TSVMM-INIT-MARKER kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuin
 
 # tsvmm.net=IF:ADDR/LEN[+IF:ADDR/LEN...]: bring each interface up with that address. IF is an
 # interface name (eth0) or a MAC (52:54:00:12:34:56), which names a NIC whatever order its
-# transport probes in. One "IFACE:ADDR/LEN" word per interface is kept in /tmp/net for the checks.
+# transport probes in. One "IFACE=ADDR/LEN" word per entry ("-WANTED=ADDR/LEN" for an interface not
+# found) is kept in /tmp/net for the checks.
 : > /tmp/net
 ifname_of() {
   if echo "$1" | grep -qiE '^([0-9a-f]{2}:){5}[0-9a-f]{2}$'; then
@@ -43,9 +44,9 @@ for e in $(arg tsvmm.net | tr '+' ' '); do
     want=${e%%:*}; addr=${e#*:}
   fi
   i=$(ifname_of "$want")
-  if [ -z "$i" ]; then echo "TSVMM-NET-MISSING $want"; echo "-$want:$addr" >> /tmp/net; continue; fi
+  if [ -z "$i" ]; then echo "TSVMM-NET-MISSING $want"; echo "-$want=$addr" >> /tmp/net; continue; fi
   ip link set "$i" up && ip addr add "$addr" dev "$i" || echo "TSVMM-NET-FAILED $i $addr"
-  echo "$i:$addr" >> /tmp/net
+  echo "$i=$addr" >> /tmp/net
 done
 if [ -s /tmp/net ]; then
   # Link up (operstate "up", carrier 1) on every interface found, 10 s at most.
@@ -53,7 +54,7 @@ if [ -s /tmp/net ]; then
   while [ $n -lt 50 ]; do
     down=0
     for w in $(cat /tmp/net); do
-      i=${w%%:*}; [ "${i#-}" = "$i" ] || continue
+      i=${w%%=*}; [ "${i#-}" = "$i" ] || continue
       [ "$(cat /sys/class/net/$i/operstate 2>/dev/null)" = up ] || down=1
     done
     [ $down = 0 ] && break
@@ -188,7 +189,7 @@ check_fio() {
 net_peer() {
   p=$(arg tsvmm.netpeer | tr '+' '\n' | sed -n "${1}p")
   if [ -z "$p" ]; then
-    a=$(sed -n "${1}p" /tmp/net); a=${a#*:}; a=${a%/*}
+    a=$(sed -n "${1}p" /tmp/net); a=${a#*=}; a=${a%/*}
     p=${a%.*}.1
   fi
   echo "$p"
@@ -201,7 +202,7 @@ check_net() {
   [ "${pings%:A}" != "$pings" ] && { popt=-A; pings=${pings%:A}; }
   pings=${pings:-3}
   for w in $(cat /tmp/net); do
-    k=$((k + 1)); i=${w%%:*}; addr=${w#*:}; peer=$(net_peer $k)
+    k=$((k + 1)); i=${w%%=*}; addr=${w#*=}; peer=$(net_peer $k)
     if [ "${i#-}" != "$i" ]; then echo "TSVMM-CHECK net want=${i#-} error=no-such-interface"; continue; fi
     vdev=$(readlink -f /sys/class/net/$i/device); parent=$(dirname "$vdev")
     bus=other; ids=none
@@ -232,7 +233,7 @@ check_xfer() {
   txmd5=$(md5sum /tmp/tx | cut -d' ' -f1); txbytes=$(wc -c < /tmp/tx)
   k=0
   for w in $(cat /tmp/net); do
-    k=$((k + 1)); i=${w%%:*}; peer=$(net_peer $k)
+    k=$((k + 1)); i=${w%%=*}; peer=$(net_peer $k)
     [ "${i#-}" = "$i" ] || continue
     a=$(up)
     timeout 300 nc "$peer" "$port" < /dev/null > /tmp/rx 2>/tmp/nc.err; rc1=$?
@@ -265,7 +266,7 @@ check_iperf() {
   if [ $found = 0 ]; then echo "TSVMM-CHECK iperf error=no-tools-disk"; return; fi
   k=0
   for w in $(cat /tmp/net); do
-    k=$((k + 1)); i=${w%%:*}; peer=$(net_peer $k)
+    k=$((k + 1)); i=${w%%=*}; peer=$(net_peer $k)
     [ "${i#-}" = "$i" ] || continue
     out=""
     for dir in tx rx; do
