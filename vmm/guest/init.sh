@@ -225,7 +225,8 @@ check_net() {
 # tsvmm.xfer=PORT[:MiB]: per interface, receive MiB (default 64) from its peer's PORT (the host
 # sends, then closes) and print the md5 of what arrived; then send a file of MiB from
 # /dev/urandom, made once, to the peer's PORT+1 (the host closes once it has it all) and print
-# that file's md5. Times are seconds from /proc/uptime (10 ms resolution).
+# that file's md5. Times are seconds from /proc/uptime (10 ms resolution); a transfer still going
+# after 120 s is cut (nc's exit code then says so).
 check_xfer() {
   spec=$(arg tsvmm.xfer); port=${spec%%:*}; mb=${spec#*:}; [ "$mb" = "$spec" ] && mb=64
   up() { cut -d' ' -f1 /proc/uptime; }
@@ -236,11 +237,11 @@ check_xfer() {
     k=$((k + 1)); i=${w%%=*}; peer=$(net_peer $k)
     [ "${i#-}" = "$i" ] || continue
     a=$(up)
-    timeout 300 nc "$peer" "$port" < /dev/null > /tmp/rx 2>/tmp/nc.err; rc1=$?
+    timeout 120 nc "$peer" "$port" < /dev/null > /tmp/rx 2>/tmp/nc.err; rc1=$?
     b=$(up)
     rxbytes=$(wc -c < /tmp/rx); rxmd5=$(md5sum /tmp/rx | cut -d' ' -f1); rm -f /tmp/rx
     c=$(up)
-    timeout 300 nc "$peer" $((port + 1)) < /tmp/tx > /dev/null 2>>/tmp/nc.err; rc2=$?
+    timeout 120 nc "$peer" $((port + 1)) < /tmp/tx > /dev/null 2>>/tmp/nc.err; rc2=$?
     d=$(up)
     echo "TSVMM-CHECK xfer if=$i peer=$peer rx_rc=$rc1 rx_bytes=$rxbytes rx_md5=$rxmd5" \
       "rx_s=$(echo $b $a | awk '{print $1-$2}') tx_rc=$rc2 tx_bytes=$txbytes tx_md5=$txmd5" \
