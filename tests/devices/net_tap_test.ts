@@ -26,6 +26,7 @@ const SCENARIOS: Array<[string, string]> = [
   ["hostile", "hostile transmit chains are dropped and answered; receive and other devices go on"],
   ["eagain", "transmit waits out a full TAP and loses nothing"],
   ["fd", "a TAP fd handed over by a parent is adopted and made nonblocking"],
+  ["fuzz", "a hostile driver on both queues: no crash, nothing written outside its buffers, then works"],
 ];
 
 for (const [name, what] of SCENARIOS) {
