@@ -549,6 +549,18 @@ const scenarios: Record<string, () => Promise<void>> = {
     }
   },
 
+  /** Teardown in the VMM's order (event loop stopped, then the device reset, then the TAP closed). */
+  async teardown() {
+    const r = await rig(VERSION_1 | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF));
+    postRx(r, 64, 2048); // receive is watching the TAP now
+    r.backend.refuse = 1;
+    sendTx(r, udpFrame(r, payloadOf(10, 1))); // and transmit waits for EPOLLOUT
+    await r.loop.stop();
+    await r.drv.w32(0x070, 0);
+    assert.equal(r.drv.status(), 0, "the reset completed");
+    r.tap.close();
+  },
+
   /** A TAP fd opened elsewhere (as a jailer would hand one over) is adopted: name, nonblocking, frames. */
   async fd() {
     const fd = sysOpen("/dev/net/tun", 2); // O_RDWR, blocking, as a parent might open it
