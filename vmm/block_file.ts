@@ -20,7 +20,7 @@ const FALLOC_FL_ZERO_RANGE = 0x10;
 const IOV_MAX = 1024;
 const RWF_NOWAIT = 0x08;
 /** File systems whose files live in memory: a transfer never waits for a device. */
-const MEMORY_FS = new Set([0x01021994 /* tmpfs */, 0x858458f6 /* ramfs */]);
+const MEMORY_FS = new Set([0x01021994, /* tmpfs */ 0x858458f6 /* ramfs */]);
 /** Largest transfer made on the device thread itself (a bigger copy goes to the pool). */
 const SYNC_MAX_BYTES = 1 << 20;
 const EAGAIN = 11;
@@ -196,7 +196,9 @@ export class FileBackend implements BlockBackend {
     const p = Deno.UnsafePointer.of(iov);
     if (this.memoryFs) {
       const n = Number(
-        write ? libc().pwritev(this.fd, p, count, BigInt(off)) : libc().preadv(this.fd, p, count, BigInt(off)),
+        write
+          ? libc().pwritev(this.fd, p, count, BigInt(off))
+          : libc().preadv(this.fd, p, count, BigInt(off)),
       );
       if (n > 0) this.nowaitHits++;
       return n > 0 ? n : -1;

@@ -199,7 +199,9 @@ export class VirtioBlk implements VirtioDevice {
   describe(): string {
     const s = this.service;
     const avg = s.count ? (s.totalMs / s.count) * 1000 : 0;
-    return `requests=${s.count} service_avg_us=${avg.toFixed(0)} service_max_us=${(s.maxMs * 1000).toFixed(0)}` +
+    return `requests=${s.count} service_avg_us=${avg.toFixed(0)} service_max_us=${
+      (s.maxMs * 1000).toFixed(0)
+    }` +
       (this.backend.describe ? ` ${this.backend.describe()}` : "");
   }
 
