@@ -25,7 +25,7 @@ try {
       const from = vm.consoleText.length;
       vm.send(
         "for d in /sys/bus/pci/devices/*; do echo $(basename $d) $(cat $d/vendor):$(cat $d/device) " +
-          "rev=$(cat $d/revision) driver=$(basename $(readlink $d/driver) 2>/dev/null); done; echo LISTED\n",
+          "rev=$(cat $d/revision) driver=$(basename $(readlink $d/driver) 2>/dev/null); done; echo LIST''ED\n",
       );
       await waitForConsole(vm, /LISTED\r?\n/, 30_000, from);
       console.log(vm.consoleText.slice(from).split("\n").filter((l) => /^0000:/.test(l)).join("\n"));

@@ -19,6 +19,10 @@ const FALLOC_FL_PUNCH_HOLE = 0x02;
 const FALLOC_FL_ZERO_RANGE = 0x10;
 const IOV_MAX = 1024;
 const RWF_NOWAIT = 0x08;
+/** File systems whose files live in memory: a transfer never waits for a device. */
+const MEMORY_FS = new Set([0x01021994, /* tmpfs */ 0x858458f6 /* ramfs */]);
+/** Largest transfer made on the device thread itself (a bigger copy goes to the pool). */
+const SYNC_MAX_BYTES = 1 << 20;
 const EAGAIN = 11;
 
 /** An image that cannot be used; the message is one line for the user. */
@@ -39,6 +43,8 @@ export class FileBackend implements BlockBackend {
   private closing: Promise<void> | undefined;
   /** Whether the kernel takes RWF_NOWAIT on this file, per direction (until it says otherwise). */
   private nowait = { read: true, write: true };
+  /** The image is on tmpfs or ramfs: reads, writes and syncs never wait for a device. */
+  private memoryFs = false;
   private inFlight = 0;
   private idle: (() => void) | undefined;
 
@@ -94,6 +100,10 @@ export class FileBackend implements BlockBackend {
     }
     const b = new FileBackend(fd, size, abs, readonly);
     if (opts.nowait === false) b.nowait = { read: false, write: false };
+    else if (st.isFile) {
+      const sfs = new BigInt64Array(16); // struct statfs: f_type first
+      if (libc().fstatfs(fd, new Uint8Array(sfs.buffer)) === 0) b.memoryFs = MEMORY_FS.has(Number(sfs[0]));
+    }
     return b;
   }
 
@@ -141,8 +151,9 @@ export class FileBackend implements BlockBackend {
       const { iov, total } = FileBackend.iovecs(batch);
       // First on this thread with RWF_NOWAIT: data in the page cache (or room in it) moves at
       // once, with no trip through the blocking pool; what would wait goes to the pool.
-      let n = this.tryNowait(write, iov, batch.length, off);
+      let n = total <= SYNC_MAX_BYTES ? this.tryNowait(write, iov, batch.length, off) : -1;
       if (n < 0) {
+        this.poolCalls++;
         n = Number(
           await pinnedCall([iov, ...batch], () => {
             const p = Deno.UnsafePointer.of(iov);
@@ -175,11 +186,23 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  /** A synchronous RWF_NOWAIT transfer: bytes moved, or -1 when it must go to the pool. */
+  /**
+   * A synchronous transfer that cannot wait for a device: plain on a memory file system,
+   * else with RWF_NOWAIT. Bytes moved, or -1 when it must go to the pool.
+   */
   private tryNowait(write: boolean, iov: BigUint64Array, count: number, off: number): number {
     const dir = write ? "write" : "read";
     if (!this.nowait[dir]) return -1;
     const p = Deno.UnsafePointer.of(iov);
+    if (this.memoryFs) {
+      const n = Number(
+        write
+          ? libc().pwritev(this.fd, p, count, BigInt(off))
+          : libc().preadv(this.fd, p, count, BigInt(off)),
+      );
+      if (n > 0) this.nowaitHits++;
+      return n > 0 ? n : -1;
+    }
     const n = Number(
       write
         ? libc().pwritev2(this.fd, p, count, BigInt(off), RWF_NOWAIT)
@@ -196,6 +219,13 @@ export class FileBackend implements BlockBackend {
 
   /** Transfers done at once with RWF_NOWAIT (for tests and the bench). */
   nowaitHits = 0;
+  /** Transfers and syncs that went to the blocking pool. */
+  poolCalls = 0;
+
+  /** How transfers were made, for reports. */
+  describe(): string {
+    return `at_once=${this.nowaitHits} pool=${this.poolCalls} memory_fs=${this.memoryFs} nowait_read=${this.nowait.read} nowait_write=${this.nowait.write}`;
+  }
 
   /** Reads into guest buffers. */
   read(bufs: Uint8Array[], offset: number): Promise<void> {
@@ -212,6 +242,11 @@ export class FileBackend implements BlockBackend {
   async flush(): Promise<void> {
     if (this.readonly) return;
     this.syncs++;
+    if (this.memoryFs && this.nowait.write) {
+      // Nothing to wait for on a memory file system: no trip through the pool.
+      if (libc().fdatasync(this.fd) < 0) throw new Error("fdatasync failed");
+      return;
+    }
     if ((await this.op(() => libc().fdatasync_nb(this.fd))) < 0) throw new Error("fdatasync failed");
   }
 

@@ -51,6 +51,7 @@ export class EventLoop {
   private nextToken = 1;
   private running: Promise<void> | undefined;
   private stopping = false;
+  private closed = false;
   private readonly events = new Uint8Array(EVENT_SIZE * MAX_EVENTS);
   /** Handler errors, reported once each to this callback (the loop keeps going). */
   onError: (e: Error) => void = (e) => console.error(`event loop: ${e.message}`);
@@ -64,6 +65,9 @@ export class EventLoop {
   }
 
   private ctl(op: number, fd: number, token: number, events = EPOLLIN): void {
+    // After stop() the epoll fd is gone (its number may even be reused): watchers that let
+    // go of their fds while the VM is torn down have nothing left to change.
+    if (this.closed) return;
     const ev = new Uint8Array(EVENT_SIZE);
     const dv = new DataView(ev.buffer);
     dv.setUint32(0, events, true);
@@ -139,6 +143,8 @@ export class EventLoop {
     this.stopping = true;
     signalEventfd(this.stopFd);
     if (this.running) await this.running;
+    this.closed = true;
+    this.handlers.clear();
     sysClose(this.epfd);
     sysClose(this.stopFd);
   }

@@ -184,11 +184,25 @@ export class VirtioBlk implements VirtioDevice {
 
   private start(req: BlkRequest, head: number): void {
     const gen = this.generation;
+    const t0 = performance.now();
     this.inFlight++;
     this.execute(req, gen).then(
-      (st) => this.complete(gen, req, head, st),
-      () => this.complete(gen, req, head, BLK_S.IOERR),
+      (st) => this.complete(gen, req, head, st, t0),
+      () => this.complete(gen, req, head, BLK_S.IOERR, t0),
     );
+  }
+
+  /** Requests answered, their summed and largest time from taking the chain to the used entry, in ms. */
+  private service = { count: 0, totalMs: 0, maxMs: 0 };
+
+  /** Request counts and service times (chain taken -> used entry written), for reports and the bench. */
+  describe(): string {
+    const s = this.service;
+    const avg = s.count ? (s.totalMs / s.count) * 1000 : 0;
+    return `requests=${s.count} service_avg_us=${avg.toFixed(0)} service_max_us=${
+      (s.maxMs * 1000).toFixed(0)
+    }` +
+      (this.backend.describe ? ` ${this.backend.describe()}` : "");
   }
 
   private inRange(sector: number, bytes: number): boolean {
@@ -249,7 +263,7 @@ export class VirtioBlk implements VirtioDevice {
     }
   }
 
-  private complete(gen: number, req: BlkRequest, head: number, status: number): void {
+  private complete(gen: number, req: BlkRequest, head: number, status: number, t0: number): void {
     if (--this.inFlight === 0 && this.drained) {
       const done = this.drained;
       this.drained = undefined;
@@ -260,6 +274,10 @@ export class VirtioBlk implements VirtioDevice {
     const q = ctx.queues[0];
     if (!q.ready) return; // the driver took the queue out of service
     this.answered[status] = (this.answered[status] ?? 0) + 1;
+    const ms = performance.now() - t0;
+    this.service.count++;
+    this.service.totalMs += ms;
+    if (ms > this.service.maxMs) this.service.maxMs = ms;
     req.status[0] = status;
     try {
       q.pushUsed(ctx.memory, head, usedLength(req, status));

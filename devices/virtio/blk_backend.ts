@@ -20,4 +20,6 @@ export interface BlockBackend {
   writeZeroes(offset: number, len: number, unmap: boolean): Promise<void>;
   /** Releases the storage once every call in flight has settled; new calls are refused. */
   close(): Promise<void>;
+  /** Backend state for failure reports and the bench (optional). */
+  describe?(): string;
 }

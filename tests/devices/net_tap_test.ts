@@ -25,7 +25,9 @@ const SCENARIOS: Array<[string, string]> = [
   ["toobig", "a frame larger than the posted buffers is dropped and counted, not truncated"],
   ["hostile", "hostile transmit chains are dropped and answered; receive and other devices go on"],
   ["eagain", "transmit waits out a full TAP and loses nothing"],
+  ["teardown", "the VMM's teardown order (loop stopped, device reset, TAP closed) goes through"],
   ["fd", "a TAP fd handed over by a parent is adopted and made nonblocking"],
+  ["fuzz", "a hostile driver on both queues: no crash, nothing written outside its buffers, then works"],
 ];
 
 for (const [name, what] of SCENARIOS) {

@@ -17,6 +17,7 @@ import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { Tap } from "../../vmm/tap.ts";
 import { EventLoop } from "../../vmm/event_loop.ts";
 import { libc, sysOpen } from "../../vmm/sys/libc.ts";
+import { Prng } from "../fuzz/fuzzer.ts";
 
 const TAP = "tsvmm-h0";
 const HOST_IP = "169.254.77.1";
@@ -88,12 +89,15 @@ interface Rig {
   close(): Promise<void>;
 }
 
-async function rig(features: bigint, opts: { mtu?: number; fd?: number } = {}): Promise<Rig> {
+async function rig(
+  features: bigint,
+  opts: { mtu?: number; fd?: number; ram?: GuestRam } = {},
+): Promise<Rig> {
   const tap = Tap.open(opts.fd !== undefined ? { fd: opts.fd } : { name: TAP });
   const loop = new EventLoop();
   tap.attach(loop);
   const backend = new EagainTap(tap);
-  const ram = new GuestRam(8 << 20);
+  const ram = opts.ram ?? new GuestRam(8 << 20);
   const dev = new VirtioNet(backend, { mac: GUEST_MAC, mtu: opts.mtu });
   const drv = new MmioDriver(new VirtioMmio(dev, ram.mem, { trigger() {} }));
   assert.ok(drv.negotiate(features), "FEATURES_OK accepted");
@@ -461,6 +465,100 @@ const scenarios: Record<string, () => Promise<void>> = {
       sock.close();
       await r.close();
     }
+  },
+
+  /**
+   * A hostile driver: random descriptor tables, heads, flags, lengths (some past the end of
+   * RAM, some huge), indirect tables and avail index jumps on both queues, while the host
+   * sends datagrams. The device may ask for a reset, never crash, never write outside the
+   * buffers it was given (a guard area no descriptor points at stays untouched), never grow
+   * host memory; after a reset it works normally.
+   */
+  async fuzz() {
+    const seed = Number(Deno.env.get("TSVMM_NET_FUZZ_SEED") ?? "20261201");
+    const episodes = Number(Deno.env.get("TSVMM_NET_FUZZ_EPISODES") ?? "400");
+    const rnd = new Prng(seed);
+    const ram = new GuestRam(32 << 20);
+    const guard = ram.alloc(1 << 20, 4096);
+    const data = ram.alloc(4 << 20, 4096);
+    const DATA = 4 << 20;
+    ram.view(guard, 1 << 20).fill(0xa5);
+    const feats = VERSION_1 | EVENT_IDX | INDIRECT | bitOf(NET_F.MAC) | bitOf(NET_F.CSUM) |
+      bitOf(NET_F.GUEST_CSUM) | bitOf(NET_F.GUEST_TSO4) | bitOf(NET_F.MRG_RXBUF);
+    let r = await rig(feats, { ram });
+    const { sock } = await hostSocket();
+    const rss0 = Number(/VmRSS:\s+(\d+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1]) * 1024;
+    let resets = 0;
+    const randomBuf = () => {
+      const len = rnd.chance(0.05) ? rnd.u32() : rnd.chance(0.1) ? 70000 : 1 + rnd.int(4096);
+      if (rnd.chance(0.03)) return { addr: 0x7000_0000 + rnd.int(1 << 20), len }; // outside RAM
+      const at = rnd.int(DATA);
+      return { addr: data + at, len: Math.min(len, DATA - at) || 1 };
+    };
+    try {
+      for (let ep = 0; ep < episodes; ep++) {
+        for (const [qi, q] of [[0, r.rx], [1, r.tx]] as const) {
+          const n = rnd.int(6);
+          for (let k = 0; k < n; k++) {
+            if (rnd.chance(0.15)) {
+              // Raw descriptors: any index, flags and next.
+              const b = randomBuf();
+              q.setDesc(rnd.int(q.size), b.addr, b.len, rnd.int(8), rnd.int(q.size + 4));
+              q.publish(rnd.int(q.size + 2));
+            } else {
+              const bufs = Array.from({ length: 1 + rnd.int(4) }, () => ({
+                ...randomBuf(),
+                write: qi === 0 ? !rnd.chance(0.05) : rnd.chance(0.05),
+              }));
+              q.add(bufs, { indirect: rnd.chance(0.3) });
+            }
+          }
+          if (rnd.chance(0.02)) q.setAvailIdx(rnd.int(0x10000));
+          r.drv.notify(rnd.chance(0.02) ? 7 : qi);
+        }
+        for (let k = rnd.int(3); k > 0; k--) await hostSend(sock, payloadOf(1 + rnd.int(1472), ep));
+        await sleep(rnd.int(3));
+        if (rnd.chance(0.3)) {
+          r.rx.takeUsed();
+          r.tx.takeUsed();
+        }
+        if ((r.drv.status() & 64) || rnd.chance(0.02)) {
+          resets++;
+          await r.close();
+          r = await rig(feats, { ram });
+        }
+        assert.ok(ram.view(guard, 1 << 20).every((b) => b === 0xa5), `episode ${ep}: the guard area changed`);
+      }
+      // After all that, a fresh start works normally.
+      await r.close();
+      r = await rig(feats, { ram });
+      const addrs = postRx(r, 64, 2048);
+      await hostSend(sock, payloadOf(777, 1));
+      const frames: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
+      await until("a frame after the fuzzing", () => {
+        frames.push(...takeRx(r, headMap(r, addrs, 1, 0)));
+        return frames.length >= 1;
+      });
+      assert.deepEqual(udpPayload(frames[0].frame), payloadOf(777, 1));
+      const rss = Number(/VmRSS:\s+(\d+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1]) * 1024;
+      console.log(`fuzz: seed ${seed}, ${episodes} episodes, ${resets} resets, RSS +${rss - rss0} bytes`);
+      assert.ok(rss - rss0 < 64 << 20, `RSS grew by ${rss - rss0} bytes`);
+    } finally {
+      sock.close();
+      await r.close();
+    }
+  },
+
+  /** Teardown in the VMM's order (event loop stopped, then the device reset, then the TAP closed). */
+  async teardown() {
+    const r = await rig(VERSION_1 | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF));
+    postRx(r, 64, 2048); // receive is watching the TAP now
+    r.backend.refuse = 1;
+    sendTx(r, udpFrame(r, payloadOf(10, 1))); // and transmit waits for EPOLLOUT
+    await r.loop.stop();
+    await r.drv.w32(0x070, 0);
+    assert.equal(r.drv.status(), 0, "the reset completed");
+    r.tap.close();
   },
 
   /** A TAP fd opened elsewhere (as a jailer would hand one over) is adopted: name, nonblocking, frames. */

@@ -44,3 +44,26 @@ Deno.test("block file: a read the page cache holds completes without the blockin
     await Deno.remove(copy);
   }
 });
+
+Deno.test("block file: an image on tmpfs is read, written and synced at once, never through the pool", async () => {
+  const path = await Deno.makeTempFile({ dir: "/dev/shm" });
+  await Deno.writeFile(path, new Uint8Array(65536));
+  const f = FileBackend.open(path, false);
+  try {
+    const data = Uint8Array.from({ length: 6000 }, (_, i) => (i * 7) & 0xff);
+    await f.write([data.subarray(0, 1000), data.subarray(1000)], 512);
+    await f.flush();
+    const back = new Uint8Array(6000);
+    await f.read([back.subarray(0, 3000), back.subarray(3000)], 512);
+    assert.deepEqual(back, data);
+    assert.match(f.describe(), /at_once=2 pool=0 memory_fs=true/);
+    // A transfer over 1 MiB is one copy too many for the device thread: the pool takes it.
+    const big = new Uint8Array((1 << 20) + 4096);
+    await Deno.truncate(path, big.length + 4096);
+    await f.read([big], 0);
+    assert.match(f.describe(), /pool=1 /);
+  } finally {
+    await f.close();
+    await Deno.remove(path);
+  }
+});

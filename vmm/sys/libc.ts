@@ -38,6 +38,10 @@ const SYMBOLS = {
   // Synchronous, with RWF_NOWAIT: served from the page cache or refused with EAGAIN, never waits.
   preadv2: { parameters: ["i32", "pointer", "i32", "i64", "i32"], result: "isize" },
   pwritev2: { parameters: ["i32", "pointer", "i32", "i64", "i32"], result: "isize" },
+  preadv: { parameters: ["i32", "pointer", "i32", "i64"], result: "isize" },
+  pwritev: { parameters: ["i32", "pointer", "i32", "i64"], result: "isize" },
+  fdatasync: { parameters: ["i32"], result: "i32" },
+  fstatfs: { parameters: ["i32", "buffer"], result: "i32" },
   // Blocking calls run off the main thread (Deno's blocking pool); they return promises.
   preadv_nb: {
     name: "preadv",
