@@ -39,7 +39,7 @@ export function netFigureNames(): string[] {
 }
 
 function cmdline(n: number, mac: string): string {
-  return "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=pci,net,iperf " +
+  return "console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=pci,pcilog,net,iperf " +
     `tsvmm.net=${mac}:${guestAddr(n)}/24 tsvmm.pings=${PINGS}:A tsvmm.iperf=${IPERF_SECONDS}`;
 }
 
