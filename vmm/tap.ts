@@ -83,26 +83,24 @@ function interfaceExists(name: string): boolean {
 export function createPersistentTap(name: string): void {
   const bad = badInterfaceName(name);
   if (bad) throw new TapError(`TAP "${name}": ${bad}`);
-  const fd = openTunDevice();
-  try {
-    if (libc().ioctl(fd, TUNSETIFF, ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)) < 0) {
-      throw new SysError(`TUNSETIFF ${name}`, errno());
-    }
-    if (libc().ioctl_val(fd, TUNSETPERSIST, 1n) < 0) throw new SysError(`TUNSETPERSIST ${name}`, errno());
-  } finally {
-    sysClose(fd);
-  }
+  setPersist(name, true);
 }
 
 /** Removes a persistent TAP made by `createPersistentTap` (nothing if it is gone). */
 export function removePersistentTap(name: string): void {
-  if (!interfaceExists(name)) return;
+  if (interfaceExists(name)) setPersist(name, false);
+}
+
+/** Attaches to (or creates) TAP `name` for a moment and sets whether it outlives its last fd. */
+function setPersist(name: string, on: boolean): void {
   const fd = openTunDevice();
   try {
     if (libc().ioctl(fd, TUNSETIFF, ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)) < 0) {
       throw new SysError(`TUNSETIFF ${name}`, errno());
     }
-    if (libc().ioctl_val(fd, TUNSETPERSIST, 0n) < 0) throw new SysError(`TUNSETPERSIST ${name}`, errno());
+    if (libc().ioctl_val(fd, TUNSETPERSIST, on ? 1n : 0n) < 0) {
+      throw new SysError(`TUNSETPERSIST ${name}`, errno());
+    }
   } finally {
     sysClose(fd);
   }

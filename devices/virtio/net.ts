@@ -160,8 +160,8 @@ export class VirtioNet implements VirtioDevice {
   private stashRing = -1;
   private rxWatching = false;
   private txWaiting = false;
-  private rxLater = false;
-  private txLater = false;
+  /** A pass of each queue is scheduled after a full budget. */
+  private readonly pendingLater = [false, false];
   /** Receives a frame's tail when it is larger than the guest's buffers. */
   private readonly overflow = new Uint8Array(MAX_GSO_FRAME + 12);
   private readonly readable = () => this.receive();
@@ -368,14 +368,18 @@ export class VirtioNet implements VirtioDevice {
       ctx.interrupt.needsReset(e.message);
       return;
     }
-    // A full budget: let the other handlers run, then go on.
-    if (delivered >= BUDGET && !this.rxLater) {
-      this.rxLater = true;
-      setTimeout(() => {
-        this.rxLater = false;
-        this.receive();
-      }, 0);
-    }
+    if (delivered >= BUDGET) this.later(RX);
+  }
+
+  /** After a full budget: let the other handlers run, then go on with queue `index`. */
+  private later(index: number): void {
+    if (this.pendingLater[index]) return;
+    this.pendingLater[index] = true;
+    setTimeout(() => {
+      this.pendingLater[index] = false;
+      if (index === RX) this.receive();
+      else this.transmit();
+    }, 0);
   }
 
   private transmit(): void {
@@ -414,12 +418,6 @@ export class VirtioNet implements VirtioDevice {
     }, () => done < BUDGET);
     if (!ok) return;
     if (done && q.needsInterrupt(mem)) ctx.interrupt.signalUsed(TX);
-    if (done >= BUDGET && !this.txLater) {
-      this.txLater = true;
-      setTimeout(() => {
-        this.txLater = false;
-        this.transmit();
-      }, 0);
-    }
+    if (done >= BUDGET) this.later(TX);
   }
 }

@@ -115,39 +115,47 @@ async function qemu(g: GuestAssets, b: BenchVm, transport: TransportKind): Promi
     if (b.rng) {
       args.push("-object", "rng-random,id=r0,filename=/dev/urandom", "-device", dev("rng", "rng=r0"));
     }
-    // Pinned as ours are: every thread on the first CPU, then the vCPU thread on the next.
-    const cpus = sysGetAffinity();
-    const child = new Deno.Command("qemu-system-x86_64", {
-      args,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    let killed = false;
-    const timer = setTimeout(() => {
-      killed = true;
-      child.kill("SIGKILL");
-    }, vmTimeoutMs());
-    const pinning = cpus.length > 1 ? setInterval(() => pinQemu(child.pid, cpus), 100) : undefined;
-    const out = await child.output();
-    clearInterval(pinning);
-    clearTimeout(timer);
-    const text = new TextDecoder().decode(out.stdout);
-    if (killed) {
-      throw new Error(
-        `QEMU did not end within ${vmTimeoutMs()} ms\n--- console tail ---\n${text.slice(-2000)}`,
-      );
-    }
-    if (!b.marker.test(text)) {
-      throw new Error(
-        `QEMU ended (exit ${out.code}) without ${b.marker}\n--- console tail ---\n${text.slice(-2000)}` +
-          new TextDecoder().decode(out.stderr).trim(),
-      );
-    }
-    return text;
+    return await runPinnedQemu(args, b.marker);
   } finally {
     await Deno.remove(img);
   }
+}
+
+/**
+ * Runs QEMU with `args`, pinned as ours are (every thread on the first CPU, the vCPU thread
+ * on the next), killed after vmTimeoutMs(); returns its console once `marker` is on it, else
+ * throws with the console tail.
+ */
+export async function runPinnedQemu(args: string[], marker: RegExp): Promise<string> {
+  const cpus = sysGetAffinity();
+  const child = new Deno.Command("qemu-system-x86_64", {
+    args,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let killed = false;
+  const timer = setTimeout(() => {
+    killed = true;
+    child.kill("SIGKILL");
+  }, vmTimeoutMs());
+  const pinning = cpus.length > 1 ? setInterval(() => pinQemu(child.pid, cpus), 100) : undefined;
+  const out = await child.output();
+  clearInterval(pinning);
+  clearTimeout(timer);
+  const text = new TextDecoder().decode(out.stdout);
+  if (killed) {
+    throw new Error(
+      `QEMU did not end within ${vmTimeoutMs()} ms\n--- console tail ---\n${text.slice(-2000)}`,
+    );
+  }
+  if (!marker.test(text)) {
+    throw new Error(
+      `QEMU ended (exit ${out.code}) without ${marker}\n--- console tail ---\n${text.slice(-2000)}` +
+        new TextDecoder().decode(out.stderr).trim(),
+    );
+  }
+  return text;
 }
 
 /**

@@ -15,9 +15,8 @@ import type { GuestAssets } from "../../vmm/guest/build.ts";
 import type { TransportKind } from "../../vmm/config.ts";
 import { createPersistentTap, removePersistentTap } from "../../vmm/tap.ts";
 import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
-import { BENCH_TRANSPORTS, pinQemu } from "./device_bench.ts";
+import { BENCH_TRANSPORTS, runPinnedQemu } from "./device_bench.ts";
 import { addressTap, guestAddr, hostAddr, inIsolatedNetns } from "../boot/net_peer.ts";
-import { sysGetAffinity } from "../../vmm/sys/libc.ts";
 
 const IPERF_SECONDS = 5;
 const PINGS = 20;
@@ -96,33 +95,7 @@ async function qemu(g: GuestAssets, t: TransportKind, tap: string, n: number, ma
     "-device",
     dev("blk", "drive=d1"),
   );
-  const cpus = sysGetAffinity();
-  const child = new Deno.Command("qemu-system-x86_64", {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  })
-    .spawn();
-  let killed = false;
-  const timer = setTimeout(() => {
-    killed = true;
-    child.kill("SIGKILL");
-  }, vmTimeoutMs());
-  const pinning = cpus.length > 1 ? setInterval(() => pinQemu(child.pid, cpus), 100) : undefined;
-  const out = await child.output();
-  clearInterval(pinning);
-  clearTimeout(timer);
-  const text = new TextDecoder().decode(out.stdout);
-  if (killed || !text.includes("TSVMM-CHECKS-DONE")) {
-    throw new Error(
-      `QEMU ${
-        killed ? `did not end within ${vmTimeoutMs()} ms` : `ended (exit ${out.code}) before its checks`
-      }` +
-        `\n--- console tail ---\n${text.slice(-2000)}${new TextDecoder().decode(out.stderr).trim()}`,
-    );
-  }
-  return text;
+  return await runPinnedQemu(args, /TSVMM-CHECKS-DONE/);
 }
 
 /**
