@@ -77,12 +77,9 @@ export class EventLoop {
 
   /** Calls `fn` whenever `fd` is readable (the handler must drain it). Returns a remover. */
   add(fd: number, fn: () => void): () => void {
-    const token = this.nextToken++;
-    this.handlers.set(token, { fd, fn });
-    this.ctl(EPOLL_CTL_ADD, fd, token);
-    return () => {
-      if (this.handlers.delete(token)) this.ctl(EPOLL_CTL_DEL, fd, token);
-    };
+    const w = this.watch(fd, () => fn());
+    w.set(EPOLLIN);
+    return () => w.close();
   }
 
   /**

@@ -127,8 +127,6 @@ export class Tap implements NetBackend {
   private wantRead: (() => void) | undefined;
   private wantWrite: (() => void) | undefined;
   private closed = false;
-  /** Frames the kernel refused, by errno name, for failure reports. */
-  readonly writeErrors: Map<string, number> = new Map();
 
   private constructor(readonly fd: number, readonly name: string, created: boolean) {
     this.created = created;
@@ -235,13 +233,7 @@ export class Tap implements NetBackend {
     if (this.closed) return -EAGAIN;
     if (bufs.length > IOV_MAX) return -22;
     const n = Number(libc().writev(this.fd, this.iovPtr, this.fillIov(bufs)));
-    if (n >= 0) return n;
-    const e = errno();
-    if (e !== EAGAIN) {
-      const k = errnoName(e);
-      this.writeErrors.set(k, (this.writeErrors.get(k) ?? 0) + 1);
-    }
-    return -e;
+    return n < 0 ? -errno() : n;
   }
 
   /** TUNSETVNETHDRSZ. */

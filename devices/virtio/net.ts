@@ -12,7 +12,7 @@
  * backend could not take yet once the backend says it is writable again.
  */
 
-import { type ActivateContext, drainQueue, VIRTIO_ID, type VirtioDevice } from "./device.ts";
+import { type ActivateContext, drainQueue, readConfigBytes, VIRTIO_ID, type VirtioDevice } from "./device.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1 } from "./queue.ts";
 import { ChainError, type DescChain, scatter } from "./chain.ts";
 
@@ -156,7 +156,6 @@ export class VirtioNet implements VirtioDevice {
   /** Receive chains taken off the ring and not yet used (at most the queue size). */
   private stash: DescChain[] = [];
   private stashBytes = 0;
-  private stashBufs = 0;
   private stashRing = -1;
   private rxWatching = false;
   private txWaiting = false;
@@ -164,6 +163,8 @@ export class VirtioNet implements VirtioDevice {
   private readonly pendingLater = [false, false];
   /** Receives a frame's tail when it is larger than the guest's buffers. */
   private readonly overflow = new Uint8Array(MAX_GSO_FRAME + 12);
+  /** The stashed chains' buffers in order, the overflow area last (the receive call's iovec list). */
+  private stashIov: Uint8Array[] = [this.overflow];
   private readonly readable = () => this.receive();
   private readonly writable = () => {
     this.txWaiting = false;
@@ -211,11 +212,7 @@ export class VirtioNet implements VirtioDevice {
 
   /** mac, status, max_virtqueue_pairs (0: no multiqueue), mtu. */
   readConfig(offset: number, data: Uint8Array): void {
-    data.fill(0);
-    for (let i = 0; i < data.length; i++) {
-      const o = offset + i;
-      if (o >= 0 && o < this.config.length) data[i] = this.config[o];
-    }
+    readConfigBytes(this.config, offset, data);
   }
 
   /** The config space is read-only (the MAC too: VIRTIO_NET_F_CTRL_MAC_ADDR is not offered). */
@@ -270,7 +267,8 @@ export class VirtioNet implements VirtioDevice {
 
   private clearStash(): void {
     this.stash = [];
-    this.stashBytes = this.stashBufs = 0;
+    this.stashBytes = 0;
+    this.stashIov = [this.overflow];
   }
 
   private watchRx(on: boolean): void {
@@ -286,8 +284,8 @@ export class VirtioNet implements VirtioDevice {
       this.clearStash(); // the queue was set up again
       this.stashRing = q.descAddr;
     }
-    while (this.mergeable ? this.stashBytes < this.rxFrameMax : this.stash.length === 0) {
-      if (this.stashBufs >= MAX_IOV || this.stash.length >= q.size) break;
+    let full = this.stash.length >= q.size;
+    while (!full && (this.mergeable ? this.stashBytes < this.rxFrameMax : this.stash.length === 0)) {
       const c = q.pop(ctx.memory);
       if (!c) {
         if (q.enableNotification(ctx.memory)) continue;
@@ -299,14 +297,20 @@ export class VirtioNet implements VirtioDevice {
         q.pushUsed(ctx.memory, c.head, 0);
         continue;
       }
+      if (this.stashIov.length + c.writable.length > MAX_IOV + 1) {
+        q.unpop(); // it goes first into the next frame's list
+        full = true;
+        break;
+      }
       this.stash.push(c);
       this.stashBytes += c.writableLen;
-      this.stashBufs += c.writable.length;
+      this.stashIov.splice(this.stashIov.length - 1, 0, ...c.writable);
+      full = this.stash.length >= q.size;
     }
     if (this.stash.length === 0) return false;
     if (!this.mergeable) return true;
-    // A ring the guest has filled completely cannot grow: read into what there is.
-    return this.stashBytes >= this.rxFrameMax || this.stashBufs >= MAX_IOV || this.stash.length >= q.size;
+    // A ring the guest has filled, or a full iovec list, cannot grow: read into what there is.
+    return full || this.stashBytes >= this.rxFrameMax;
   }
 
   private receive(): void {
@@ -328,10 +332,7 @@ export class VirtioNet implements VirtioDevice {
           break;
         }
         this.watchRx(true);
-        const bufs: Uint8Array[] = [];
-        for (const c of this.stash) for (const b of c.writable) bufs.push(b);
-        bufs.push(this.overflow);
-        const got = this.backend.readFrame(bufs);
+        const got = this.backend.readFrame(this.stashIov);
         if (got === -EAGAIN) break;
         if (got < 0) {
           this.stats.rxErrors++;
@@ -348,15 +349,17 @@ export class VirtioNet implements VirtioDevice {
           scatter(this.stash[0].writable, 10, new Uint8Array([chains & 0xff, chains >> 8]));
         }
         let left = got;
+        let usedBufs = 0;
         for (let i = 0; i < chains; i++) {
           const c = this.stash[i];
           const len = Math.min(left, c.writableLen);
           q.pushUsed(mem, c.head, len);
           left -= len;
           this.stashBytes -= c.writableLen;
-          this.stashBufs -= c.writable.length;
+          usedBufs += c.writable.length;
         }
         this.stash = this.stash.slice(chains);
+        this.stashIov.splice(0, usedBufs);
         this.stats.rxFrames++;
         this.stats.rxBytes += got - this.hdrLen;
         delivered++;

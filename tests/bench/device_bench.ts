@@ -98,13 +98,7 @@ async function qemu(g: GuestAssets, b: BenchVm, transport: TransportKind): Promi
   try {
     const k = g.kernels["6.1"];
     const pci = transport.startsWith("pci");
-    // The device suffix and properties that give QEMU the same transport as ours.
-    const dev = (kind: string, props: string) =>
-      pci
-        ? `virtio-${kind}-pci,${props},${
-          transport === "pci-legacy" ? "disable-modern=on,disable-legacy=off" : "disable-legacy=on"
-        }`
-        : `virtio-${kind}-device,${props}`;
+    const dev = (kind: string, props: string) => qemuVirtioDevice(kind, props, transport);
     const args = qemuMicrovmArgs(k.vmlinux, k.initramfs, b.cmdline, b.memoryMiB);
     if (pci) args[args.indexOf("microvm,acpi=on")] = "microvm,acpi=on,pcie=on";
     args.push("-drive", `id=d0,file=${img},format=raw,if=none`, "-device", dev("blk", "drive=d0"));
@@ -119,6 +113,13 @@ async function qemu(g: GuestAssets, b: BenchVm, transport: TransportKind): Promi
   } finally {
     await Deno.remove(img);
   }
+}
+
+/** QEMU's `-device` for a virtio `kind` ("blk", "net", ...) on the same transport as ours. */
+export function qemuVirtioDevice(kind: string, props: string, transport: TransportKind): string {
+  if (!transport.startsWith("pci")) return `virtio-${kind}-device,${props}`;
+  const modes = transport === "pci-legacy" ? "disable-modern=on,disable-legacy=off" : "disable-legacy=on";
+  return `virtio-${kind}-pci,${props},${modes}`;
 }
 
 /**

@@ -15,7 +15,7 @@ import type { GuestAssets } from "../../vmm/guest/build.ts";
 import type { TransportKind } from "../../vmm/config.ts";
 import { createPersistentTap, removePersistentTap } from "../../vmm/tap.ts";
 import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
-import { BENCH_TRANSPORTS, runPinnedQemu } from "./device_bench.ts";
+import { BENCH_TRANSPORTS, qemuVirtioDevice, runPinnedQemu } from "./device_bench.ts";
 import { addressTap, guestAddr, hostAddr, inIsolatedNetns } from "../boot/net_peer.ts";
 
 const IPERF_SECONDS = 5;
@@ -78,12 +78,7 @@ async function ours(g: GuestAssets, t: TransportKind, tap: string, n: number, ma
 async function qemu(g: GuestAssets, t: TransportKind, tap: string, n: number, mac: string): Promise<string> {
   const k = g.kernels["6.1"];
   const pci = t.startsWith("pci");
-  const dev = (kind: string, props: string) =>
-    pci
-      ? `virtio-${kind}-pci,${props},${
-        t === "pci-legacy" ? "disable-modern=on,disable-legacy=off" : "disable-legacy=on"
-      }`
-      : `virtio-${kind}-device,${props}`;
+  const dev = (kind: string, props: string) => qemuVirtioDevice(kind, props, t);
   const args = qemuMicrovmArgs(k.vmlinux, k.initramfs, cmdline(n, mac), 512);
   if (pci) args[args.indexOf("microvm,acpi=on")] = "microvm,acpi=on,pcie=on";
   args.push("-netdev", `tap,id=n0,ifname=${tap},script=no,downscript=no,vhost=off`);

@@ -242,6 +242,21 @@ function takeRx(r: Rig, addrs: Map<number, number>): Array<{ hdr: Uint8Array; fr
   return out;
 }
 
+/** Waits until `n` frames have arrived in the rx ring (posted as `heads` says); returns them. */
+async function receiveFrames(
+  r: Rig,
+  heads: Map<number, number>,
+  n: number,
+  what: string,
+): Promise<Array<{ hdr: Uint8Array; frame: Uint8Array }>> {
+  const frames: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
+  await until(what, () => {
+    frames.push(...takeRx(r, heads));
+    return frames.length >= n;
+  });
+  return frames;
+}
+
 /** Head index -> buffer address of the chains posted by `postRx` (one descriptor per part). */
 function headMap(r: Rig, addrs: number[], parts: number, firstHead: number): Map<number, number> {
   const m = new Map<number, number>();
@@ -273,11 +288,7 @@ const scenarios: Record<string, () => Promise<void>> = {
         const heads = headMap(r, addrs, mrg ? 1 : 2, 0);
         const sent = [payloadOf(1400, 1), payloadOf(60, 2), payloadOf(900, 3)];
         for (const p of sent) await hostSend(sock, p);
-        const frames: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
-        await until("three frames in the guest", () => {
-          frames.push(...takeRx(r, heads));
-          return frames.length >= 3;
-        });
+        const frames = await receiveFrames(r, heads, 3, "three frames in the guest");
         assert.deepEqual(frames.map((f) => f.frame.subarray(0, 6)), sent.map(() => GUEST_MAC), "to our MAC");
         assert.deepEqual(frames.map((f) => udpPayload(f.frame)), sent, "payloads arrive intact and in order");
         if (mrg) {
@@ -334,11 +345,7 @@ const scenarios: Record<string, () => Promise<void>> = {
         // with a partial checksum (NEEDS_CSUM), without it checksummed (flags 0).
         const addrs = postRx(r, 64, 2048);
         await hostSend(sock, payloadOf(100, 7));
-        const frames: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
-        await until("a frame", () => {
-          frames.push(...takeRx(r, headMap(r, addrs, 1, 0)));
-          return frames.length >= 1;
-        });
+        const frames = await receiveFrames(r, headMap(r, addrs, 1, 0), 1, "a frame");
         assert.equal(frames[0].hdr[0] & 1, want.csum ? 1 : 0, "VIRTIO_NET_HDR_F_NEEDS_CSUM");
       } finally {
         sock.close();
@@ -405,11 +412,7 @@ const scenarios: Record<string, () => Promise<void>> = {
       await until("the drop", () => r.dev.stats.rxDropTooBig === 1);
       assert.deepEqual(r.rx.takeUsed(), [], "nothing delivered, nothing truncated");
       await hostSend(sock, payloadOf(200, 9));
-      const frames: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
-      await until("the small frame", () => {
-        frames.push(...takeRx(r, headMap(r, addrs, 1, 0)));
-        return frames.length === 1;
-      });
+      const frames = await receiveFrames(r, headMap(r, addrs, 1, 0), 1, "the small frame");
       assert.deepEqual(udpPayload(frames[0].frame), payloadOf(200, 9));
     } finally {
       sock.close();
@@ -453,11 +456,7 @@ const scenarios: Record<string, () => Promise<void>> = {
       // Receive still works, and so does the other device.
       const addrs = postRx(r, 8, 2048);
       await hostSend(sock, payloadOf(64, 11));
-      const frames: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
-      await until("a frame", () => {
-        frames.push(...takeRx(r, headMap(r, addrs, 1, 2)));
-        return frames.length === 1;
-      });
+      await receiveFrames(r, headMap(r, addrs, 1, 2), 1, "a frame");
       rq.add([{ addr: rngRam.alloc(64), len: 64, write: true }]);
       rngDrv.notify(0);
       assert.deepEqual(rq.takeUsed().map(([, l]) => l), [64]);
@@ -534,11 +533,7 @@ const scenarios: Record<string, () => Promise<void>> = {
       r = await rig(feats, { ram });
       const addrs = postRx(r, 64, 2048);
       await hostSend(sock, payloadOf(777, 1));
-      const frames: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
-      await until("a frame after the fuzzing", () => {
-        frames.push(...takeRx(r, headMap(r, addrs, 1, 0)));
-        return frames.length >= 1;
-      });
+      const frames = await receiveFrames(r, headMap(r, addrs, 1, 0), 1, "a frame after the fuzzing");
       assert.deepEqual(udpPayload(frames[0].frame), payloadOf(777, 1));
       const rss = Number(/VmRSS:\s+(\d+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1]) * 1024;
       console.log(`fuzz: seed ${seed}, ${episodes} episodes, ${resets} resets, RSS +${rss - rss0} bytes`);
