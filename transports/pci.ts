@@ -66,6 +66,14 @@ export const VIRTIO_PCI_VENDOR = 0x1af4;
 /** No MSI-X vector. */
 export const VIRTIO_MSI_NO_VECTOR = 0xffff;
 
+/**
+ * How used-buffer interrupts leave a function now, in `VirtioPci.plan[0]` (a device thread
+ * reads it to signal without asking the thread that owns the registers): the ISR bit and
+ * the INTx line; the queue's MSI-X vector (`plan[1 + q]`); or the ISR bit only (INTx
+ * disabled in the command register).
+ */
+export const PLAN = { LINE: 0, MSIX: 1, ISR_ONLY: 2 } as const;
+
 /** virtio PCI capability types (cfg_type). */
 export const VIRTIO_PCI_CAP = { COMMON: 1, NOTIFY: 2, ISR: 3, DEVICE: 4, PCI_CFG: 5 } as const;
 
@@ -144,8 +152,13 @@ export class VirtioPci implements PciFunction {
   readonly msix: MsixTable;
   /** msix_config. */
   configVector = VIRTIO_MSI_NO_VECTOR;
+  /**
+   * Shared with a device thread: [0] how used-buffer interrupts go out (PLAN), then
+   * queue_msix_vector per queue (`queueVectors` is that part).
+   */
+  readonly plan: Int32Array;
   /** queue_msix_vector per queue. */
-  readonly queueVectors: number[];
+  readonly queueVectors: Int32Array;
   private readonly msixCap: number;
   private pciCfgCap = 0;
 
@@ -167,7 +180,9 @@ export class VirtioPci implements PciFunction {
       !legacyOnly,
     );
     const queues = device.queueMaxSizes.length;
-    this.queueVectors = new Array(queues).fill(VIRTIO_MSI_NO_VECTOR);
+    this.plan = new Int32Array(new SharedArrayBuffer(4 * (1 + queues)));
+    this.queueVectors = this.plan.subarray(1);
+    this.queueVectors.fill(VIRTIO_MSI_NO_VECTOR);
     this.core.interrupts = {
       used: (q) => this.interrupt(this.queueVectors[q] ?? VIRTIO_MSI_NO_VECTOR, INT_USED_RING),
       config: () => this.interrupt(this.configVector, INT_CONFIG),
@@ -213,7 +228,10 @@ export class VirtioPci implements PciFunction {
     this.config.addHook({
       start: this.msixCap + 2,
       end: this.msixCap + 4,
-      afterWrite: () => this.msix.setMessageControl(this.config.u16(this.msixCap + 2)),
+      afterWrite: () => {
+        this.msix.setMessageControl(this.config.u16(this.msixCap + 2));
+        this.syncPlan();
+      },
       beforeRead: () => {
         const v = this.msix.messageControl;
         this.config.bytes[this.msixCap + 2] = v & 0xff;
@@ -221,6 +239,18 @@ export class VirtioPci implements PciFunction {
       },
     });
     if (flavor !== "legacy") this.addModernCapabilities(queues);
+    this.config.addHook({ start: 4, end: 6, afterWrite: () => this.syncPlan() }); // command
+    this.syncPlan();
+  }
+
+  /** Updates plan[0] after MSI-X enable or the command register changed. */
+  private syncPlan(): void {
+    const mode = this.msix.enabled
+      ? PLAN.MSIX
+      : this.config.command & CMD.INTX_DISABLE
+      ? PLAN.ISR_ONLY
+      : PLAN.LINE;
+    Atomics.store(this.plan, 0, mode);
   }
 
   private addModernCapabilities(queues: number): void {

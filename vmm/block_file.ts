@@ -19,6 +19,22 @@ const FALLOC_FL_PUNCH_HOLE = 0x02;
 const FALLOC_FL_ZERO_RANGE = 0x10;
 const IOV_MAX = 1024;
 const RWF_NOWAIT = 0x08;
+/** An open image as FileBackend.share() hands it to another thread. */
+export interface SharedDisk {
+  /** The fd (owned by the sharing backend). */
+  fd: number;
+  /** Size in bytes. */
+  size: number;
+  /** Absolute path (serials derive from it). */
+  identity: string;
+  /** Opened read-only. */
+  readonly: boolean;
+  /** Whether RWF_NOWAIT is still tried, per direction. */
+  nowait: { read: boolean; write: boolean };
+  /** On tmpfs or ramfs. */
+  memoryFs: boolean;
+}
+
 /** File systems whose files live in memory: a transfer never waits for a device. */
 const MEMORY_FS = new Set([0x01021994, /* tmpfs */ 0x858458f6 /* ramfs */]);
 /** Largest transfer made on the device thread itself (a bigger copy goes to the pool). */
@@ -47,6 +63,8 @@ export class FileBackend implements BlockBackend {
   private memoryFs = false;
   private inFlight = 0;
   private idle: (() => void) | undefined;
+  /** Whether close() closes the fd (false for a view another thread's backend owns). */
+  private ownsFd = true;
 
   private constructor(
     private readonly fd: number,
@@ -273,6 +291,30 @@ export class FileBackend implements BlockBackend {
     }
   }
 
+  /** What another thread needs to serve the same open image (`FileBackend.adopt`). */
+  share(): SharedDisk {
+    return {
+      fd: this.fd,
+      size: this.size,
+      identity: this.identity,
+      readonly: this.readonly,
+      nowait: { ...this.nowait },
+      memoryFs: this.memoryFs,
+    };
+  }
+
+  /**
+   * A backend over an image this process already opened and locked (`share()`, from another
+   * thread). Its close() waits for its own calls but leaves the fd to the owner.
+   */
+  static adopt(d: SharedDisk): FileBackend {
+    const b = new FileBackend(d.fd, d.size, d.identity, d.readonly);
+    b.nowait = { ...d.nowait };
+    b.memoryFs = d.memoryFs;
+    b.ownsFd = false;
+    return b;
+  }
+
   /** Host calls on the image not yet settled. */
   get pending(): number {
     return this.inFlight;
@@ -285,7 +327,7 @@ export class FileBackend implements BlockBackend {
   close(): Promise<void> {
     this.closing ??= new Promise<void>((resolve) => {
       const finish = () => {
-        sysClose(this.fd);
+        if (this.ownsFd) sysClose(this.fd);
         resolve();
       };
       if (this.inFlight === 0) finish();

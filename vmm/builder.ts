@@ -27,6 +27,7 @@ import type { VcpuStart } from "./vcpus.ts";
 import { EventLoop } from "./event_loop.ts";
 import { VirtioMmioDevices } from "./virtio_mmio_bus.ts";
 import { PciDevices } from "./pci_devices.ts";
+import { type DeviceSpec, DeviceThread, type SharedMemoryLayout } from "./device_thread.ts";
 import { GsiRouting } from "./irq_routing.ts";
 import { SharedRegisters } from "./shared_regs.ts";
 import { DiskError, FileBackend } from "./block_file.ts";
@@ -115,6 +116,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
   const ptr = mmapAnonymous(cfg.memoryBytes);
   const released = { done: false };
   let loop: EventLoop | undefined;
+  let thread: DeviceThread | undefined;
   let virtio: VirtioMmioDevices | undefined;
   let pci: PciDevices | undefined;
   const release = async () => {
@@ -125,6 +127,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     if (loop) await loop.stop();
     await virtio?.close();
     await pci?.close();
+    await thread?.stop();
     await closeBackends();
     vm.close();
     kvm.close();
@@ -143,9 +146,11 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     const host = Deno.UnsafePointerView.getArrayBuffer(ptr, cfg.memoryBytes);
     const base = BigInt(Deno.UnsafePointer.value(ptr));
     let off = 0;
+    const layout: SharedMemoryLayout = { base, size: cfg.memoryBytes, regions: [] };
     const regions = L.ramRanges(cfg.memoryBytes).map(([gpa, size], slot) => {
       vm.setUserMemoryRegion(slot, gpa, size, base + BigInt(off));
       const r = { gpa, bytes: new Uint8Array(host, off, size) };
+      layout.regions.push({ gpa, offset: off, size });
       off += size;
       return r;
     });
@@ -161,19 +166,32 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       mmio64Start,
       mmio64Start + L.PCI_MMIO64_SIZE,
     ]);
-    const place = (dev: VirtioBlk | VirtioRng | VirtioNet, transport: TransportKind) => {
-      if (transport === "mmio" || transport === "mmio-legacy") virtio!.add(dev, transport);
-      else pci!.add(dev, transport);
+    // With a device thread, each device here answers config space only; the thread runs a
+    // twin built from `spec` over the same image, TAP or entropy source.
+    if (cfg.deviceThread) thread = new DeviceThread(layout);
+    const place = (dev: VirtioBlk | VirtioRng | VirtioNet, spec: DeviceSpec, transport: TransportKind) => {
+      const d = thread ? thread.remote(dev, spec) : dev;
+      if (transport === "mmio" || transport === "mmio-legacy") virtio!.add(d, transport);
+      else pci!.add(d, transport);
     };
-    cfg.disks.forEach((d, i) => place(new VirtioBlk(backends[i], { serial: d.serial }), d.transport));
+    cfg.disks.forEach((d, i) => {
+      const spec: DeviceSpec = { kind: "blk", disk: backends[i].share(), serial: d.serial };
+      place(new VirtioBlk(backends[i], { serial: d.serial }), spec, d.transport);
+    });
     if (cfg.rng) {
       const rng = new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, cfg.rng);
-      place(rng, cfg.rng.transport);
+      const opts = { maxRequestBytes: cfg.rng.maxRequestBytes, rateBytesPerSec: cfg.rng.rateBytesPerSec };
+      place(rng, { kind: "rng", opts }, cfg.rng.transport);
     }
     cfg.nets.forEach((n, i) => {
       const tap = taps[i];
-      tap.attach(loop!);
-      place(new VirtioNet(tap, { mac: n.mac ?? macForName(tap.name), mtu: n.mtu }), n.transport);
+      const mac = n.mac ?? macForName(tap.name);
+      if (!thread) tap.attach(loop!);
+      place(
+        new VirtioNet(tap, { mac, mtu: n.mtu }),
+        { kind: "net", tapFd: tap.fd, mac, mtu: n.mtu },
+        n.transport,
+      );
     });
     const mmioDevices = virtio.placed.map((p) => p.info);
     const acpi = { cpus: cfg.cpus, mmioDevices, pci: pci.hostInfo() };

@@ -33,6 +33,7 @@ Options:
                         (names: ${Object.keys(CPUID_FEATURES).join(" ")})
   --unpack-kernel       boot a bzImage's unpacked vmlinux (skips the decompressor)
   --pin-vcpus           give the vCPUs host CPUs of their own (the VMM's other threads on the first)
+  --no-device-thread    serve the virtio queues from the main thread (slower; for comparison)
   --boot-protocol P     ELF entry: auto (PVH when the kernel has the note), linux64, pvh
   --disk SPEC           a virtio-blk disk (repeatable): PATH[,readonly][,serial=ID]
                         [,transport=pci|pci-legacy|pci-transitional|mmio|mmio-legacy]
@@ -75,6 +76,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
         "cpuid-mask": { type: "string" },
         "unpack-kernel": { type: "boolean" },
         "pin-vcpus": { type: "boolean" },
+        "no-device-thread": { type: "boolean" },
         "boot-protocol": { type: "string" },
         kvm: { type: "string" },
         disk: { type: "string", multiple: true },
@@ -101,6 +103,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
     cpuidMask: v["cpuid-mask"],
     unpackKernel: v["unpack-kernel"],
     pinVcpus: v["pin-vcpus"],
+    deviceThread: v["no-device-thread"] ? false : undefined,
     bootProtocol: v["boot-protocol"] as VmConfig["bootProtocol"],
     kvmDevice: v.kvm,
     disks: (v.disk ?? []).map(parseDisk),

@@ -85,6 +85,11 @@ export interface VmConfig {
    * the VM's life (needs 2 or more).
    */
   pinVcpus?: boolean;
+  /**
+   * Serve the virtio queues on a device thread of their own that blocks in epoll_wait (the
+   * default), rather than from the main thread's event loop (false; slower, kept to compare).
+   */
+  deviceThread?: boolean;
   /** For ELF kernels: PVH entry when the note is there ("auto"), or force one. */
   bootProtocol?: BootProtocol;
   /** Connect the serial console to this process's stdin/stdout. */
@@ -134,6 +139,8 @@ export interface ResolvedConfig {
   unpackKernel: boolean;
   /** Pin vCPU threads. */
   pinVcpus: boolean;
+  /** Virtio queues on the device thread. */
+  deviceThread: boolean;
   /** Entry protocol choice. */
   bootProtocol: BootProtocol;
   /** Console on stdio. */
@@ -264,6 +271,7 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
     cpuid,
     unpackKernel: c.unpackKernel ?? false,
     pinVcpus: c.pinVcpus ?? false,
+    deviceThread: c.deviceThread ?? true,
     bootProtocol: proto,
     stdio: c.stdio ?? false,
     kvmDevice: c.kvmDevice ?? "/dev/kvm",

@@ -1,7 +1,14 @@
 /**
- * The device thread's event loop: epoll over eventfds (ioeventfds, later TAP and timers).
- * One epoll_wait at a time runs on Deno's blocking pool; when it returns, the handlers
- * of the ready fds run on the main thread. A private eventfd wakes the loop to stop it.
+ * An epoll loop of fd handlers (ioeventfds, resample eventfds, TAPs). Two ways to wait:
+ *
+ * - on the main thread, one epoll_wait at a time runs on Deno's blocking pool and the
+ *   handlers of the ready fds run when the V8 event loop picks the result up;
+ * - on a thread of its own (the device thread, device_worker.ts), the loop blocks in
+ *   epoll_wait itself whenever nothing else is pending there (no nonblocking FFI call in
+ *   flight, no timer set: `canBlock`), so a doorbell wakes the handler's thread directly.
+ *   Otherwise it waits the first way, so those promises and timers still run.
+ *
+ * A private eventfd wakes the loop to stop it.
  */
 
 import { errno, libc, pinnedCall, sysClose, SysError, sysEventfd } from "./sys/libc.ts";
@@ -43,6 +50,28 @@ export interface FdWatch {
   close(): void;
 }
 
+/** How an EventLoop waits (see the module comment). */
+export interface EventLoopOptions {
+  /**
+   * Whether the loop may block its thread in epoll_wait now. Only for a loop on a thread
+   * of its own; undefined (the main thread's loop) never blocks.
+   */
+  canBlock?: () => boolean;
+  /** Runs after each wake, before the handlers (the device thread takes its messages here). */
+  beforeDispatch?: () => void | Promise<void>;
+}
+
+const setImmediate = (globalThis as unknown as { setImmediate: (fn: () => void) => void }).setImmediate;
+
+/**
+ * Resolves on the event loop's next turn: after every queued promise continuation, with
+ * the messages and I/O that arrived meanwhile delivered (about 3 us; setTimeout(0) is
+ * clamped to milliseconds).
+ */
+export function nextTurn(): Promise<void> {
+  return new Promise((r) => setImmediate(r));
+}
+
 /** An epoll-based loop of fd handlers. */
 export class EventLoop {
   private readonly epfd: number;
@@ -57,7 +86,7 @@ export class EventLoop {
   onError: (e: Error) => void = (e) => console.error(`event loop: ${e.message}`);
 
   /** Creates the epoll instance. */
-  constructor() {
+  constructor(private readonly opts: EventLoopOptions = {}) {
     this.epfd = libc().epoll_create1(EPOLL_CLOEXEC);
     if (this.epfd < 0) throw new SysError("epoll_create1", errno());
     this.stopFd = sysEventfd();
@@ -114,12 +143,21 @@ export class EventLoop {
   private async loop(): Promise<void> {
     const events = this.events;
     const dv = new DataView(events.buffer);
+    const block = this.opts.canBlock;
+    // Whoever called start() gets its thread back before the first blocking wait.
+    if (block) await nextTurn();
     while (!this.stopping) {
-      const n = await pinnedCall(
-        [events],
-        () => libc().epoll_wait_nb(this.epfd, Deno.UnsafePointer.of(events), MAX_EVENTS, -1),
-      );
+      let n: number;
+      if (block?.()) {
+        n = libc().epoll_wait(this.epfd, Deno.UnsafePointer.of(events), MAX_EVENTS, -1);
+      } else {
+        n = await pinnedCall(
+          [events],
+          () => libc().epoll_wait_nb(this.epfd, Deno.UnsafePointer.of(events), MAX_EVENTS, -1),
+        );
+      }
       if (n < 0) continue; // EINTR
+      if (this.opts.beforeDispatch) await this.opts.beforeDispatch();
       for (let i = 0; i < n; i++) {
         const token = Number(dv.getBigUint64(i * EVENT_SIZE + 4, true));
         const bits = dv.getUint32(i * EVENT_SIZE, true);
@@ -132,6 +170,9 @@ export class EventLoop {
           this.onError(e as Error);
         }
       }
+      // A blocking wait must not start before the work the handlers queued (promise
+      // continuations) has run.
+      if (block) await nextTurn();
     }
   }
 

@@ -118,6 +118,14 @@ export class VectorRouter implements MsiRouter {
     });
   }
 
+  /**
+   * The eventfd of each vector. A write to one whose vector is masked stays counted in the
+   * eventfd and KVM delivers it when the irqfd is assigned again (on unmask), as a pending bit.
+   */
+  get eventfds(): readonly number[] {
+    return this.fds;
+  }
+
   /** MsiRouter: delivers vector `index` if it has a route. */
   signal(index: number): void {
     if (this.assigned[index]) signalEventfd(this.fds[index]);

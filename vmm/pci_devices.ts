@@ -13,6 +13,7 @@ import type { VmFd } from "./vm.ts";
 import type { Bus } from "./bus.ts";
 import type { GuestMemory } from "./memory.ts";
 import type { EventLoop } from "./event_loop.ts";
+import { RemoteDevice } from "./device_thread.ts";
 import { drainEventfd, signalEventfd } from "./event_loop.ts";
 import { sysClose, sysEventfd } from "./sys/libc.ts";
 import type { GsiRouting, VectorRouter } from "./irq_routing.ts";
@@ -108,13 +109,23 @@ export class PciDevices {
       if (drainEventfd(resampleFd) && transport.intxPending) signalEventfd(irqFd);
     });
     // Doorbells: one eventfd per queue, registered wherever the BAR is.
+    const remote = device instanceof RemoteDevice ? device : undefined;
     const qfds = device.queueMaxSizes.map((_, q) => {
       const fd = sysEventfd();
       this.fds.push(fd);
-      this.loop.add(fd, () => {
-        if (drainEventfd(fd)) transport.core.notify(q);
-      });
+      // A device on the device thread watches its doorbells there.
+      if (!remote) {
+        this.loop.add(fd, () => {
+          if (drainEventfd(fd)) transport.core.notify(q);
+        });
+      }
       return fd;
+    });
+    const isr = transport.core.isr;
+    remote?.bind(qfds, {
+      isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
+      lineFd: irqFd,
+      msix: { plan: transport.plan.buffer as SharedArrayBuffer, vectorFds: router.eventfds },
     });
     this.notifyFds.set(transport, qfds);
     // The VMM's assignment, as firmware would leave it: memory BARs in the 32-bit window, I/O

@@ -13,6 +13,7 @@
 import type { VmFd } from "./vm.ts";
 import type { Bus } from "./bus.ts";
 import type { GuestMemory } from "./memory.ts";
+import { RemoteDevice } from "./device_thread.ts";
 import type { EventLoop } from "./event_loop.ts";
 import { drainEventfd, signalEventfd } from "./event_loop.ts";
 import { sysClose, sysEventfd } from "./sys/libc.ts";
@@ -86,14 +87,24 @@ export class VirtioMmioDevices {
       if (drainEventfd(resampleFd) && transport.core.interruptStatus !== 0) irq.trigger();
     });
     this.mmio.register(base, VIRTIO_MMIO_SIZE, transport, `${device.name} (${kind})`);
-    device.queueMaxSizes.forEach((_, q) => {
+    const notifyFds = device.queueMaxSizes.map((_, q) => {
       const fd = sysEventfd();
       this.fds.push(fd);
       this.vm.ioeventfd(fd, base + MMIO_QUEUE_NOTIFY, 4, { datamatch: q });
-      this.loop.add(fd, () => {
-        if (drainEventfd(fd)) transport.core.notify(q);
-      });
+      // A device on the device thread watches its doorbells there.
+      if (!(device instanceof RemoteDevice)) {
+        this.loop.add(fd, () => {
+          if (drainEventfd(fd)) transport.core.notify(q);
+        });
+      }
+      return fd;
     });
+    if (device instanceof RemoteDevice) {
+      device.bind(notifyFds, {
+        isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
+        lineFd: irqFd,
+      });
+    }
     const placed = { device, transport, info: { base, size: VIRTIO_MMIO_SIZE, gsi } };
     this.placed.push(placed);
     return placed;

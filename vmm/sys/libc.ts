@@ -62,6 +62,7 @@ const SYMBOLS = {
     result: "i32",
     nonblocking: true,
   },
+  epoll_wait: { parameters: ["i32", "pointer", "i32", "i32"], result: "i32" },
   epoll_wait_nb: {
     name: "epoll_wait",
     parameters: ["i32", "pointer", "i32", "i32"],

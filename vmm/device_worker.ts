@@ -1,0 +1,189 @@
+/**
+ * The device thread's Worker (device_thread.ts): builds each device from its spec, watches
+ * the doorbells, and runs the devices on an event loop that blocks in epoll_wait on this
+ * thread while nothing else is pending here.
+ */
+
+/// <reference lib="deno.worker" />
+
+import { drainEventfd, EventLoop, nextTurn, signalEventfd } from "./event_loop.ts";
+import { pinnedCalls } from "./sys/libc.ts";
+import { GuestMemory } from "./memory.ts";
+import { FileBackend } from "./block_file.ts";
+import { Tap } from "./tap.ts";
+import type { FromWorker, InterruptRoute, ToWorker } from "./device_thread.ts";
+import type { VirtioDevice, VirtioInterrupt } from "../devices/virtio/device.ts";
+import { SplitQueue } from "../devices/virtio/queue.ts";
+import { VirtioBlk } from "../devices/virtio/blk.ts";
+import { VirtioRng } from "../devices/virtio/rng.ts";
+import { VirtioNet } from "../devices/virtio/net.ts";
+import { INT_USED_RING } from "../transports/virtio_core.ts";
+import { PLAN, VIRTIO_MSI_NO_VECTOR } from "../transports/pci.ts";
+
+// Timers set here (a rate limit's wait, a queue's next pass) need the V8 event loop: while
+// any is pending the loop waits through the blocking pool instead of blocking this thread.
+const timers = new Set<unknown>();
+const g = globalThis as any;
+const realSetTimeout = g.setTimeout;
+const realClearTimeout = g.clearTimeout;
+g.setTimeout = (fn: (...a: unknown[]) => void, ms?: number, ...args: unknown[]) => {
+  const id = realSetTimeout(() => {
+    timers.delete(id);
+    fn(...args);
+  }, ms);
+  timers.add(id);
+  return id;
+};
+g.clearTimeout = (id?: unknown) => {
+  timers.delete(id);
+  realClearTimeout(id);
+};
+
+interface Entry {
+  device: VirtioDevice;
+  irq: VirtioInterrupt;
+  active: boolean;
+  queues: SplitQueue[];
+}
+
+const entries: Entry[] = [];
+const inbox: ToWorker[] = [];
+let taken = 0;
+let control: Int32Array | undefined;
+let controlFd = -1;
+let memory: GuestMemory | undefined;
+let loop: EventLoop | undefined;
+
+const post = (m: FromWorker) => self.postMessage(m);
+
+/** The interrupt of one device: the shared ISR and line, or its queue's MSI-X vector. */
+function interruptFor(id: number, route: InterruptRoute): VirtioInterrupt {
+  const isr = new Int32Array(route.isr.buffer);
+  const plan = route.msix ? new Int32Array(route.msix.plan) : undefined;
+  const vectors = route.msix?.vectorFds ?? [];
+  return {
+    signalUsed(q: number): void {
+      const mode = plan ? Atomics.load(plan, 0) : PLAN.LINE;
+      if (mode === PLAN.MSIX) {
+        const v = Atomics.load(plan!, 1 + q);
+        if (v !== VIRTIO_MSI_NO_VECTOR && v < vectors.length) signalEventfd(vectors[v]);
+        return;
+      }
+      Atomics.or(isr, route.isr.index, INT_USED_RING);
+      if (mode === PLAN.LINE) signalEventfd(route.lineFd);
+    },
+    signalConfig: () => post({ op: "config", id }),
+    needsReset: (reason) => post({ op: "needsReset", id, reason }),
+  };
+}
+
+function build(m: Extract<ToWorker, { op: "add" }>): VirtioDevice {
+  const s = m.spec;
+  switch (s.kind) {
+    case "blk":
+      return new VirtioBlk(FileBackend.adopt(s.disk), { serial: s.serial });
+    case "rng":
+      return new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, s.opts);
+    case "net": {
+      const tap = Tap.open({ fd: s.tapFd });
+      tap.attach(loop!);
+      return new VirtioNet(tap, { mac: s.mac, mtu: s.mtu });
+    }
+  }
+}
+
+function init(m: Extract<ToWorker, { op: "init" }>): void {
+  control = new Int32Array(m.control);
+  const host = Deno.UnsafePointerView.getArrayBuffer(
+    Deno.UnsafePointer.create(m.memory.base)!,
+    m.memory.size,
+  );
+  memory = new GuestMemory(
+    m.memory.regions.map((r) => ({ gpa: r.gpa, bytes: new Uint8Array(host, r.offset, r.size) })),
+  );
+  loop = new EventLoop({
+    canBlock: () => inbox.length === 0 && pinnedCalls() === 0 && timers.size === 0,
+    beforeDispatch: takeMessages,
+  });
+  loop.onError = (e) => post({ op: "error", message: e.stack ?? e.message });
+  controlFd = m.controlFd;
+  // Only wakes the loop: takeMessages drains it, before it reads how many were posted.
+  loop.add(controlFd, () => {});
+  loop.start();
+}
+
+/** Acts on one message. Nothing here waits: answers that must wait are posted when ready. */
+function take(m: ToWorker): void {
+  switch (m.op) {
+    case "init":
+      return init(m);
+    case "add": {
+      const device = build(m);
+      const e: Entry = { device, irq: interruptFor(m.id, m.route), active: false, queues: [] };
+      entries[m.id] = e;
+      m.notifyFds.forEach((fd, q) =>
+        loop!.add(fd, () => {
+          if (drainEventfd(fd) && e.active && e.queues[q]?.ready) e.device.notify(q);
+        })
+      );
+      return;
+    }
+    case "activate": {
+      const e = entries[m.id];
+      e.queues = m.queues.map((s) => Object.assign(new SplitQueue(s.maxSize), s));
+      e.active = true;
+      try {
+        e.device.activate({ memory: memory!, queues: e.queues, features: m.features, interrupt: e.irq });
+      } catch (err) {
+        e.active = false;
+        post({ op: "needsReset", id: m.id, reason: `activation failed: ${(err as Error).message}` });
+      }
+      return;
+    }
+    case "reset": {
+      const e = entries[m.id];
+      e.active = false;
+      void Promise.resolve(e.device.reset()).then(() => post({ op: "done", seq: m.seq }));
+      return;
+    }
+    case "describe":
+      post({
+        op: "done",
+        seq: m.seq,
+        value: entries.map((e) => {
+          const qs = e.queues.map((q, i) => `q${i}: avail=${q.nextAvail} used=${q.nextUsed}`).join(" ");
+          return `${qs}${e.device.describe ? ` ${e.device.describe()}` : ""}`;
+        }),
+      });
+      return;
+    case "stop":
+      void loop!.stop().then(() => post({ op: "done", seq: m.seq }));
+      return;
+  }
+}
+
+/** Takes every message the main thread posted before the wake that got us here. */
+async function takeMessages(): Promise<void> {
+  if (!control) return;
+  // Drain first, count second: a message counted after this drain comes with a new signal.
+  drainEventfd(controlFd);
+  const posted = Atomics.load(control, 0);
+  while (taken < posted) {
+    // Posted messages arrive as events: let the event loop deliver them.
+    while (inbox.length === 0) await nextTurn();
+    taken++;
+    try {
+      take(inbox.shift()!);
+    } catch (err) {
+      post({ op: "error", message: (err as Error).stack ?? String(err) });
+    }
+  }
+}
+
+self.onmessage = (e: MessageEvent<ToWorker>) => {
+  if (e.data.op === "init") {
+    // The first message: there is no loop yet to take it.
+    taken++;
+    init(e.data);
+  } else inbox.push(e.data);
+};
