@@ -12,7 +12,7 @@
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { type BenchFigure, type BenchSink, FigureSet } from "./boot_bench.ts";
 import type { TransportKind } from "../../vmm/config.ts";
-import { ddScript, FIO_JOBS, fioScript } from "./bench_guest.ts";
+import { ddScript, FIO_JOBS, fioScript, removeBenchInitrds } from "./bench_guest.ts";
 import { type BenchRun, type BenchVm, runOurs, runQemu } from "./bench_vms.ts";
 
 /** The transports the device bench compares (TSVMM_BENCH_TRANSPORTS, comma-separated). */
@@ -159,5 +159,6 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
     }
   }
   if (!g.toolsImage) sink.missing("fio random IOPS", "no fio tools disk");
+  await removeBenchInitrds();
   return set.figures();
 }

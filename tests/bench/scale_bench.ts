@@ -11,7 +11,7 @@
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import type { TransportKind } from "../../vmm/config.ts";
 import { type BenchFigure, type BenchSink, FigureSet } from "./boot_bench.ts";
-import { scaleScript } from "./bench_guest.ts";
+import { removeBenchInitrds, scaleScript } from "./bench_guest.ts";
 import { runOurs, runQemu } from "./bench_vms.ts";
 import { fioSeconds } from "./device_bench.ts";
 
@@ -89,6 +89,7 @@ export async function scaleBench(g: GuestAssets, runs: number, sink: BenchSink):
       }
     }
   }
+  await removeBenchInitrds();
   return set.figures();
 }
 
