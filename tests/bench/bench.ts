@@ -8,15 +8,18 @@
  * hung-guest report) and the bench goes on; it exits 1 naming every figure it could not
  * take.
  *
- * TSVMM_BENCH_RUNS (boot runs, default 5), TSVMM_BENCH_DEVICE_RUNS (default 3),
- * TSVMM_BENCH_PARTS (default "exits,boot,devices,net"), TSVMM_BENCH_VM_TIMEOUT_S (default 300),
+ * TSVMM_BENCH_RUNS (boot runs, default 5), TSVMM_BENCH_DEVICE_RUNS (device, network and scale
+ * runs, default 3), TSVMM_BENCH_PARTS (default "exits,boot,devices,net"; "scale" adds the scale
+ * curves, tests/bench/scale_bench.ts), TSVMM_BENCH_VM_TIMEOUT_S (default 300),
  * TSVMM_BENCH_TRANSPORTS (the device and network bench's transports, default
- * "pci,pci-legacy,mmio"). The network part (iperf3, ping) runs where its TAPs may live: in L1,
- * or natively in a network namespace of its own (tests/bench/net_bench.ts).
+ * "pci,pci-legacy,mmio"), TSVMM_BENCH_SCALE_TRANSPORTS (default "pci,mmio"), TSVMM_BENCH_FIO_S
+ * (seconds per fio job, default 5). The network part (iperf3, ping) runs where its TAPs may
+ * live: in L1, or natively in a network namespace of its own (tests/bench/net_bench.ts).
  */
 
 import { type BenchFigure, type BenchSink, bootBench, median } from "./boot_bench.ts";
-import { deviceBench, deviceFigureNames } from "./device_bench.ts";
+import { COST_UNITS, deviceBench, deviceFigureNames } from "./device_bench.ts";
+import { scaleBench, scaleFigureNames, scaleTables } from "./scale_bench.ts";
 import { netFigureNames } from "./net_bench.ts";
 import { buildExitFloor, exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import { hostKvmRunsStockKernels, hostKvmUsable, nestedUnavailable, runNested } from "../nested/runner.ts";
@@ -90,17 +93,19 @@ if (parts.includes("exits")) {
 }
 
 const wantL1Exits = parts.includes("exits") && !kvmHere;
-const wantVms = parts.includes("boot") || parts.includes("devices") || parts.includes("net");
+const wantTools = parts.includes("devices") || parts.includes("net") || parts.includes("scale");
+const wantVms = parts.includes("boot") || wantTools;
 if (native && wantVms) {
   const sink = sinkAt(HERE);
   const g = await buildGuest({ quiet: true });
-  if (parts.includes("devices") || parts.includes("net")) {
+  if (wantTools) {
     g.toolsImage = (await buildToolsDisk({ quiet: true })).image;
   }
   console.log(`\n== boot to /init and devices on ${HERE}, ${runs} boot runs, ${deviceRuns} device runs`);
   const got: BenchFigure[] = [];
   if (parts.includes("boot")) got.push(...await bootBench(g, runs, sink));
   if (parts.includes("devices")) got.push(...await deviceBench(g, deviceRuns, sink));
+  if (parts.includes("scale")) got.push(...await scaleBench(g, deviceRuns, sink));
   figures.push(...got.map((f) => ({ ...f, where: HERE })));
   if (parts.includes("net")) {
     // TAPs only in a network namespace of its own: net_bench.ts re-runs itself under unshare.
@@ -141,9 +146,11 @@ if (native && wantVms) {
           floorError,
           vmTimeoutS: Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S"),
           transports: Deno.env.get("TSVMM_BENCH_TRANSPORTS"),
+          scaleTransports: Deno.env.get("TSVMM_BENCH_SCALE_TRANSPORTS"),
+          fioSeconds: Deno.env.get("TSVMM_BENCH_FIO_S"),
         }),
         withQemu: wantVms,
-        withTools: parts.includes("devices") || parts.includes("net"),
+        withTools: wantTools,
         extraFiles: floor ? [["/usr/bin/exit_floor", floor]] : [],
       },
       timeoutMs: 60 * 60_000,
@@ -180,6 +187,7 @@ if (parts.includes("boot")) {
 }
 if (parts.includes("devices")) expected.push(...deviceFigureNames(true));
 if (parts.includes("net")) expected.push(...netFigureNames());
+if (parts.includes("scale")) expected.push(...scaleFigureNames());
 for (const name of expected) {
   if (!figures.some((f) => f.name === name)) missing.push(`${name} (no run succeeded)`);
 }
@@ -190,8 +198,10 @@ const bootQemu = figures.find((f) => f.name.startsWith("QEMU microvm"));
 const floorFig = figures.find((f) => f.name.startsWith("C floor"));
 for (const f of figures) {
   const isBoot = f.name.includes("/init marker");
-  // Times (boots, ping round trips) compare as "x QEMU's time", the rest as rates.
+  // Times (boots, ping round trips) compare as "x QEMU's time", costs (CPU, RSS) as "x QEMU's
+  // cost", the rest as rates.
   const isTime = isBoot || f.unit === "ms";
+  const isCost = COST_UNITS.includes(f.unit);
   const isExit = f.name.startsWith("vCPU exit");
   const peer = isBoot
     ? bootQemu
@@ -204,11 +214,14 @@ for (const f of figures) {
     ? `  ${(f.median / peer.median).toFixed(2)}x the C floor`
     : isTime
     ? `  ${(f.median / peer.median).toFixed(2)}x QEMU's time`
+    : isCost
+    ? `  ${(f.median / peer.median).toFixed(2)}x QEMU's cost`
     : `  ${(f.median / peer.median).toFixed(2)}x QEMU's rate`;
   console.log(
     `${f.name.padEnd(58)} median ${fmt(f.median)} ${f.unit}${ratio}  [${f.where}]  runs: ${f.runs.join(" ")}`,
   );
 }
+if (parts.includes("scale")) console.log(`\n== scale curves${scaleTables(figures)}`);
 if (missing.length) {
   console.error(`\nbench: ${missing.length} figure(s) or runs missing:\n- ${missing.join("\n- ")}`);
   Deno.exit(1);

@@ -3,24 +3,29 @@
  * tsvmm beside QEMU on the same transport: virtio-PCI modern (QEMU microvm with pcie=on,
  * virtio-*-pci, disable-legacy=on), virtio-PCI legacy (disable-modern=on) and virtio-MMIO
  * (microvm's virtio-*-device). Same kernel, initramfs and image size, and both pinned the
- * same way: the vCPU on a CPU of its own, every other thread of the VMM on the first CPU.
+ * same way: the vCPU on a CPU of its own, every other thread of the VMM on the first CPU
+ * (tests/bench/bench_vms.ts). Beside each rate, what it cost the host: the VMM's CPU time
+ * across exactly that step (the guest marks it on its console) per GiB or per 10k I/Os, and
+ * the VMM's RSS beyond guest RAM (tests/bench/vmm_cost.ts).
  */
 
-import { bootTest, waitForConsole } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
-import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
+import { type BenchFigure, type BenchSink, FigureSet } from "./boot_bench.ts";
 import type { TransportKind } from "../../vmm/config.ts";
-import { sysGetAffinity, sysSetAffinity } from "../../vmm/sys/libc.ts";
+import { ddScript, FIO_JOBS, fioScript, removeBenchInitrds } from "./bench_guest.ts";
+import { type BenchRun, type BenchVm, runOurs, runQemu } from "./bench_vms.ts";
 
 /** The transports the device bench compares (TSVMM_BENCH_TRANSPORTS, comma-separated). */
 export const BENCH_TRANSPORTS: TransportKind[] =
   (Deno.env.get("TSVMM_BENCH_TRANSPORTS") ?? "pci,pci-legacy,mmio")
     .split(",").filter((t) => t) as TransportKind[];
 
-const MIB = 1024 * 1024;
-const DISK_MIB = 64;
+/** How long each fio job runs in the guest, in seconds (TSVMM_BENCH_FIO_S, default 5). */
+export function fioSeconds(): number {
+  return Number(Deno.env.get("TSVMM_BENCH_FIO_S") ?? "5");
+}
+
 const RW_MIB = 32;
-const CMDLINE = `console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=ddbench tsvmm.ddbench=vda:${RW_MIB}`;
 
 /** MB/s from the guest's ddbench line (seconds measured in the guest with /proc/uptime). */
 function parse(text: string): { read: number; write: number; rng: number } {
@@ -36,158 +41,11 @@ function parse(text: string): { read: number; write: number; rng: number } {
   };
 }
 
-async function image(): Promise<string> {
-  const p = await Deno.makeTempFile({ suffix: ".img" });
-  await Deno.writeFile(p, new Uint8Array(DISK_MIB * MIB).fill(0x5a)); // real blocks, not holes
-  return p;
-}
-
-/** Extra disks and devices of one bench boot. */
-interface BenchVm {
-  cmdline: string;
-  memoryMiB: number;
-  /** The line the guest prints when done. */
-  marker: RegExp;
-  rng?: boolean;
-  /** A read-only second disk. */
-  tools?: string;
-}
-
-/**
- * Boots tsvmm with a fresh data disk (plus `b`'s devices); returns the console text. A run
- * that hangs rejects after vmTimeoutMs() with the console tail and the hung-guest report.
- */
-async function ours(g: GuestAssets, b: BenchVm, transport: TransportKind): Promise<string> {
-  const img = await image();
-  try {
-    const k = g.kernels["6.1"];
-    const disks = [
-      { path: img, transport },
-      ...(b.tools ? [{ path: b.tools, readonly: true, transport }] : []),
-    ];
-    return await bootTest(
-      {
-        kernel: k.vmlinux,
-        initrd: k.initramfs,
-        memoryMiB: b.memoryMiB,
-        disks,
-        rng: b.rng ? { transport } : undefined,
-        cmdline: b.cmdline,
-        // A vCPU sharing its CPU with the VMM's threads is what makes long interrupt-heavy
-        // runs fail under the nested runner (README, Known problems).
-        pinVcpus: true,
-      },
-      async (vm) => {
-        await waitForConsole(vm, b.marker, vmTimeoutMs());
-        await vm.wait();
-        return vm.consoleText;
-      },
-      vmTimeoutMs() + 30_000,
-    );
-  } finally {
-    await Deno.remove(img);
-  }
-}
-
-/**
- * The same boot under QEMU microvm with its virtio-mmio devices; returns the console text.
- * A run past vmTimeoutMs() is killed and rejects with its console tail.
- */
-async function qemu(g: GuestAssets, b: BenchVm, transport: TransportKind): Promise<string> {
-  const img = await image();
-  try {
-    const k = g.kernels["6.1"];
-    const pci = transport.startsWith("pci");
-    const dev = (kind: string, props: string) => qemuVirtioDevice(kind, props, transport);
-    const args = qemuMicrovmArgs(k.vmlinux, k.initramfs, b.cmdline, b.memoryMiB);
-    if (pci) args[args.indexOf("microvm,acpi=on")] = "microvm,acpi=on,pcie=on";
-    args.push("-drive", `id=d0,file=${img},format=raw,if=none`, "-device", dev("blk", "drive=d0"));
-    if (b.tools) {
-      args.push("-drive", `id=d1,file=${b.tools},format=raw,if=none,readonly=on`);
-      args.push("-device", dev("blk", "drive=d1"));
-    }
-    if (b.rng) {
-      args.push("-object", "rng-random,id=r0,filename=/dev/urandom", "-device", dev("rng", "rng=r0"));
-    }
-    return await runPinnedQemu(args, b.marker);
-  } finally {
-    await Deno.remove(img);
-  }
-}
-
-/** QEMU's `-device` for a virtio `kind` ("blk", "net", ...) on the same transport as ours. */
-export function qemuVirtioDevice(kind: string, props: string, transport: TransportKind): string {
-  if (!transport.startsWith("pci")) return `virtio-${kind}-device,${props}`;
-  const modes = transport === "pci-legacy" ? "disable-modern=on,disable-legacy=off" : "disable-legacy=on";
-  return `virtio-${kind}-pci,${props},${modes}`;
-}
-
-/**
- * Runs QEMU with `args`, pinned as ours are (every thread on the first CPU, the vCPU thread
- * on the next), killed after vmTimeoutMs(); returns its console once `marker` is on it, else
- * throws with the console tail.
- */
-export async function runPinnedQemu(args: string[], marker: RegExp): Promise<string> {
-  const cpus = sysGetAffinity();
-  const child = new Deno.Command("qemu-system-x86_64", {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let killed = false;
-  const timer = setTimeout(() => {
-    killed = true;
-    child.kill("SIGKILL");
-  }, vmTimeoutMs());
-  const pinning = cpus.length > 1 ? setInterval(() => pinQemu(child.pid, cpus), 100) : undefined;
-  const out = await child.output();
-  clearInterval(pinning);
-  clearTimeout(timer);
-  const text = new TextDecoder().decode(out.stdout);
-  if (killed) {
-    throw new Error(
-      `QEMU did not end within ${vmTimeoutMs()} ms\n--- console tail ---\n${text.slice(-2000)}`,
-    );
-  }
-  if (!marker.test(text)) {
-    throw new Error(
-      `QEMU ended (exit ${out.code}) without ${marker}\n--- console tail ---\n${text.slice(-2000)}` +
-        new TextDecoder().decode(out.stderr).trim(),
-    );
-  }
-  return text;
-}
-
-/**
- * Pins QEMU as pinVcpus pins ours: its vCPU thread ("CPU 0/KVM") on the second CPU this
- * process may use, every other thread on the first. Called repeatedly while QEMU runs, so
- * threads it starts later are pinned too.
- */
-export function pinQemu(pid: number, cpus: number[]): void {
-  try {
-    for (const t of Deno.readDirSync(`/proc/${pid}/task`)) {
-      const comm = Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/comm`).trim();
-      sysSetAffinity(Number(t.name), [comm === "CPU 0/KVM" ? cpus[1] : cpus[0]]);
-    }
-  } catch {
-    // QEMU (or one of its threads) is gone.
-  }
-}
-
-const DD: BenchVm = { cmdline: CMDLINE, memoryMiB: 256, marker: /TSVMM-CHECK ddbench .*/, rng: true };
-
-const FIO_SECONDS = 5;
-const FIO_JOBS = ["randread_qd1", "randread_qd32", "randwrite_qd1", "randwrite_qd32"] as const;
+const DD: BenchVm = { script: ddScript(RW_MIB), memoryMiB: 256, rng: true };
 
 /** fio's boot: the tools disk is found by the guest, whatever order the VMM gives the disks. */
 function fioVm(tools: string): BenchVm {
-  return {
-    cmdline: `console=ttyS0 reboot=k panic=-1 quiet tsvmm.checks=fio tsvmm.fio=${FIO_SECONDS}`,
-    memoryMiB: 512,
-    marker: /TSVMM-CHECK fio .*/,
-    tools,
-  };
+  return { script: fioScript(fioSeconds()), memoryMiB: 512, tools };
 }
 
 /** IOPS per fio job from the guest's fio line. */
@@ -205,51 +63,90 @@ function parseFio(text: string): Record<string, number> {
   return r;
 }
 
+const jobName = (j: string) => j.replace("_qd", " QD");
+/** Units of the cost figures (lower is better). */
+export const COST_UNITS: string[] = ["CPU s/GiB", "CPU s/10k I/Os", "MiB"];
+const CPU_KINDS = [["", (p: { cpu: number }) => p.cpu], [
+  ", less guest time",
+  (p: { cpuLessGuest: number }) => p.cpuLessGuest,
+]] as const;
+const RSS_FIGURE = "VMM RSS beyond guest RAM (end of fio)";
+
 /** The figures deviceBench takes (fio's only with a tools disk). */
 export function deviceFigureNames(withFio: boolean): string[] {
   const dd = ["blk sequential read MB/s", "blk sequential write MB/s (fsync)", "rng MB/s (/dev/hwrng)"];
-  const fio = FIO_JOBS.map((j) => `blk 4 KiB ${j.replace("_qd", " QD")} IOPS`);
+  const ddCost = ["read", "write"].flatMap((rw) => CPU_KINDS.map(([k]) => `cost: blk sequential ${rw}${k}`));
+  const fio = FIO_JOBS.flatMap((j) => [
+    `blk 4 KiB ${jobName(j)} IOPS`,
+    ...CPU_KINDS.map(([k]) => `cost: blk 4 KiB ${jobName(j)}${k}`),
+  ]);
   return BENCH_TRANSPORTS.flatMap((t) =>
-    ["tsvmm", "QEMU"].flatMap((who) => [...dd, ...(withFio ? fio : [])].map((f) => `${who} ${t} ${f}`))
+    ["tsvmm", "QEMU"].flatMap((who) =>
+      [...dd, ...ddCost, ...(withFio ? [...fio, RSS_FIGURE] : [])].map((f) => `${who} ${t} ${f}`)
+    )
   );
 }
 
 /**
- * Device throughput, `runs` alternating runs each; every value goes to `sink` as it is
- * measured, and a run that fails or hangs is reported there as missing while the bench
- * goes on with the next one.
+ * Device throughput and what it cost the host, `runs` alternating runs each; every value goes
+ * to `sink` as it is measured, and a run that fails or hangs (or a figure that cannot be read
+ * from it) is reported there as missing while the bench goes on.
  */
 export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink): Promise<BenchFigure[]> {
   const set = new FigureSet(sink);
-  const dd = async (who: "tsvmm" | "QEMU", t: TransportKind, i: number) => {
-    let text: string;
+  const boot = async (who: "tsvmm" | "QEMU", b: BenchVm, t: TransportKind, what: string, i: number) => {
     try {
-      text = who === "tsvmm" ? await ours(g, DD, t) : await qemu(g, DD, t);
+      return await (who === "tsvmm" ? runOurs(g, b, t) : runQemu(g, b, t));
     } catch (e) {
-      sink.missing(`${who} ${t} dd read, write and rng, run ${i + 1}`, String((e as Error).message ?? e));
-      return;
+      sink.missing(`${who} ${t} ${what}, run ${i + 1}`, String((e as Error).message ?? e));
     }
+  };
+  // CPU seconds across `phase` per `per()` units of work (GiB, 10k I/Os).
+  const cost = async (
+    name: string,
+    unit: string,
+    i: number,
+    r: BenchRun,
+    phase: string,
+    per: () => number,
+  ) => {
+    for (const [k, f] of CPU_KINDS) {
+      await set.measure(`${name}${k}`, unit, i, () => {
+        const n = per();
+        if (!(n > 0)) throw new Error(`no amount of work for phase ${phase}: ${r.meter.get(phase).note}`);
+        return Promise.resolve(f(r.meter.get(phase)) / n);
+      });
+    }
+  };
+  const dd = async (who: "tsvmm" | "QEMU", t: TransportKind, i: number) => {
+    const r = await boot(who, DD, t, "dd read, write and rng", i);
+    if (!r) return;
     const name = (f: string) => `${who} ${t} ${f}`;
-    await set.measure(name("blk sequential read MB/s"), "MB/s", i, () => Promise.resolve(parse(text).read));
-    await set.measure(
-      name("blk sequential write MB/s (fsync)"),
-      "MB/s",
-      i,
-      () => Promise.resolve(parse(text).write),
-    );
-    await set.measure(name("rng MB/s (/dev/hwrng)"), "MB/s", i, () => Promise.resolve(parse(text).rng));
+    const v = () => Promise.resolve(parse(r.text));
+    await set.measure(name("blk sequential read MB/s"), "MB/s", i, async () => (await v()).read);
+    await set.measure(name("blk sequential write MB/s (fsync)"), "MB/s", i, async () => (await v()).write);
+    await set.measure(name("rng MB/s (/dev/hwrng)"), "MB/s", i, async () => (await v()).rng);
+    for (const rw of ["read", "write"]) {
+      await cost(name(`cost: blk sequential ${rw}`), "CPU s/GiB", i, r, `seq_${rw}`, () => RW_MIB / 1024);
+    }
   };
   const fio = async (who: "tsvmm" | "QEMU", t: TransportKind, i: number) => {
+    const r = await boot(who, fioVm(g.toolsImage!), t, "fio random IOPS", i);
+    if (!r) return;
+    const name = (f: string) => `${who} ${t} ${f}`;
+    let iops: Record<string, number>;
     try {
-      const vm = fioVm(g.toolsImage!);
-      const text = who === "tsvmm" ? await ours(g, vm, t) : await qemu(g, vm, t);
-      const r = parseFio(text);
-      for (const j of FIO_JOBS) {
-        set.add(`${who} ${t} blk 4 KiB ${j.replace("_qd", " QD")} IOPS`, "IOPS", r[j]);
-      }
+      iops = parseFio(r.text);
     } catch (e) {
-      sink.missing(`${who} ${t} fio random IOPS, run ${i + 1}`, String((e as Error).message ?? e));
+      sink.missing(name(`fio random IOPS, run ${i + 1}`), String((e as Error).message ?? e));
+      return;
     }
+    for (const j of FIO_JOBS) set.add(name(`blk 4 KiB ${jobName(j)} IOPS`), "IOPS", iops[j]);
+    for (const j of FIO_JOBS) {
+      const per10k = () => Number(/ios=(\d+)/.exec(r.meter.get(j).note)?.[1]) / 10_000;
+      await cost(name(`cost: blk 4 KiB ${jobName(j)}`), "CPU s/10k I/Os", i, r, j, per10k);
+    }
+    await set.measure(name(RSS_FIGURE), "MiB", i, () => Promise.resolve(r.meter.lastRss().beyondGuestRam));
   };
   for (let i = 0; i < runs; i++) {
     for (const t of BENCH_TRANSPORTS) {
@@ -262,5 +159,6 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
     }
   }
   if (!g.toolsImage) sink.missing("fio random IOPS", "no fio tools disk");
+  await removeBenchInitrds();
   return set.figures();
 }

@@ -9,6 +9,7 @@
 import { type BenchSink, bootBench } from "./boot_bench.ts";
 import type { deviceBench as DeviceBench } from "./device_bench.ts";
 import type { netBench as NetBench } from "./net_bench.ts";
+import type { scaleBench as ScaleBench } from "./scale_bench.ts";
 import { exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { median } from "./boot_bench.ts";
@@ -19,8 +20,11 @@ const opts = JSON.parse((await Deno.readTextFile(Deno.args[0])).trim() || "{}");
 if (opts.vmTimeoutS) Deno.env.set("TSVMM_BENCH_VM_TIMEOUT_S", String(opts.vmTimeoutS));
 // The host's transport list, read by device_bench.ts when it loads (so imported after this).
 if (opts.transports) Deno.env.set("TSVMM_BENCH_TRANSPORTS", String(opts.transports));
+if (opts.scaleTransports) Deno.env.set("TSVMM_BENCH_SCALE_TRANSPORTS", String(opts.scaleTransports));
+if (opts.fioSeconds) Deno.env.set("TSVMM_BENCH_FIO_S", String(opts.fioSeconds));
 const { deviceBench }: { deviceBench: typeof DeviceBench } = await import("./device_bench.ts");
 const { netBench }: { netBench: typeof NetBench } = await import("./net_bench.ts");
+const { scaleBench }: { scaleBench: typeof ScaleBench } = await import("./scale_bench.ts");
 const emit = (o: Record<string, unknown>) => console.log("TSVMM-BENCH " + JSON.stringify(o));
 const sink: BenchSink = {
   value: (name, v, unit) => emit({ value: name, v, unit }),
@@ -65,6 +69,9 @@ try {
   if (parts.includes("net")) {
     // L1 has no network device (its /init sets TSVMM_NET_ISOLATED); iperf3 is the runner's wrapper.
     for (const f of await netBench(assets, opts.deviceRuns ?? 3, sink, ["iperf3"])) emit({ figure: f });
+  }
+  if (parts.includes("scale")) {
+    for (const f of await scaleBench(assets, opts.deviceRuns ?? 3, sink)) emit({ figure: f });
   }
 } catch (e) {
   sink.missing("the rest of the L1 bench", String((e as Error).stack ?? e));

@@ -15,7 +15,8 @@ import type { GuestAssets } from "../../vmm/guest/build.ts";
 import type { TransportKind } from "../../vmm/config.ts";
 import { createPersistentTap, removePersistentTap } from "../../vmm/tap.ts";
 import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
-import { BENCH_TRANSPORTS, qemuVirtioDevice, runPinnedQemu } from "./device_bench.ts";
+import { BENCH_TRANSPORTS } from "./device_bench.ts";
+import { qemuVirtioDevice, runPinnedQemu } from "./bench_vms.ts";
 import { addressTap, guestAddr, hostAddr, inIsolatedNetns } from "../boot/net_peer.ts";
 
 const IPERF_SECONDS = 5;
