@@ -198,6 +198,8 @@ export class RemoteDevice implements VirtioDevice {
   /** Interrupts of the transport (for what the worker asks the main thread to do). */
   interrupt: ActivateContext["interrupt"] | undefined;
   private notifyFds: number[] = [];
+  private active = false;
+  private quiet: Promise<void> | undefined;
 
   /** Made by DeviceThread.remote. */
   constructor(
@@ -234,6 +236,7 @@ export class RemoteDevice implements VirtioDevice {
   /** DRIVER_OK: the worker starts the device on these queues. */
   activate(ctx: ActivateContext): void {
     this.interrupt = ctx.interrupt;
+    this.active = true;
     const queues = ctx.queues.map((q) => ({
       maxSize: q.maxSize,
       size: q.size,
@@ -255,9 +258,20 @@ export class RemoteDevice implements VirtioDevice {
     if (fd !== undefined) signalEventfd(fd);
   }
 
-  /** Stops the device in the worker; settles when none of its work can touch guest RAM. */
-  reset(): Promise<void> {
-    return this.thread.request({ op: "reset", id: this.id }).then(() => {});
+  /**
+   * Stops the device in the worker; the promise settles when none of its work can touch
+   * guest RAM. A device not started since its last reset answers at once (or with that
+   * reset's promise while it is still settling).
+   */
+  reset(): void | Promise<void> {
+    if (this.active) {
+      this.active = false;
+      const quiet: Promise<void> = this.thread.request({ op: "reset", id: this.id }).then(() => {
+        if (this.quiet === quiet) this.quiet = undefined;
+      });
+      this.quiet = quiet;
+    }
+    return this.quiet;
   }
 
   /** The worker's report (refreshed in the background on each call). */

@@ -103,11 +103,12 @@ function init(m: Extract<ToWorker, { op: "init" }>): void {
   );
   loop = new EventLoop({
     canBlock: () => inbox.length === 0 && pinnedCalls() === 0 && timers.size === 0,
-    beforeDispatch: takeMessages,
+    // Messages first: a doorbell rung after DRIVER_OK must find the device started.
+    beforeDispatch: (ready) => ready.includes(controlFd) ? takeMessages() : undefined,
   });
   loop.onError = (e) => post({ op: "error", message: e.stack ?? e.message });
   controlFd = m.controlFd;
-  // Only wakes the loop: takeMessages drains it, before it reads how many were posted.
+  // Only wakes the loop: takeMessages drains it, then reads how many were posted.
   loop.add(controlFd, () => {});
   loop.start();
 }

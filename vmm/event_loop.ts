@@ -57,8 +57,11 @@ export interface EventLoopOptions {
    * of its own; undefined (the main thread's loop) never blocks.
    */
   canBlock?: () => boolean;
-  /** Runs after each wake, before the handlers (the device thread takes its messages here). */
-  beforeDispatch?: () => void | Promise<void>;
+  /**
+   * Runs after each wake, before the handlers, with the fds that are ready (the device
+   * thread takes its messages here).
+   */
+  beforeDispatch?: (ready: number[]) => void | Promise<void>;
 }
 
 const setImmediate = (globalThis as unknown as { setImmediate: (fn: () => void) => void }).setImmediate;
@@ -157,7 +160,14 @@ export class EventLoop {
         );
       }
       if (n < 0) continue; // EINTR
-      if (this.opts.beforeDispatch) await this.opts.beforeDispatch();
+      if (this.opts.beforeDispatch) {
+        const ready: number[] = [];
+        for (let i = 0; i < n; i++) {
+          const h = this.handlers.get(Number(dv.getBigUint64(i * EVENT_SIZE + 4, true)));
+          if (h) ready.push(h.fd);
+        }
+        await this.opts.beforeDispatch(ready);
+      }
       for (let i = 0; i < n; i++) {
         const token = Number(dv.getBigUint64(i * EVENT_SIZE + 4, true));
         const bits = dv.getUint32(i * EVENT_SIZE, true);

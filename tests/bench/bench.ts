@@ -146,6 +146,7 @@ if (native && wantVms) {
           floorError,
           vmTimeoutS: Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S"),
           transports: Deno.env.get("TSVMM_BENCH_TRANSPORTS"),
+          deviceThread: Deno.env.get("TSVMM_DEVICE_THREAD"),
           scaleTransports: Deno.env.get("TSVMM_BENCH_SCALE_TRANSPORTS"),
           fioSeconds: Deno.env.get("TSVMM_BENCH_FIO_S"),
         }),

@@ -98,6 +98,8 @@ export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKi
         // A vCPU sharing its CPU with the VMM's threads is what makes long interrupt-heavy
         // runs fail under the nested runner (README, Known problems).
         pinVcpus: true,
+        // TSVMM_DEVICE_THREAD=0: the queues on the main thread (the before of README's breakdown).
+        deviceThread: Deno.env.get("TSVMM_DEVICE_THREAD") !== "0",
       },
       async (vm: Vm) => {
         let ended = false;

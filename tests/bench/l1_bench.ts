@@ -20,6 +20,7 @@ const opts = JSON.parse((await Deno.readTextFile(Deno.args[0])).trim() || "{}");
 if (opts.vmTimeoutS) Deno.env.set("TSVMM_BENCH_VM_TIMEOUT_S", String(opts.vmTimeoutS));
 // The host's transport list, read by device_bench.ts when it loads (so imported after this).
 if (opts.transports) Deno.env.set("TSVMM_BENCH_TRANSPORTS", String(opts.transports));
+if (opts.deviceThread) Deno.env.set("TSVMM_DEVICE_THREAD", String(opts.deviceThread));
 if (opts.scaleTransports) Deno.env.set("TSVMM_BENCH_SCALE_TRANSPORTS", String(opts.scaleTransports));
 if (opts.fioSeconds) Deno.env.set("TSVMM_BENCH_FIO_S", String(opts.fioSeconds));
 const { deviceBench }: { deviceBench: typeof DeviceBench } = await import("./device_bench.ts");

@@ -92,7 +92,9 @@ console.log(`eventfd from another thread -> handler on the main thread: ${stats(
   }
   w.terminate();
   sysClose(efd2);
-  console.log(`eventfd from another thread -> handler on a blocking device thread: ${stats(lat2.slice(100))}`);
+  console.log(
+    `eventfd from another thread -> handler on a blocking device thread: ${stats(lat2.slice(100))}`,
+  );
 }
 
 // (2) a cached 4 KiB read through the block backend.

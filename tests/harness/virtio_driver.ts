@@ -16,9 +16,9 @@ export class GuestRam {
   readonly bytes: Uint8Array;
   private next: number;
 
-  /** `size` bytes of RAM at guest address `base`. */
-  constructor(size = 1 << 20, readonly base = 0) {
-    this.bytes = new Uint8Array(size);
+  /** `size` bytes of RAM at guest address `base` (in `bytes` when given: host memory a device thread maps). */
+  constructor(size = 1 << 20, readonly base = 0, bytes?: Uint8Array) {
+    this.bytes = bytes ?? new Uint8Array(size);
     this.mem = new GuestMemory([{ gpa: base, bytes: this.bytes }]);
     this.next = base + 0x1000;
   }

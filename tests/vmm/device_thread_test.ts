@@ -1,0 +1,133 @@
+/**
+ * The device thread without KVM: a driver (tests/harness) on the main thread writes the
+ * transport's registers over host memory the Worker maps too; the Worker serves the queue,
+ * writes the used ring and raises the interrupt (ISR cell + line eventfd) by itself.
+ */
+
+import assert from "node:assert/strict";
+import { type Buf, DriverQueue, F, GuestRam, MmioDriver } from "../harness/virtio_driver.ts";
+import { request } from "../harness/blk.ts";
+import { VirtioMmio } from "../../transports/mmio.ts";
+import { VirtioRng } from "../../devices/virtio/rng.ts";
+import { VirtioBlk } from "../../devices/virtio/blk.ts";
+import { BLK_S, BLK_T } from "../../devices/virtio/blk_request.ts";
+import { STATUS, type VirtioDevice } from "../../devices/virtio/device.ts";
+import { type DeviceSpec, DeviceThread } from "../../vmm/device_thread.ts";
+import { drainEventfd } from "../../vmm/event_loop.ts";
+import { FileBackend } from "../../vmm/block_file.ts";
+import { privateCell } from "../../vmm/shared_regs.ts";
+import { mmapAnonymous, sysClose, sysEventfd, sysMunmap } from "../../vmm/sys/libc.ts";
+
+const RAM = 8 << 20;
+
+/** A device on a device thread behind virtio-MMIO, over mmapped RAM, driver set up. */
+function threaded(local: VirtioDevice, spec: DeviceSpec, features: bigint) {
+  const ptr = mmapAnonymous(RAM);
+  const bytes = new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, RAM));
+  const ram = new GuestRam(RAM, 0, bytes);
+  const thread = new DeviceThread({
+    base: BigInt(Deno.UnsafePointer.value(ptr)),
+    size: RAM,
+    regions: [{ gpa: 0, offset: 0, size: RAM }],
+  });
+  const dev = thread.remote(local, spec);
+  const lineFd = sysEventfd();
+  const notifyFds = dev.queueMaxSizes.map(() => sysEventfd());
+  const isr = privateCell();
+  let mainIrqs = 0;
+  const t = new VirtioMmio(dev, ram.mem, { trigger: () => mainIrqs++ }, isr);
+  dev.bind(notifyFds, { isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index }, lineFd });
+  const d = new MmioDriver(t);
+  assert.ok(d.negotiate(features));
+  const q = new DriverQueue(ram, 64);
+  d.setupQueue(0, q);
+  d.driverOk();
+  const close = async () => {
+    await t.core.reset();
+    await thread.stop();
+    for (const fd of [lineFd, ...notifyFds]) sysClose(fd);
+    sysMunmap(ptr, RAM);
+  };
+  return { ram, d, q, t, isr, lineFd, thread, close, mainIrqs: () => mainIrqs };
+}
+
+async function until(what: string, ok: () => boolean): Promise<void> {
+  for (let i = 0; i < 1000; i++) {
+    if (ok()) return;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+Deno.test("device thread: rng requests are served on the Worker, which raises the ISR and the line itself", async () => {
+  const local = new VirtioRng({ fill: (b) => crypto.getRandomValues(b) });
+  const vm = threaded(local, { kind: "rng", opts: {} }, F.VERSION_1 | F.EVENT_IDX);
+  try {
+    const buf = vm.ram.alloc(4096);
+    vm.q.add([{ addr: buf, len: 4096, write: true }]);
+    vm.d.notify(0); // through the register: the main thread rings the Worker's doorbell
+    let used: Array<[number, number]> = [];
+    await until("the used entry", () => (used = vm.q.takeUsed()).length > 0);
+    assert.deepEqual(used.map(([, l]) => l), [4096]);
+    assert.ok(new Set(vm.ram.view(buf, 4096)).size > 200, "the Worker wrote random bytes into guest RAM");
+    await until("the line eventfd", () => drainEventfd(vm.lineFd) > 0);
+    assert.equal(Atomics.load(vm.isr.array, vm.isr.index) & 1, 1, "ISR used-ring bit set by the Worker");
+    assert.equal(vm.mainIrqs(), 0, "nothing went through the main thread's interrupt path");
+  } finally {
+    await vm.close();
+  }
+});
+
+Deno.test("device thread: a broken chain on the Worker sets DEVICE_NEEDS_RESET; a reset waits and then serves again", async () => {
+  const local = new VirtioRng({ fill: (b) => crypto.getRandomValues(b) });
+  const vm = threaded(local, { kind: "rng", opts: {} }, F.VERSION_1);
+  try {
+    const bad: Buf = { addr: RAM - 16, len: 4096, write: true }; // runs past the end of RAM
+    vm.q.add([bad]);
+    vm.d.notify(0);
+    await until("NEEDS_RESET", () => (vm.d.status() & STATUS.DEVICE_NEEDS_RESET) !== 0);
+    assert.deepEqual(vm.q.takeUsed(), [], "no used entry for the broken chain");
+    await vm.t.core.reset();
+    assert.equal(vm.d.status(), 0);
+    // Set up again from scratch: the Worker serves the new rings.
+    assert.ok(vm.d.negotiate(F.VERSION_1));
+    const q2 = new DriverQueue(vm.ram, 64);
+    vm.d.setupQueue(0, q2);
+    vm.d.driverOk();
+    q2.add([{ addr: vm.ram.alloc(512), len: 512, write: true }]);
+    vm.d.notify(0);
+    await until("a used entry after the reset", () => q2.usedIdx() === 1);
+  } finally {
+    await vm.close();
+  }
+});
+
+Deno.test("device thread: virtio-blk writes reach the image and read back, served from the Worker", async () => {
+  const path = await Deno.makeTempFile({ suffix: ".img" });
+  await Deno.writeFile(path, new Uint8Array(1 << 20));
+  const backend = FileBackend.open(path, false);
+  const local = new VirtioBlk(backend);
+  const all = F.VERSION_1 | F.EVENT_IDX | F.INDIRECT | (local.features & ~(F.EVENT_IDX | F.INDIRECT));
+  const vm = threaded(local, { kind: "blk", disk: backend.share() }, all);
+  try {
+    const h = { ...vm, dev: local, irq: undefined, backend, path, close: vm.close } as unknown as Parameters<
+      typeof request
+    >[0];
+    const data = new Uint8Array(4096).map((_, i) => (i * 7) & 0xff);
+    const w = await request(h, BLK_T.OUT, 8, { len: 4096, bytes: data });
+    assert.equal(w.status, BLK_S.OK);
+    const onDisk = (await Deno.readFile(path)).subarray(8 * 512, 8 * 512 + 4096);
+    assert.deepEqual(onDisk, data, "the write is in the image");
+    const r = await request(h, BLK_T.IN, 8, { len: 4096, write: true });
+    assert.equal(r.status, BLK_S.OK);
+    assert.deepEqual(vm.ram.view(r.buf, 4096), data);
+    const out = await request(h, BLK_T.IN, 4096, { len: 512, write: true });
+    assert.equal(out.status, BLK_S.IOERR, "past the end");
+    await vm.thread.refresh();
+    assert.match(local.name, /virtio-blk/);
+  } finally {
+    await vm.close();
+    await backend.close();
+    await Deno.remove(path);
+  }
+});
