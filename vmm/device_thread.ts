@@ -34,6 +34,11 @@ export interface InterruptRoute {
   isr: { buffer: SharedArrayBuffer; index: number };
   /** The line's irqfd (virtio-MMIO, PCI INTx). */
   lineFd: number;
+  /**
+   * The line's resample eventfd (the guest's EOI): the device thread raises the line again
+   * while the ISR is not zero (level-triggered, like the register it mirrors).
+   */
+  resampleFd?: number;
   /** PCI only: the transport's plan (transports/pci.ts PLAN) and each MSI-X vector's eventfd. */
   msix?: { plan: SharedArrayBuffer; vectorFds: readonly number[] };
 }

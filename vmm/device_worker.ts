@@ -56,11 +56,21 @@ let loop: EventLoop | undefined;
 
 const post = (m: FromWorker) => self.postMessage(m);
 
-/** The interrupt of one device: the shared ISR and line, or its queue's MSI-X vector. */
+/**
+ * The interrupt of one device: the shared ISR and line, or its queue's MSI-X vector. The
+ * line's resample eventfd is watched here too: raised again while the ISR is not zero.
+ */
 function interruptFor(id: number, route: InterruptRoute): VirtioInterrupt {
   const isr = new Int32Array(route.isr.buffer);
   const plan = route.msix ? new Int32Array(route.msix.plan) : undefined;
   const vectors = route.msix?.vectorFds ?? [];
+  const resample = route.resampleFd;
+  if (resample !== undefined) {
+    loop!.add(resample, () => {
+      if (!drainEventfd(resample) || Atomics.load(isr, route.isr.index) === 0) return;
+      if ((plan ? Atomics.load(plan, 0) : PLAN.LINE) === PLAN.LINE) signalEventfd(route.lineFd);
+    });
+  }
   return {
     signalUsed(q: number): void {
       const mode = plan ? Atomics.load(plan, 0) : PLAN.LINE;

@@ -105,9 +105,12 @@ export class PciDevices {
     const slot = this.bus.add(transport);
     const gsi = PCI_INTX_GSIS[slot % PCI_INTX_GSIS.length];
     this.vm.irqfd(irqFd, gsi, resampleFd);
-    this.loop.add(resampleFd, () => {
-      if (drainEventfd(resampleFd) && transport.intxPending) signalEventfd(irqFd);
-    });
+    // A device on the device thread watches the resample eventfd there.
+    if (!(device instanceof RemoteDevice)) {
+      this.loop.add(resampleFd, () => {
+        if (drainEventfd(resampleFd) && transport.intxPending) signalEventfd(irqFd);
+      });
+    }
     // Doorbells: one eventfd per queue, registered wherever the BAR is.
     const remote = device instanceof RemoteDevice ? device : undefined;
     const qfds = device.queueMaxSizes.map((_, q) => {
@@ -125,6 +128,7 @@ export class PciDevices {
     remote?.bind(qfds, {
       isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
       lineFd: irqFd,
+      resampleFd,
       msix: { plan: transport.plan.buffer as SharedArrayBuffer, vectorFds: router.eventfds },
     });
     this.notifyFds.set(transport, qfds);

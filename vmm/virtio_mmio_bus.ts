@@ -83,9 +83,12 @@ export class VirtioMmioDevices {
     const transport = kind === "mmio"
       ? new VirtioMmio(device, this.memory, irq, isr)
       : new VirtioMmioLegacy(device, this.memory, irq, isr);
-    this.loop.add(resampleFd, () => {
-      if (drainEventfd(resampleFd) && transport.core.interruptStatus !== 0) irq.trigger();
-    });
+    // A device on the device thread watches the resample eventfd there.
+    if (!(device instanceof RemoteDevice)) {
+      this.loop.add(resampleFd, () => {
+        if (drainEventfd(resampleFd) && transport.core.interruptStatus !== 0) irq.trigger();
+      });
+    }
     this.mmio.register(base, VIRTIO_MMIO_SIZE, transport, `${device.name} (${kind})`);
     const notifyFds = device.queueMaxSizes.map((_, q) => {
       const fd = sysEventfd();
@@ -103,6 +106,7 @@ export class VirtioMmioDevices {
       device.bind(notifyFds, {
         isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
         lineFd: irqFd,
+        resampleFd,
       });
     }
     const placed = { device, transport, info: { base, size: VIRTIO_MMIO_SIZE, gsi } };

@@ -13,7 +13,7 @@ import { VirtioBlk } from "../../devices/virtio/blk.ts";
 import { BLK_S, BLK_T } from "../../devices/virtio/blk_request.ts";
 import { STATUS, type VirtioDevice } from "../../devices/virtio/device.ts";
 import { type DeviceSpec, DeviceThread } from "../../vmm/device_thread.ts";
-import { drainEventfd } from "../../vmm/event_loop.ts";
+import { drainEventfd, signalEventfd } from "../../vmm/event_loop.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
 import { privateCell } from "../../vmm/shared_regs.ts";
 import { mmapAnonymous, sysClose, sysEventfd, sysMunmap } from "../../vmm/sys/libc.ts";
@@ -32,11 +32,16 @@ function threaded(local: VirtioDevice, spec: DeviceSpec, features: bigint) {
   });
   const dev = thread.remote(local, spec);
   const lineFd = sysEventfd();
+  const resampleFd = sysEventfd();
   const notifyFds = dev.queueMaxSizes.map(() => sysEventfd());
   const isr = privateCell();
   let mainIrqs = 0;
   const t = new VirtioMmio(dev, ram.mem, { trigger: () => mainIrqs++ }, isr);
-  dev.bind(notifyFds, { isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index }, lineFd });
+  dev.bind(notifyFds, {
+    isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
+    lineFd,
+    resampleFd,
+  });
   const d = new MmioDriver(t);
   assert.ok(d.negotiate(features));
   const q = new DriverQueue(ram, 64);
@@ -45,10 +50,10 @@ function threaded(local: VirtioDevice, spec: DeviceSpec, features: bigint) {
   const close = async () => {
     await t.core.reset();
     await thread.stop();
-    for (const fd of [lineFd, ...notifyFds]) sysClose(fd);
+    for (const fd of [lineFd, resampleFd, ...notifyFds]) sysClose(fd);
     sysMunmap(ptr, RAM);
   };
-  return { ram, d, q, t, isr, lineFd, thread, close, mainIrqs: () => mainIrqs };
+  return { ram, d, q, t, isr, lineFd, resampleFd, thread, close, mainIrqs: () => mainIrqs };
 }
 
 async function until(what: string, ok: () => boolean): Promise<void> {
@@ -73,6 +78,14 @@ Deno.test("device thread: rng requests are served on the Worker, which raises th
     await until("the line eventfd", () => drainEventfd(vm.lineFd) > 0);
     assert.equal(Atomics.load(vm.isr.array, vm.isr.index) & 1, 1, "ISR used-ring bit set by the Worker");
     assert.equal(vm.mainIrqs(), 0, "nothing went through the main thread's interrupt path");
+    // The guest's EOI (resample) while the ISR is still set raises the line again; after the
+    // driver acknowledged it, an EOI raises nothing.
+    signalEventfd(vm.resampleFd);
+    await until("the line raised again", () => drainEventfd(vm.lineFd) > 0);
+    vm.d.ackInterrupts();
+    signalEventfd(vm.resampleFd);
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(drainEventfd(vm.lineFd), 0, "no line once the ISR is clear");
   } finally {
     await vm.close();
   }
