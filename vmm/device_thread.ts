@@ -103,6 +103,7 @@ export class DeviceThread {
   private readonly waiting = new Map<number, (v: unknown) => void>();
   private readonly devices: RemoteDevice[] = [];
   private stopped: Promise<void> | undefined;
+  private dead = false;
   /** Worker errors, reported once each (the device thread goes on). */
   onError: (message: string) => void = (m) => console.error(`device thread: ${m}`);
 
@@ -113,6 +114,11 @@ export class DeviceThread {
     this.worker.onerror = (e) => {
       e.preventDefault();
       this.onError(e.message);
+      // A Worker that threw is gone: nothing waits on it forever (resets, teardown).
+      this.dead = true;
+      this.worker.terminate();
+      for (const w of this.waiting.values()) w(undefined);
+      this.waiting.clear();
     };
     this.post({
       op: "init",
@@ -151,6 +157,7 @@ export class DeviceThread {
 
   /** Posts a request; resolves with the worker's answer. */
   request(m: { op: "reset"; id: number } | { op: "describe" } | { op: "stop" }): Promise<unknown> {
+    if (this.dead) return Promise.resolve(undefined);
     const seq = ++this.seq;
     const p = new Promise<unknown>((r) => this.waiting.set(seq, r));
     this.post({ ...m, seq } as ToWorker);
@@ -167,7 +174,7 @@ export class DeviceThread {
   /** Asks the worker for every device's report line and keeps them for `describe()`. */
   async refresh(): Promise<void> {
     if (this.stopped) return;
-    const lines = await this.request({ op: "describe" }) as string[];
+    const lines = (await this.request({ op: "describe" }) ?? []) as string[];
     lines.forEach((l, i) => this.devices[i] && (this.devices[i].lastReport = l));
   }
 
