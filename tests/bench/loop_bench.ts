@@ -90,6 +90,9 @@ console.log(`eventfd from another thread -> handler on the main thread: ${stats(
     lat2.push((stamp2[0] - t) * 1000);
     if (i % 4 === 3) await new Promise((r) => setTimeout(r, 0)); // let the loop idle sometimes
   }
+  Atomics.store(ctl2, 0, 2);
+  signalEventfd(efd2);
+  await new Promise((r) => setTimeout(r, 100));
   w.terminate();
   sysClose(efd2);
   console.log(

@@ -16,6 +16,11 @@ self.onmessage = (e: MessageEvent<{ sab: SharedArrayBuffer; fd: number }>) => {
   const loop = new EventLoop({ canBlock: () => pinnedCalls() === 0 });
   loop.add(fd, () => {
     drainEventfd(fd);
+    if (Atomics.load(ctl, 0) === 2) {
+      // Told to stop: a Worker blocked in epoll_wait cannot be terminated from outside.
+      void loop.stop();
+      return;
+    }
     stamp[0] = performance.timeOrigin + performance.now();
     Atomics.store(ctl, 1, 1);
     Atomics.notify(ctl, 1);
