@@ -265,7 +265,11 @@ export class FileBackend implements BlockBackend {
       if (libc().fdatasync(this.fd) < 0) throw new Error("fdatasync failed");
       return;
     }
-    if ((await this.op(() => libc().fdatasync_nb(this.fd))) < 0) throw new Error("fdatasync failed");
+    // Every call on the pool goes through pinnedCall, even with no buffer: pinnedCalls() is
+    // how the device thread knows it must not block while one is in flight.
+    if ((await this.op(() => pinnedCall([], () => libc().fdatasync_nb(this.fd)))) < 0) {
+      throw new Error("fdatasync failed");
+    }
   }
 
   /** fdatasync calls made so far. */
@@ -274,7 +278,16 @@ export class FileBackend implements BlockBackend {
   /** Punches a hole (reads back zeros; the file keeps its size). */
   async discard(offset: number, len: number): Promise<void> {
     const r = await this.op(() =>
-      libc().fallocate_nb(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, BigInt(offset), BigInt(len))
+      pinnedCall(
+        [],
+        () =>
+          libc().fallocate_nb(
+            this.fd,
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            BigInt(offset),
+            BigInt(len),
+          ),
+      )
     );
     if (r < 0) throw new Error("fallocate(PUNCH_HOLE) failed");
   }
@@ -284,7 +297,10 @@ export class FileBackend implements BlockBackend {
     const mode = unmap
       ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
       : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-    if ((await this.op(() => libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len)))) >= 0) return;
+    const r = await this.op(() =>
+      pinnedCall([], () => libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len)))
+    );
+    if (r >= 0) return;
     const chunk = new Uint8Array(Math.min(len, 1 << 20));
     for (let at = 0; at < len; at += chunk.length) {
       await this.write([chunk.subarray(0, Math.min(chunk.length, len - at))], offset + at);

@@ -154,7 +154,11 @@ function take(m: ToWorker): void {
     case "reset": {
       const e = entries[m.id];
       e.active = false;
-      void Promise.resolve(e.device.reset()).then(() => post({ op: "done", seq: m.seq }));
+      const done = () => post({ op: "done", seq: m.seq });
+      void Promise.resolve(e.device.reset()).then(done, (err) => {
+        post({ op: "error", message: `reset: ${(err as Error).message}` });
+        done();
+      });
       return;
     }
     case "describe":
@@ -183,10 +187,13 @@ async function takeMessages(): Promise<void> {
     // Posted messages arrive as events: let the event loop deliver them.
     while (inbox.length === 0) await nextTurn();
     taken++;
+    const m = inbox.shift()!;
     try {
-      take(inbox.shift()!);
+      take(m);
     } catch (err) {
       post({ op: "error", message: (err as Error).stack ?? String(err) });
+      // Whoever waits for an answer gets one: a failed step must not hang a vCPU or teardown.
+      if ("seq" in m) post({ op: "done", seq: m.seq });
     }
   }
 }

@@ -115,10 +115,10 @@ Deno.test("device thread: a broken chain on the Worker sets DEVICE_NEEDS_RESET; 
   }
 });
 
-Deno.test("device thread: virtio-blk writes reach the image and read back, served from the Worker", async () => {
+Deno.test("device thread: virtio-blk through the blocking pool (write, read, discard, flush), served from the Worker", async () => {
   const path = await Deno.makeTempFile({ suffix: ".img" });
   await Deno.writeFile(path, new Uint8Array(1 << 20));
-  const backend = FileBackend.open(path, false);
+  const backend = FileBackend.open(path, false, { nowait: false }); // every transfer through the pool
   const local = new VirtioBlk(backend);
   const all = F.VERSION_1 | F.EVENT_IDX | F.INDIRECT | (local.features & ~(F.EVENT_IDX | F.INDIRECT));
   const vm = threaded(local, { kind: "blk", disk: backend.share() }, all);
@@ -134,7 +134,16 @@ Deno.test("device thread: virtio-blk writes reach the image and read back, serve
     const r = await request(h, BLK_T.IN, 8, { len: 4096, write: true });
     assert.equal(r.status, BLK_S.OK);
     assert.deepEqual(vm.ram.view(r.buf, 4096), data);
-    const out = await request(h, BLK_T.IN, 4096, { len: 512, write: true });
+    // Steps on Deno's blocking pool (every transfer here, a discard, a flush): the device
+    // thread must not block in epoll_wait while one is in flight.
+    const seg = new Uint8Array(16);
+    new DataView(seg.buffer).setBigUint64(0, 8n, true);
+    new DataView(seg.buffer).setUint32(8, 8, true);
+    assert.equal((await request(h, BLK_T.DISCARD, 0, { len: 16, bytes: seg })).status, BLK_S.OK);
+    assert.equal((await request(h, BLK_T.FLUSH, 0, { len: 0 })).status, BLK_S.OK);
+    const img = await Deno.readFile(path);
+    assert.equal(img[8 * 512], 0, "discarded");
+    const out = await request(h, BLK_T.IN, 2048, { len: 512, write: true });
     assert.equal(out.status, BLK_S.IOERR, "past the end");
     await vm.thread.refresh();
     assert.match(local.name, /virtio-blk/);

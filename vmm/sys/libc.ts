@@ -105,7 +105,10 @@ export async function pinnedCall<T>(buffers: readonly object[], call: () => Prom
   }
 }
 
-/** How many nonblocking calls are holding buffers right now (for tests and teardown checks). */
+/**
+ * How many nonblocking calls made through `pinnedCall` are in flight (every one on Deno's
+ * blocking pool is: the device thread blocks in epoll_wait only when this is 0).
+ */
 export function pinnedCalls(): number {
   return pinned.size;
 }
