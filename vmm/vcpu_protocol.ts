@@ -53,6 +53,8 @@ export interface VcpuInit {
   mailbox: SharedArrayBuffer;
   /** The control block (stop flag). */
   control: SharedArrayBuffer;
+  /** One Int32 shared by every vCPU of the VM: added to and notified after each posted exit. */
+  bell: SharedArrayBuffer;
   /** Registers this thread answers itself (vmm/shared_regs.ts). */
   sharedRegs: SharedArrayBuffer;
 }

@@ -10,6 +10,7 @@ import { applyBootSregs, bootRegs } from "./arch/x86_64/regs.ts";
 import { EXIT, EXIT_NAMES, REGS, RUN, SREGS, SYSTEM_EVENT } from "./sys/kvm_abi.ts";
 import { sysGettid } from "./sys/libc.ts";
 import { sharedAccess } from "./shared_regs.ts";
+import { calibrate, pollWhile, PollWindow } from "./poll.ts";
 import { describeVcpu } from "./arch/x86_64/diag.ts";
 import {
   CTL,
@@ -23,6 +24,12 @@ import {
 } from "./vcpu_protocol.ts";
 
 const INTERNAL_ERROR_EMULATION = 1;
+/**
+ * The most a vCPU polls for the main thread's answer before sleeping (us). This thread has
+ * nothing else to do meanwhile; the bound keeps a slow answer (a reset draining I/O) from
+ * costing a core.
+ */
+const ANSWER_POLL_MAX_US = Number(Deno.env.get("TSVMM_ANSWER_SPIN_US") ?? "100");
 const EMULATION_FLAG_INSN_BYTES = 1n;
 
 function post(m: VcpuMessage): void {
@@ -80,8 +87,10 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
   const mbBytes = new Uint8Array(init.mailbox);
   const ctl = new Int32Array(init.control);
   const shared = new Int32Array(init.sharedRegs);
+  const bell = new Int32Array(init.bell);
   const run = vcpu.run;
   const rv = vcpu.runView;
+  const answer = new PollWindow(ANSWER_POLL_MAX_US, 20);
 
   // One device access through the mailbox; returns when the device thread has answered.
   const access = (kind: number, isWrite: boolean, addr: number, size: number, data: Uint8Array): void => {
@@ -92,10 +101,15 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
     mb[MB.addrHi] = Math.floor(addr / 0x1_0000_0000);
     if (isWrite) mbBytes.set(data.subarray(0, size), MB.dataByte);
     Atomics.store(mb, MB.state, MB_REQUEST);
-    Atomics.notify(mb, MB.state);
-    // The answer usually comes within microseconds: poll briefly before sleeping on the futex.
-    for (let i = 0; i < 2000 && Atomics.load(mb, MB.state) === MB_REQUEST; i++) { /* spin */ }
-    while (Atomics.load(mb, MB.state) === MB_REQUEST) Atomics.wait(mb, MB.state, MB_REQUEST, 100);
+    Atomics.add(bell, 0, 1);
+    Atomics.notify(bell, 0);
+    // A register answer usually comes soon: poll (within a bounded window that follows how
+    // long answers have been taking) before sleeping on the futex.
+    if (!pollWhile(mb, MB.state, MB_REQUEST, answer)) {
+      const since = performance.now();
+      while (Atomics.load(mb, MB.state) === MB_REQUEST) Atomics.wait(mb, MB.state, MB_REQUEST, 100);
+      answer.slept((performance.now() - since) * 1000);
+    }
     if (!isWrite) data.set(mbBytes.subarray(MB.dataByte, MB.dataByte + size));
   };
 
@@ -206,6 +220,7 @@ self.onmessage = (ev: MessageEvent<VcpuInit>) => {
     post({ type: "exit", report: { index: init.index, reason: "error", detail: (e as Error).message } });
     return;
   }
+  calibrate(); // measured now, not in the guest's first exit
   post({ type: "ready", index: init.index, tid: sysGettid(), fd: vcpu.fd });
   // Wait for the go signal: the device thread clears mailbox state to idle when all are ready.
   const mb = new Int32Array(init.mailbox);

@@ -4,6 +4,7 @@
  */
 
 import type { Bus } from "./bus.ts";
+import { calibrate, pollWhile, PollWindow } from "./poll.ts";
 import { installNoopSignalHandler, sysGetAffinity, sysSetAffinity, sysTgkill } from "./sys/libc.ts";
 import {
   CTL,
@@ -19,10 +20,14 @@ import {
 } from "./vcpu_protocol.ts";
 
 const KICK_SIGNAL = 12; // SIGUSR2
-const SPIN_MS = Number(Deno.env.get("TSVMM_SPIN_US") ?? "50") / 1000;
+/**
+ * The most the main thread polls a mailbox for the next exit before sleeping (us). The
+ * window itself adapts between 0 and this (vmm/poll.ts).
+ */
+const SPIN_MAX_US = Number(Deno.env.get("TSVMM_SPIN_US") ?? "500");
 
 /** Per-vCPU start parameters (the mailbox and control block are made here). */
-export type VcpuStart = Omit<VcpuInit, "mailbox" | "control">;
+export type VcpuStart = Omit<VcpuInit, "mailbox" | "control" | "bell">;
 
 interface Thread {
   worker: Worker;
@@ -31,6 +36,10 @@ interface Thread {
   ctl: Int32Array;
   tid?: number;
   done: boolean;
+  /** Its exit waits for a device's promise. */
+  busy: boolean;
+  /** Views of the mailbox data, one per access width, made once: the exit path allocates nothing. */
+  views: Uint8Array[];
   onDiag?: (text: string, at?: VcpuCodeAt) => void;
 }
 
@@ -47,6 +56,8 @@ export class VcpuThreads {
   private allowed: number[] | undefined;
   private readonly exited: Promise<void>;
   private resolveExited!: () => void;
+  /** Rung by a vCPU after it posts an exit (and by `finish`): what the answering loop waits on. */
+  private readonly bell = new Int32Array(new SharedArrayBuffer(4));
   /** Exits handled, per kind, for diagnostics. */
   exits = 0;
 
@@ -76,6 +87,8 @@ export class VcpuThreads {
         mbBytes: new Uint8Array(mailbox),
         ctl: new Int32Array(control),
         done: false,
+        busy: false,
+        views: [0, 1, 2, 3, 4, 5, 6, 7, 8].map((n) => new Uint8Array(mailbox, MB.dataByte, n)),
       };
       this.threads.push(t);
       ready.push(
@@ -97,7 +110,9 @@ export class VcpuThreads {
           };
         }),
       );
-      worker.postMessage({ ...s, mailbox, control } satisfies VcpuInit);
+      worker.postMessage(
+        { ...s, mailbox, control, bell: this.bell.buffer as SharedArrayBuffer } satisfies VcpuInit,
+      );
     }
     try {
       await Promise.all(ready);
@@ -106,11 +121,16 @@ export class VcpuThreads {
       throw e;
     }
     if (this.pinVcpus) this.pin();
+    calibrate(); // measured now, not in the guest's first exit
     for (const t of this.threads) {
+      t.worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
+        if (ev.data.type === "exit") this.finish(t, ev.data.report);
+        else if (ev.data.type === "diag") t.onDiag?.(ev.data.text, ev.data.at);
+      };
       Atomics.store(t.mb, MB.state, MB_IDLE);
       Atomics.notify(t.mb, MB.state);
-      this.pump(t);
     }
+    this.serve();
   }
 
   /**
@@ -144,11 +164,17 @@ export class VcpuThreads {
     }
   }
 
+  /** Wakes the answering loop. */
+  private ring(): void {
+    Atomics.add(this.bell, 0, 1);
+    Atomics.notify(this.bell, 0);
+  }
+
   private finish(t: Thread, r: VcpuExitReport): void {
     if (t.done) return;
     t.done = true;
     t.worker.terminate();
-    Atomics.notify(t.mb, MB.state); // wake this vCPU's pump so it sees `done`
+    this.ring(); // the answering loop sees `done`
     if (r.reason !== "stopped") this.onExit(r);
     if (this.threads.every((x) => x.done)) this.resolveExited();
   }
@@ -164,43 +190,59 @@ export class VcpuThreads {
     });
   }
 
-  /** Answers one vCPU's mailbox until it stops. */
-  private async pump(t: Thread): Promise<void> {
+  /** Takes the exit waiting in `t`'s mailbox and answers it (later, if the device must wait). */
+  private answer(t: Thread): void {
     const mb = t.mb;
-    t.worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
-      if (ev.data.type === "exit") this.finish(t, ev.data.report);
-      else if (ev.data.type === "diag") t.onDiag?.(ev.data.text, ev.data.at);
+    this.exits++;
+    const size = mb[MB.size];
+    const addr = (mb[MB.addrLo] >>> 0) + (mb[MB.addrHi] >>> 0) * 0x1_0000_0000;
+    const bus = mb[MB.kind] === KIND_PIO ? this.pio : this.mmio;
+    const d = t.views[size] ?? t.views[8];
+    let later: void | Promise<void> = undefined;
+    try {
+      if (mb[MB.isWrite]) later = bus.write(addr, d);
+      else bus.read(addr, d);
+    } catch (e) {
+      this.deviceFault(mb, addr, d, e);
+    }
+    const respond = () => {
+      Atomics.store(mb, MB.state, MB_RESPONSE);
+      Atomics.notify(mb, MB.state);
     };
-    // One view per access width, made once: the exit path allocates nothing.
-    const views = [0, 1, 2, 3, 4, 5, 6, 7, 8].map((n) => t.mbBytes.subarray(MB.dataByte, MB.dataByte + n));
-    while (!t.done) {
-      const v = Atomics.load(mb, MB.state);
-      if (v === MB_REQUEST) {
-        this.exits++;
-        const size = mb[MB.size];
-        const addr = (mb[MB.addrLo] >>> 0) + (mb[MB.addrHi] >>> 0) * 0x1_0000_0000;
-        const bus = mb[MB.kind] === KIND_PIO ? this.pio : this.mmio;
-        const d = views[size] ?? views[8];
-        let later: void | Promise<void> = undefined;
-        try {
-          if (mb[MB.isWrite]) later = bus.write(addr, d);
-          else bus.read(addr, d);
-        } catch (e) {
-          this.deviceFault(mb, addr, d, e);
-        }
-        // A write the device may not answer yet (a virtio reset draining in-flight I/O):
-        // this vCPU stays in its exit until the device is done.
-        if (later instanceof Promise) await later.catch((e) => this.deviceFault(mb, addr, d, e));
-        Atomics.store(mb, MB.state, MB_RESPONSE);
-        Atomics.notify(mb, MB.state);
-        continue;
+    if (!(later instanceof Promise)) return respond();
+    // A write the device may not answer yet (a virtio reset draining in-flight I/O): this
+    // vCPU stays in its exit until the device is done; the others go on being answered.
+    t.busy = true;
+    later.catch((e) => this.deviceFault(mb, addr, d, e)).then(() => {
+      t.busy = false;
+      respond();
+    });
+  }
+
+  /**
+   * Answers every vCPU's mailbox until all have stopped. One loop serves them all, so
+   * polling for one vCPU's next exit never holds up another's.
+   */
+  private async serve(): Promise<void> {
+    const bell = this.bell;
+    const window = new PollWindow(SPIN_MAX_US, Math.min(50, SPIN_MAX_US));
+    while (!this.threads.every((t) => t.done)) {
+      const rung = Atomics.load(bell, 0);
+      let answered = false;
+      for (const t of this.threads) {
+        if (t.done || t.busy || Atomics.load(t.mb, MB.state) !== MB_REQUEST) continue;
+        this.answer(t);
+        answered = true;
       }
-      // Exits come in bursts: poll briefly before paying for an event-loop wakeup.
-      const spinUntil = performance.now() + SPIN_MS;
-      while (Atomics.load(mb, MB.state) === v && performance.now() < spinUntil) { /* spin */ }
-      if (Atomics.load(mb, MB.state) !== v) continue;
-      const w = Atomics.waitAsync(mb, MB.state, v);
-      if (w.async) await w.value;
+      if (answered) continue;
+      // Exits come in bursts: poll (within a bounded window that follows how soon the next
+      // exit has been coming) before paying for an event-loop wake-up.
+      if (!pollWhile(bell, 0, rung, window)) {
+        const since = performance.now();
+        const w = Atomics.waitAsync(bell, 0, rung);
+        if (w.async) await w.value;
+        window.slept((performance.now() - since) * 1000);
+      }
     }
   }
 
