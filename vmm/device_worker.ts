@@ -44,6 +44,48 @@ interface Entry {
   irq: VirtioInterrupt;
   active: boolean;
   queues: SplitQueue[];
+  split: RequestSplit;
+}
+
+/**
+ * Where a device's one-at-a-time requests spend their time, seen from this thread: from a
+ * doorbell to the interrupt it led to (this side: the device's code and its backend), and
+ * from that interrupt to the next doorbell (the other side: the interrupt's way into the
+ * guest, the guest's handler and its next request, the notify exit through the ioeventfd
+ * and this thread's wake-up). Only alternating doorbell/interrupt pairs count, so with
+ * several requests in flight the figures cover the pairs that alternated.
+ */
+class RequestSplit {
+  private doorbellAt = -1;
+  private interruptAt = -1;
+  private host = { n: 0, ms: 0 };
+  private guest = { n: 0, ms: 0 };
+
+  doorbell(): void {
+    const t = performance.now();
+    if (this.interruptAt >= 0) {
+      this.guest.n++;
+      this.guest.ms += t - this.interruptAt;
+      this.interruptAt = -1;
+    }
+    if (this.doorbellAt < 0) this.doorbellAt = t;
+  }
+
+  interrupt(): void {
+    const t = performance.now();
+    if (this.doorbellAt >= 0) {
+      this.host.n++;
+      this.host.ms += t - this.doorbellAt;
+      this.doorbellAt = -1;
+    }
+    this.interruptAt = t;
+  }
+
+  describe(): string {
+    const avg = (x: { n: number; ms: number }) => x.n ? (x.ms * 1000 / x.n).toFixed(0) : "-";
+    const host = `doorbell_to_irq_us=${avg(this.host)} (${this.host.n})`;
+    return `${host} irq_to_doorbell_us=${avg(this.guest)} (${this.guest.n})`;
+  }
 }
 
 const entries: Entry[] = [];
@@ -60,7 +102,7 @@ const post = (m: FromWorker) => self.postMessage(m);
  * The interrupt of one device: the shared ISR and line, or its queue's MSI-X vector. The
  * line's resample eventfd is watched here too: raised again while the ISR is not zero.
  */
-function interruptFor(id: number, route: InterruptRoute): VirtioInterrupt {
+function interruptFor(id: number, route: InterruptRoute, split: RequestSplit): VirtioInterrupt {
   const isr = new Int32Array(route.isr.buffer);
   const plan = route.msix ? new Int32Array(route.msix.plan) : undefined;
   const vectors = route.msix?.vectorFds ?? [];
@@ -73,6 +115,7 @@ function interruptFor(id: number, route: InterruptRoute): VirtioInterrupt {
   }
   return {
     signalUsed(q: number): void {
+      split.interrupt();
       const mode = plan ? Atomics.load(plan, 0) : PLAN.LINE;
       if (mode === PLAN.MSIX) {
         const v = Atomics.load(plan!, 1 + q);
@@ -130,11 +173,14 @@ function take(m: ToWorker): void {
       return init(m);
     case "add": {
       const device = build(m);
-      const e: Entry = { device, irq: interruptFor(m.id, m.route), active: false, queues: [] };
+      const split = new RequestSplit();
+      const e: Entry = { device, irq: interruptFor(m.id, m.route, split), active: false, queues: [], split };
       entries[m.id] = e;
       m.notifyFds.forEach((fd, q) =>
         loop!.add(fd, () => {
-          if (drainEventfd(fd) && e.active && e.queues[q]?.ready) e.device.notify(q);
+          if (!drainEventfd(fd) || !e.active || !e.queues[q]?.ready) return;
+          split.doorbell();
+          e.device.notify(q);
         })
       );
       return;
@@ -167,7 +213,7 @@ function take(m: ToWorker): void {
         seq: m.seq,
         value: entries.map((e) => {
           const qs = e.queues.map((q, i) => `q${i}: avail=${q.nextAvail} used=${q.nextUsed}`).join(" ");
-          return `${qs}${e.device.describe ? ` ${e.device.describe()}` : ""}`;
+          return `${qs}${e.device.describe ? ` ${e.device.describe()}` : ""} ${e.split.describe()}`;
         }),
       });
       return;

@@ -41,6 +41,8 @@ export interface BenchRun {
   text: string;
   /** The VMM's CPU time and RSS across the guest's phases. */
   meter: PhaseMeter;
+  /** Ours only: the device report lines at the end of the run. */
+  devices?: string[];
   /** ms from creating the VM (ours) or spawning QEMU to the guest's first user-space line. */
   userspaceMs: number;
 }
@@ -86,6 +88,7 @@ export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKi
     const initrd = await benchInitrd(k.initramfs, b.script);
     const t0 = performance.now();
     const f = new Follower("self", b.memoryMiB, t0);
+    let devices: string[] = [];
     const text = await bootTest(
       {
         kernel: k.vmlinux,
@@ -110,11 +113,13 @@ export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKi
           await Promise.race([vm.nextOutput(), end, new Promise((r) => setTimeout(r, 1000))]);
         }
         await vm.wait();
+        // The device report after the stop (the device thread's final counts).
+        devices = vm.consoleTail().split("\n[devices]\n")[1]?.split("\n") ?? [];
         return vm.consoleText;
       },
       vmTimeoutMs(),
     );
-    return { text, meter: f.meter, userspaceMs: f.userspaceMs };
+    return { text, meter: f.meter, userspaceMs: f.userspaceMs, devices };
   } finally {
     for (const p of data) await Deno.remove(p);
   }

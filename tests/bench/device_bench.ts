@@ -126,6 +126,22 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
     await set.measure(name("blk sequential read MB/s"), "MB/s", i, async () => (await v()).read);
     await set.measure(name("blk sequential write MB/s (fsync)"), "MB/s", i, async () => (await v()).write);
     await set.measure(name("rng MB/s (/dev/hwrng)"), "MB/s", i, async () => (await v()).rng);
+    if (who === "tsvmm") {
+      // Where one rng request's time goes, from the device thread's side (vmm/device_worker.ts).
+      const split = (key: string) => () => {
+        const line = r.devices?.find((l) => l.includes("virtio-rng")) ?? "";
+        const m = new RegExp(`${key}=(\\d+) \\((\\d+)\\)`).exec(line);
+        if (!m) throw new Error(`no ${key} in the rng device's report: ${line}`);
+        return Promise.resolve(Number(m[1]));
+      };
+      await set.measure(name("rng request: doorbell -> interrupt"), "us", i, split("doorbell_to_irq_us"));
+      await set.measure(
+        name("rng request: interrupt -> next doorbell"),
+        "us",
+        i,
+        split("irq_to_doorbell_us"),
+      );
+    }
     for (const rw of ["read", "write"]) {
       await cost(name(`cost: blk sequential ${rw}`), "CPU s/GiB", i, r, `seq_${rw}`, () => RW_MIB / 1024);
     }

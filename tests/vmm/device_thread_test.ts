@@ -53,7 +53,7 @@ function threaded(local: VirtioDevice, spec: DeviceSpec, features: bigint) {
     for (const fd of [lineFd, resampleFd, ...notifyFds]) sysClose(fd);
     sysMunmap(ptr, RAM);
   };
-  return { ram, d, q, t, isr, lineFd, resampleFd, thread, close, mainIrqs: () => mainIrqs };
+  return { ram, d, q, t, dev, isr, lineFd, resampleFd, thread, close, mainIrqs: () => mainIrqs };
 }
 
 async function until(what: string, ok: () => boolean): Promise<void> {
@@ -86,6 +86,17 @@ Deno.test("device thread: rng requests are served on the Worker, which raises th
     signalEventfd(vm.resampleFd);
     await new Promise((r) => setTimeout(r, 100));
     assert.equal(drainEventfd(vm.lineFd), 0, "no line once the ISR is clear");
+    // Three more requests one at a time, each asking for its interrupt (used_event): the
+    // Worker's report splits doorbell -> interrupt from interrupt -> next doorbell.
+    for (let i = 0; i < 3; i++) {
+      vm.q.setUsedEvent(1 + i);
+      vm.q.add([{ addr: buf, len: 64, write: true }]);
+      vm.d.notify(0);
+      await until("the used entry", () => vm.q.takeUsed().length > 0);
+      await until("the line eventfd", () => drainEventfd(vm.lineFd) > 0);
+    }
+    await vm.thread.refresh();
+    assert.match(vm.dev.describe(), /doorbell_to_irq_us=\d+ \(3\) irq_to_doorbell_us=\d+ \(3\)/);
   } finally {
     await vm.close();
   }
