@@ -55,6 +55,13 @@ interface Entry {
  * and this thread's wake-up). Only alternating doorbell/interrupt pairs count, so with
  * several requests in flight the figures cover the pairs that alternated.
  */
+/** Adds the time from `since` (if set) to `t` to `into`. */
+function span(since: number, t: number, into: { n: number; ms: number }): void {
+  if (since < 0) return;
+  into.n++;
+  into.ms += t - since;
+}
+
 class RequestSplit {
   private doorbellAt = -1;
   private interruptAt = -1;
@@ -63,21 +70,15 @@ class RequestSplit {
 
   doorbell(): void {
     const t = performance.now();
-    if (this.interruptAt >= 0) {
-      this.guest.n++;
-      this.guest.ms += t - this.interruptAt;
-      this.interruptAt = -1;
-    }
+    span(this.interruptAt, t, this.guest);
+    this.interruptAt = -1;
     if (this.doorbellAt < 0) this.doorbellAt = t;
   }
 
   interrupt(): void {
     const t = performance.now();
-    if (this.doorbellAt >= 0) {
-      this.host.n++;
-      this.host.ms += t - this.doorbellAt;
-      this.doorbellAt = -1;
-    }
+    span(this.doorbellAt, t, this.host);
+    this.doorbellAt = -1;
     this.interruptAt = t;
   }
 
