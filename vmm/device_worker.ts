@@ -47,45 +47,57 @@ interface Entry {
   split: RequestSplit;
 }
 
+/** One kind of span: how many, and the latest 256 of them (ms) for a median. */
+class Spans {
+  n = 0;
+  private readonly last = new Float64Array(256);
+
+  /** Adds the time from `since` (if set) to `t`. */
+  add(since: number, t: number): void {
+    if (since < 0) return;
+    this.last[this.n++ % this.last.length] = t - since;
+  }
+
+  /** The median of the latest spans in us, with the count of all, e.g. `412 (1800)`. */
+  describe(): string {
+    if (this.n === 0) return "- (0)";
+    const xs = this.last.slice(0, Math.min(this.n, this.last.length)).sort();
+    return `${(xs[xs.length >> 1] * 1000).toFixed(0)} (${this.n})`;
+  }
+}
+
 /**
  * Where a device's one-at-a-time requests spend their time, seen from this thread: from a
  * doorbell to the interrupt it led to (this side: the device's code and its backend), and
  * from that interrupt to the next doorbell (the other side: the interrupt's way into the
  * guest, the guest's handler and its next request, the notify exit through the ioeventfd
  * and this thread's wake-up). Only alternating doorbell/interrupt pairs count, so with
- * several requests in flight the figures cover the pairs that alternated.
+ * several requests in flight the figures cover the pairs that alternated. Each is reported
+ * as the median of the latest 256 (the last phase that used the device, not the idle gaps
+ * between phases a mean would take in).
  */
-/** Adds the time from `since` (if set) to `t` to `into`. */
-function span(since: number, t: number, into: { n: number; ms: number }): void {
-  if (since < 0) return;
-  into.n++;
-  into.ms += t - since;
-}
-
 class RequestSplit {
   private doorbellAt = -1;
   private interruptAt = -1;
-  private host = { n: 0, ms: 0 };
-  private guest = { n: 0, ms: 0 };
+  private readonly host = new Spans();
+  private readonly guest = new Spans();
 
   doorbell(): void {
     const t = performance.now();
-    span(this.interruptAt, t, this.guest);
+    this.guest.add(this.interruptAt, t);
     this.interruptAt = -1;
     if (this.doorbellAt < 0) this.doorbellAt = t;
   }
 
   interrupt(): void {
     const t = performance.now();
-    span(this.doorbellAt, t, this.host);
+    this.host.add(this.doorbellAt, t);
     this.doorbellAt = -1;
     this.interruptAt = t;
   }
 
   describe(): string {
-    const avg = (x: { n: number; ms: number }) => x.n ? (x.ms * 1000 / x.n).toFixed(0) : "-";
-    const host = `doorbell_to_irq_us=${avg(this.host)} (${this.host.n})`;
-    return `${host} irq_to_doorbell_us=${avg(this.guest)} (${this.guest.n})`;
+    return `doorbell_to_irq_us=${this.host.describe()} irq_to_doorbell_us=${this.guest.describe()}`;
   }
 }
 
