@@ -91,6 +91,14 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
   const run = vcpu.run;
   const rv = vcpu.runView;
   const answer = new PollWindow(ANSWER_POLL_MAX_US, 20);
+  // The exit path allocates nothing: the views of the run mapping's data are made once.
+  const mmioData = run.subarray(RUN.mmioData, RUN.mmioData + 8);
+  const ioViews = new Map<number, Uint8Array>();
+  const ioData = (at: number): Uint8Array => {
+    let v = ioViews.get(at);
+    if (!v) ioViews.set(at, v = run.subarray(at, at + 8));
+    return v;
+  };
 
   // One device access through the mailbox; returns when the device thread has answered.
   const access = (kind: number, isWrite: boolean, addr: number, size: number, data: Uint8Array): void => {
@@ -99,7 +107,7 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
     mb[MB.size] = size;
     mb[MB.addrLo] = addr | 0;
     mb[MB.addrHi] = Math.floor(addr / 0x1_0000_0000);
-    if (isWrite) mbBytes.set(data.subarray(0, size), MB.dataByte);
+    if (isWrite) { for (let i = 0; i < size; i++) mbBytes[MB.dataByte + i] = data[i]; }
     Atomics.store(mb, MB.state, MB_REQUEST);
     Atomics.add(bell, 0, 1);
     Atomics.notify(bell, 0);
@@ -110,7 +118,7 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
       while (Atomics.load(mb, MB.state) === MB_REQUEST) Atomics.wait(mb, MB.state, MB_REQUEST, 100);
       answer.slept((performance.now() - since) * 1000);
     }
-    if (!isWrite) data.set(mbBytes.subarray(MB.dataByte, MB.dataByte + size));
+    if (!isWrite) { for (let i = 0; i < size; i++) data[i] = mbBytes[MB.dataByte + i]; }
   };
 
   for (;;) {
@@ -127,19 +135,19 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
         const size = run[RUN.ioSize];
         const port = rv.getUint16(RUN.ioPort, true);
         const count = rv.getUint32(RUN.ioCount, true);
-        const off = Number(rv.getBigUint64(RUN.ioDataOffset, true));
-        for (let i = 0; i < count; i++) {
-          const at = off + i * size;
-          access(KIND_PIO, out, port, size, run.subarray(at, at + size));
-        }
+        // KVM puts the data within the run mapping, at an offset under 4 GiB.
+        const off = rv.getUint32(RUN.ioDataOffset, true);
+        for (let i = 0; i < count; i++) access(KIND_PIO, out, port, size, ioData(off + i * size));
         break;
       }
       case EXIT.MMIO: {
-        const addr = Number(rv.getBigUint64(RUN.mmioPhysAddr, true));
+        const addr = rv.getUint32(RUN.mmioPhysAddr, true) +
+          rv.getUint32(RUN.mmioPhysAddr + 4, true) * 0x1_0000_0000;
         const len = Math.min(rv.getUint32(RUN.mmioLen, true), 8);
         const isWrite = run[RUN.mmioIsWrite] === 1;
-        const data = run.subarray(RUN.mmioData, RUN.mmioData + 8);
-        if (!sharedAccess(shared, addr, isWrite, len, data)) access(KIND_MMIO, isWrite, addr, len, data);
+        if (!sharedAccess(shared, addr, isWrite, len, mmioData)) {
+          access(KIND_MMIO, isWrite, addr, len, mmioData);
+        }
         break;
       }
       case EXIT.HLT:
