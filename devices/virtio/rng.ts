@@ -6,7 +6,6 @@
 
 import { type ActivateContext, drainQueue, VIRTIO_ID, type VirtioDevice } from "./device.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "./queue.ts";
-import { scatter } from "./chain.ts";
 
 /** Where entropy comes from. */
 export interface EntropySource {
@@ -113,11 +112,18 @@ export class VirtioRng implements VirtioDevice {
     };
     const ok = drainQueue(ctx, q, (chain) => {
       const n = Math.min(chain.writableLen, this.maxRequest, Math.floor(this.tokens));
-      const bytes = new Uint8Array(n);
-      for (let off = 0; off < n; off += 65536) {
-        this.source.fill(bytes.subarray(off, Math.min(n, off + 65536)));
+      // Straight into the guest's buffers (no host copy to allocate and collect), at most
+      // 64 KiB per fill (getRandomValues' limit).
+      let left = n;
+      for (const b of chain.writable) {
+        if (left <= 0) break;
+        const len = Math.min(b.length, left);
+        if (len === b.length && len <= 65536) this.source.fill(b);
+        else {for (let off = 0; off < len; off += 65536) {
+            this.source.fill(b.subarray(off, Math.min(len, off + 65536)));
+          }}
+        left -= len;
       }
-      scatter(chain.writable, 0, bytes);
       if (this.opts.rateBytesPerSec) this.tokens -= n;
       this.bytesServed += n;
       q.pushUsed(ctx.memory, chain.head, n);

@@ -29,8 +29,9 @@ const SYMBOLS = {
   flock: { parameters: ["i32", "i32"], result: "i32" },
   epoll_create1: { parameters: ["i32"], result: "i32" },
   epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
-  read_ptr: { name: "read", parameters: ["i32", "pointer", "usize"], result: "isize" },
-  write_ptr: { name: "write", parameters: ["i32", "pointer", "usize"], result: "isize" },
+  // Eventfd counters: 8 bytes from or to a buffer the caller keeps (no pointer object).
+  read_buf: { name: "read", parameters: ["i32", "buffer", "usize"], result: "isize" },
+  write_buf: { name: "write", parameters: ["i32", "buffer", "usize"], result: "isize" },
   readv: { parameters: ["i32", "pointer", "i32"], result: "isize" },
   writev: { parameters: ["i32", "pointer", "i32"], result: "isize" },
   fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" },
