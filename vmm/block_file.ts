@@ -7,6 +7,7 @@
 
 import type { BlockBackend } from "../devices/virtio/blk_backend.ts";
 import { errno, libc, pinnedCall, sysClose, SysError, sysOpen } from "./sys/libc.ts";
+import { IOV_MAX, Iovecs } from "./sys/iovec.ts";
 
 const O_RDONLY = 0;
 const O_RDWR = 2;
@@ -17,7 +18,6 @@ const LOCK_NB = 4;
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
 const FALLOC_FL_ZERO_RANGE = 0x10;
-const IOV_MAX = 1024;
 const RWF_NOWAIT = 0x08;
 /** An open image as FileBackend.share() hands it to another thread. */
 export interface SharedDisk {
@@ -149,36 +149,29 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  /** An iovec array for `bufs` (pinned with them by `pinnedCall` until the call settles). */
-  private static iovecs(bufs: Uint8Array[]): { iov: BigUint64Array; total: number } {
-    const iov = new BigUint64Array(bufs.length * 2);
-    let total = 0;
-    bufs.forEach((b, i) => {
-      iov[2 * i] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(b as Uint8Array<ArrayBuffer>)));
-      iov[2 * i + 1] = BigInt(b.length);
-      total += b.length;
-    });
-    return { iov, total };
-  }
-
   private async vectored(write: boolean, bufs: Uint8Array[], offset: number): Promise<void> {
     let rest = bufs.filter((b) => b.length > 0);
     let off = offset;
     while (rest.length > 0) {
-      const batch = rest.slice(0, IOV_MAX);
-      const { iov, total } = FileBackend.iovecs(batch);
+      const batch = rest.length > IOV_MAX ? rest.slice(0, IOV_MAX) : rest;
+      const count = this.sync.fill(batch);
+      const total = this.sync.bytes;
       // First on this thread with RWF_NOWAIT: data in the page cache (or room in it) moves at
       // once, with no trip through the blocking pool; what would wait goes to the pool.
-      let n = total <= SYNC_MAX_BYTES ? this.tryNowait(write, iov, batch.length, off) : -1;
+      let n = total <= SYNC_MAX_BYTES ? this.tryNowait(write, this.sync.ptr, count, off) : -1;
       if (n < 0) {
         this.poolCalls++;
+        // An array of its own: the pool call may still run while another request fills `sync`.
+        const iov = new Iovecs(count);
+        iov.fill(batch);
         n = Number(
-          await pinnedCall([iov, ...batch], () => {
-            const p = Deno.UnsafePointer.of(iov);
-            return write
-              ? libc().pwritev_nb(this.fd, p, batch.length, BigInt(off))
-              : libc().preadv_nb(this.fd, p, batch.length, BigInt(off));
-          }),
+          await pinnedCall(
+            [iov.words, ...batch],
+            () =>
+              write
+                ? libc().pwritev_nb(this.fd, iov.ptr, count, BigInt(off))
+                : libc().preadv_nb(this.fd, iov.ptr, count, BigInt(off)),
+          ),
         );
       }
       let done = n;
@@ -208,10 +201,9 @@ export class FileBackend implements BlockBackend {
    * A synchronous transfer that cannot wait for a device: plain on a memory file system,
    * else with RWF_NOWAIT. Bytes moved, or -1 when it must go to the pool.
    */
-  private tryNowait(write: boolean, iov: BigUint64Array, count: number, off: number): number {
+  private tryNowait(write: boolean, p: Deno.PointerValue, count: number, off: number): number {
     const dir = write ? "write" : "read";
     if (!this.nowait[dir]) return -1;
-    const p = Deno.UnsafePointer.of(iov);
     if (this.memoryFs) {
       const n = Number(
         write
@@ -234,6 +226,9 @@ export class FileBackend implements BlockBackend {
     if (n < 0 && errno() !== EAGAIN) this.nowait[dir] = false;
     return -1;
   }
+
+  /** The iovec array of the transfers made at once (used and done within one call). */
+  private readonly sync = new Iovecs();
 
   /** Transfers done at once with RWF_NOWAIT (for tests and the bench). */
   nowaitHits = 0;

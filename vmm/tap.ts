@@ -11,6 +11,7 @@
 import type { NetBackend, NetOffloads } from "../devices/virtio/net.ts";
 import { EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, type EventLoop, type FdWatch } from "./event_loop.ts";
 import { errno, errnoName, libc, sysClose, SysError, sysOpen } from "./sys/libc.ts";
+import { IOV_MAX, Iovecs } from "./sys/iovec.ts";
 
 const O_RDWR = 2;
 const O_NONBLOCK = 0o4000;
@@ -30,7 +31,6 @@ const IFF_VNET_HDR = 0x4000;
 export const TUN_F = { CSUM: 0x01, TSO4: 0x02, TSO6: 0x04, TSO_ECN: 0x08, UFO: 0x10 } as const;
 const IFNAMSIZ = 16;
 const IFREQ_SIZE = 40;
-const IOV_MAX = 1024;
 const EAGAIN = 11;
 
 /** A TAP that cannot be used; the message is one line for the user. */
@@ -118,11 +118,8 @@ export interface TapSource {
 export class Tap implements NetBackend {
   /** Whether this process created the interface (it goes away when the fd closes). */
   readonly created: boolean;
-  /** struct iovec[IOV_MAX] as 32-bit halves: base lo, base hi, len lo, len hi. */
-  private readonly iov = new Uint32Array(4 * IOV_MAX);
-  /** Host address of each ArrayBuffer frames have lived in (guest RAM is one or two). */
-  private readonly bases = new WeakMap<ArrayBufferLike, number>();
-  private readonly iovPtr: Deno.PointerValue;
+  /** The iovec array every frame is read or written through. */
+  private readonly iov = new Iovecs();
   private watch: FdWatch | undefined;
   private wantRead: (() => void) | undefined;
   private wantWrite: (() => void) | undefined;
@@ -130,7 +127,6 @@ export class Tap implements NetBackend {
 
   private constructor(readonly fd: number, readonly name: string, created: boolean) {
     this.created = created;
-    this.iovPtr = Deno.UnsafePointer.of(this.iov);
   }
 
   /** Opens the TAP; throws TapError with a one-line message. */
@@ -201,30 +197,10 @@ export class Tap implements NetBackend {
     this.watch?.set((this.wantRead ? EPOLLIN : 0) | (this.wantWrite ? EPOLLOUT : 0));
   }
 
-  private fillIov(bufs: Uint8Array[]): number {
-    const n = Math.min(bufs.length, IOV_MAX);
-    const iov = this.iov;
-    for (let i = 0; i < n; i++) {
-      const b = bufs[i];
-      let base = this.bases.get(b.buffer);
-      if (base === undefined) {
-        const whole = new Uint8Array(b.buffer as ArrayBuffer);
-        base = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(whole)));
-        this.bases.set(b.buffer, base);
-      }
-      const addr = base + b.byteOffset;
-      iov[4 * i] = addr >>> 0;
-      iov[4 * i + 1] = Math.floor(addr / 2 ** 32);
-      iov[4 * i + 2] = b.byteLength;
-      iov[4 * i + 3] = 0;
-    }
-    return n;
-  }
-
   /** Reads one frame into `bufs`; the length, or a negative errno (-EAGAIN: none waiting). */
   readFrame(bufs: Uint8Array[]): number {
     if (this.closed) return -EAGAIN;
-    const n = Number(libc().readv(this.fd, this.iovPtr, this.fillIov(bufs)));
+    const n = Number(libc().readv(this.fd, this.iov.ptr, this.iov.fill(bufs)));
     return n < 0 ? -errno() : n;
   }
 
@@ -232,7 +208,7 @@ export class Tap implements NetBackend {
   writeFrame(bufs: Uint8Array[]): number {
     if (this.closed) return -EAGAIN;
     if (bufs.length > IOV_MAX) return -22;
-    const n = Number(libc().writev(this.fd, this.iovPtr, this.fillIov(bufs)));
+    const n = Number(libc().writev(this.fd, this.iov.ptr, this.iov.fill(bufs)));
     return n < 0 ? -errno() : n;
   }
 
