@@ -58,11 +58,18 @@ class Spans {
     this.last[this.n++ % this.last.length] = t - since;
   }
 
-  /** The median of the latest spans in us, with the count of all, e.g. `412 (1800)`. */
+  /**
+   * The median of the latest spans in us with the count of all, then their 90th percentile
+   * and mean (the tail a median hides), e.g. `412 (1800) p90=900 mean=610`.
+   */
   describe(): string {
     if (this.n === 0) return "- (0)";
     const xs = this.last.slice(0, Math.min(this.n, this.last.length)).sort();
-    return `${(xs[xs.length >> 1] * 1000).toFixed(0)} (${this.n})`;
+    const us = (ms: number) => (ms * 1000).toFixed(0);
+    const mean = xs.reduce((a, b) => a + b, 0) / xs.length;
+    return `${us(xs[xs.length >> 1])} (${this.n}) p90=${us(xs[Math.floor(xs.length * 0.9)])} mean=${
+      us(mean)
+    }`;
   }
 }
 
