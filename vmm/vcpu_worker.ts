@@ -29,7 +29,7 @@ const INTERNAL_ERROR_EMULATION = 1;
  * nothing else to do meanwhile; the bound keeps a slow answer (a reset draining I/O) from
  * costing a core.
  */
-const ANSWER_POLL_MAX_US = Number(Deno.env.get("TSVMM_ANSWER_SPIN_US") ?? "100");
+const ANSWER_POLL_MAX_US = Number(Deno.env.get("TSVMM_ANSWER_SPIN_US") ?? "50");
 const EMULATION_FLAG_INSN_BYTES = 1n;
 
 function post(m: VcpuMessage): void {

@@ -24,7 +24,7 @@ const KICK_SIGNAL = 12; // SIGUSR2
  * The most the main thread polls a mailbox for the next exit before sleeping (us). The
  * window itself adapts between 0 and this (vmm/poll.ts).
  */
-const SPIN_MAX_US = Number(Deno.env.get("TSVMM_SPIN_US") ?? "500");
+const SPIN_MAX_US = Number(Deno.env.get("TSVMM_SPIN_US") ?? "100");
 
 /** Per-vCPU start parameters (the mailbox and control block are made here). */
 export type VcpuStart = Omit<VcpuInit, "mailbox" | "control" | "bell">;
