@@ -32,7 +32,6 @@ export type VcpuStart = Omit<VcpuInit, "mailbox" | "control" | "bell">;
 interface Thread {
   worker: Worker;
   mb: Int32Array;
-  mbBytes: Uint8Array;
   ctl: Int32Array;
   tid?: number;
   done: boolean;
@@ -84,7 +83,6 @@ export class VcpuThreads {
       const t: Thread = {
         worker,
         mb,
-        mbBytes: new Uint8Array(mailbox),
         ctl: new Int32Array(control),
         done: false,
         busy: false,

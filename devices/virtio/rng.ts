@@ -80,6 +80,12 @@ export class VirtioRng implements VirtioDevice {
     this.ctx = undefined;
   }
 
+  /** Fills `b` from the source, at most 64 KiB per call (getRandomValues' limit). */
+  private fillFrom(b: Uint8Array): void {
+    if (b.length <= 65536) return this.source.fill(b);
+    for (let off = 0; off < b.length; off += 65536) this.source.fill(b.subarray(off, off + 65536));
+  }
+
   private refill(): void {
     const rate = this.opts.rateBytesPerSec;
     if (!rate) return;
@@ -112,16 +118,12 @@ export class VirtioRng implements VirtioDevice {
     };
     const ok = drainQueue(ctx, q, (chain) => {
       const n = Math.min(chain.writableLen, this.maxRequest, Math.floor(this.tokens));
-      // Straight into the guest's buffers (no host copy to allocate and collect), at most
-      // 64 KiB per fill (getRandomValues' limit).
+      // Straight into the guest's buffers: no host copy to allocate and collect.
       let left = n;
       for (const b of chain.writable) {
         if (left <= 0) break;
         const len = Math.min(b.length, left);
-        if (len === b.length && len <= 65536) this.source.fill(b);
-        else {for (let off = 0; off < len; off += 65536) {
-            this.source.fill(b.subarray(off, Math.min(len, off + 65536)));
-          }}
+        this.fillFrom(len === b.length ? b : b.subarray(0, len));
         left -= len;
       }
       if (this.opts.rateBytesPerSec) this.tokens -= n;

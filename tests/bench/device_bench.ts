@@ -134,25 +134,14 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
         if (!m) throw new Error(`no ${key} in the rng device's report: ${line}`);
         return Promise.resolve(Number(m[which === "median" ? 1 : 4]));
       };
-      await set.measure(name("rng request: doorbell -> interrupt"), "us", i, split("doorbell_to_irq_us"));
-      await set.measure(
-        name("rng request: doorbell -> interrupt, mean of the last 256"),
-        "us",
-        i,
-        split("doorbell_to_irq_us", "mean"),
-      );
-      await set.measure(
-        name("rng request: interrupt -> next doorbell"),
-        "us",
-        i,
-        split("irq_to_doorbell_us"),
-      );
-      await set.measure(
-        name("rng request: interrupt -> next doorbell, mean of the last 256"),
-        "us",
-        i,
-        split("irq_to_doorbell_us", "mean"),
-      );
+      const spans = [["doorbell_to_irq_us", "doorbell -> interrupt"], [
+        "irq_to_doorbell_us",
+        "interrupt -> next doorbell",
+      ]];
+      for (const [key, what] of spans) {
+        await set.measure(name(`rng request: ${what}`), "us", i, split(key));
+        await set.measure(name(`rng request: ${what}, mean of the last 256`), "us", i, split(key, "mean"));
+      }
     }
     for (const rw of ["read", "write"]) {
       await cost(name(`cost: blk sequential ${rw}`), "CPU s/GiB", i, r, `seq_${rw}`, () => RW_MIB / 1024);

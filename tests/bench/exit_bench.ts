@@ -36,15 +36,10 @@ export async function exitRoundTrip(
   rounds = 5,
   timeoutMs = 120_000,
   onRound?: (us: number) => void,
-  pinVcpus = false,
 ): Promise<number[]> {
   const out: number[] = [];
   for (let r = 0; r < rounds; r++) {
-    const vm = await buildMachine({
-      program: { code: loopGuest(n, kind === "mmio") },
-      memoryMiB: 16,
-      pinVcpus,
-    });
+    const vm = await buildMachine({ program: { code: loopGuest(n, kind === "mmio") }, memoryMiB: 16 });
     // Timed from the first exit to the last, as the C floor times its loop: the VM's and
     // threads' start-up is not part of an exit.
     let count = 0;
