@@ -79,7 +79,7 @@ export interface QueueState {
 
 /** Messages to the worker. */
 export type ToWorker =
-  | { op: "init"; memory: SharedMemoryLayout; control: SharedArrayBuffer; controlFd: number }
+  | { op: "init"; memory: SharedMemoryLayout; control: SharedArrayBuffer; controlFd: number; nice: number }
   | { op: "add"; id: number; spec: DeviceSpec; notifyFds: number[]; route: InterruptRoute }
   | { op: "activate"; id: number; features: bigint; queues: QueueState[] }
   | { op: "reset"; id: number; seq: number }
@@ -92,6 +92,14 @@ export type FromWorker =
   | { op: "needsReset"; id: number; reason: string }
   | { op: "config"; id: number }
   | { op: "error"; message: string };
+
+/**
+ * The device thread's nice value (TSVMM_DEVICE_NICE, default -10; 0 leaves it alone). Every
+ * request waits for this thread to be woken, and on a busy CPU a thread at the default
+ * priority can wait milliseconds behind another before the scheduler preempts it. A negative
+ * value needs CAP_SYS_NICE; without it the thread stays at 0 and its report says so.
+ */
+export const DEVICE_THREAD_NICE: number = Number(Deno.env.get("TSVMM_DEVICE_NICE") ?? "-10");
 
 /** The main thread's end of the device thread. */
 export class DeviceThread {
@@ -107,8 +115,11 @@ export class DeviceThread {
   /** Worker errors, reported once each (the device thread goes on). */
   onError: (message: string) => void = (m) => console.error(`device thread: ${m}`);
 
-  /** Starts the worker over guest RAM laid out as `memory`. */
-  constructor(memory: SharedMemoryLayout) {
+  /**
+   * Starts the worker over guest RAM laid out as `memory`. The worker raises its own
+   * priority to `nice` where the process may (see DEVICE_THREAD_NICE).
+   */
+  constructor(memory: SharedMemoryLayout, nice: number = DEVICE_THREAD_NICE) {
     this.worker = new Worker(new URL("./device_worker.ts", import.meta.url), { type: "module" });
     this.worker.onmessage = (e: MessageEvent<FromWorker>) => this.receive(e.data);
     this.worker.onerror = (e) => {
@@ -125,6 +136,7 @@ export class DeviceThread {
       memory,
       control: this.control.buffer as SharedArrayBuffer,
       controlFd: this.controlFd,
+      nice,
     });
   }
 

@@ -25,6 +25,8 @@ export const EPOLLOUT = 0x004;
 export const EPOLLERR = 0x008;
 /** epoll: hang-up (always reported while the fd is watched). */
 export const EPOLLHUP = 0x010;
+/** epoll: edge-triggered, reported once per change rather than while the state lasts. */
+export const EPOLLET = 0x80000000;
 const EVENT_SIZE = 12; // struct epoll_event is packed on x86-64
 const MAX_EVENTS = 64;
 const STOP_TOKEN = 0;
@@ -111,10 +113,15 @@ export class EventLoop {
     if (libc().epoll_ctl(this.epfd, op, fd, ev) < 0) throw new SysError("epoll_ctl", errno());
   }
 
-  /** Calls `fn` whenever `fd` is readable (the handler must drain it). Returns a remover. */
-  add(fd: number, fn: () => void): () => void {
+  /**
+   * Calls `fn` whenever `fd` is readable (the handler must drain it). With `edge`, `fn` is
+   * called once per signal instead and need not read the fd: for an eventfd, every write
+   * that arrives after the loop last took the fd's event wakes it again, whatever the
+   * counter holds. Returns a remover.
+   */
+  add(fd: number, fn: () => void, opts: { edge?: boolean } = {}): () => void {
     const w = this.watch(fd, () => fn());
-    w.set(EPOLLIN);
+    w.set(opts.edge ? EPOLLIN | EPOLLET : EPOLLIN);
     return () => w.close();
   }
 

@@ -12,7 +12,7 @@ import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { VirtioBlk } from "../../devices/virtio/blk.ts";
 import { BLK_S, BLK_T } from "../../devices/virtio/blk_request.ts";
 import { STATUS, type VirtioDevice } from "../../devices/virtio/device.ts";
-import { type DeviceSpec, DeviceThread } from "../../vmm/device_thread.ts";
+import { DEVICE_THREAD_NICE, type DeviceSpec, DeviceThread } from "../../vmm/device_thread.ts";
 import { drainEventfd, signalEventfd } from "../../vmm/event_loop.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
 import { privateCell } from "../../vmm/shared_regs.ts";
@@ -100,6 +100,15 @@ Deno.test("device thread: rng requests are served on the Worker, which raises th
       vm.dev.describe(),
       /doorbell_to_irq_us=\d+ \(3\) p90=\d+ mean=\d+ irq_to_doorbell_us=\d+ \(3\) p90=\d+ mean=\d+/,
     );
+    // The Worker raised its priority where this process may (root may), and its report
+    // says what it got; one of this process's threads runs at that nice value.
+    const nice = /nice=(-?\d+)/.exec(vm.dev.describe());
+    assert.ok(nice, vm.dev.describe());
+    if (Deno.uid() === 0) assert.equal(Number(nice[1]), DEVICE_THREAD_NICE);
+    const nices = [...Deno.readDirSync("/proc/self/task")].map((t) =>
+      Number(Deno.readTextFileSync(`/proc/self/task/${t.name}/stat`).split(") ")[1].split(" ")[16])
+    );
+    assert.ok(nices.includes(Number(nice[1])), `no thread at ${nice[0]}: ${nices}`);
   } finally {
     await vm.close();
   }

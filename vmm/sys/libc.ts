@@ -21,6 +21,7 @@ const SYMBOLS = {
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" },
   gettid: { parameters: [], result: "i32" },
+  setpriority: { parameters: ["i32", "u32", "i32"], result: "i32" },
   sched_setaffinity: { parameters: ["i32", "usize", "buffer"], result: "i32" },
   sched_getaffinity: { parameters: ["i32", "usize", "buffer"], result: "i32" },
   getpid: { parameters: [], result: "i32" },
@@ -191,17 +192,34 @@ function checkMapped(p: Deno.PointerValue, what: string): asserts p is Deno.Poin
   if (p === null || Deno.UnsafePointer.value(p) === MAP_FAILED) throw new SysError(what, errno());
 }
 
-/** Private anonymous memory for guest RAM, with transparent huge pages asked for. */
+/** The huge page size guest RAM is aligned to (x86-64's 2 MiB). */
+export const HUGE_PAGE = 2 << 20;
+
+/**
+ * Private anonymous memory for guest RAM, with transparent huge pages asked for, starting on
+ * a 2 MiB boundary. KVM maps guest memory with huge pages only where the host address and
+ * the guest address agree modulo the huge page size; a region at an address mmap happened
+ * to choose (any 4 KiB boundary) would get 4 KiB pages only, and each first touch of guest
+ * memory would fault separately. So a little more is mapped and the slack on both sides is
+ * given back.
+ */
 export function mmapAnonymous(size: number): Deno.PointerObject {
-  const p = libc().mmap(
+  const total = size + HUGE_PAGE;
+  const raw = libc().mmap(
     null,
-    BigInt(size),
+    BigInt(total),
     PROT_READ | PROT_WRITE,
     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
     -1,
     0n,
   );
-  checkMapped(p, `mmap of ${size} bytes`);
+  checkMapped(raw, `mmap of ${size} bytes`);
+  const at = Deno.UnsafePointer.value(raw) as bigint;
+  const head = Number((BigInt(HUGE_PAGE) - at % BigInt(HUGE_PAGE)) % BigInt(HUGE_PAGE));
+  if (head > 0) libc().munmap(raw, BigInt(head));
+  const p = Deno.UnsafePointer.create(at + BigInt(head))!;
+  const tail = total - head - size;
+  if (tail > 0) libc().munmap(Deno.UnsafePointer.create(at + BigInt(head + size)), BigInt(tail));
   libc().madvise(p, BigInt(size), MADV_HUGEPAGE); // best effort
   return p;
 }
@@ -242,6 +260,16 @@ export function sysGetAffinity(tid = 0): number[] {
   const cpus: number[] = [];
   for (let c = 0; c < mask.length * 8; c++) if (mask[c >> 3] & (1 << (c & 7))) cpus.push(c);
   return cpus;
+}
+
+const PRIO_PROCESS = 0;
+
+/**
+ * Sets the calling thread's nice value (Linux applies it per thread). Returns 0, or the errno
+ * when refused: a negative value needs CAP_SYS_NICE (or a matching RLIMIT_NICE).
+ */
+export function sysSetThreadNice(nice: number): number {
+  return libc().setpriority(PRIO_PROCESS, libc().gettid(), nice) === 0 ? 0 : errno();
 }
 
 /** Lets thread `tid` run only on `cpus`; throws on failure. */
