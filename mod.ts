@@ -119,6 +119,16 @@ export class Vm {
     return lines.length ? `\n[cpu]\n${lines.join("\n")}` : "";
   }
 
+  /**
+   * What a hung guest's report shows: where the guest is (`diagnose`, which also brings the
+   * device thread's part of the device report up to date), then the console tail with that
+   * report.
+   */
+  async hungReport(): Promise<string> {
+    const where = await this.diagnose();
+    return this.consoleTail() + where;
+  }
+
   /** Resolves on the next console output or VM end (for helpers that poll the text). */
   nextOutput(): Promise<void> {
     return new Promise((resolve) => {
@@ -168,7 +178,7 @@ export async function waitForConsole(
     if (left <= 0) {
       throw new ConsoleTimeoutError(
         `no ${pattern} on the console within ${timeoutMs} ms`,
-        vm.consoleTail() + await vm.diagnose(),
+        await vm.hungReport(),
       );
     }
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -204,7 +214,7 @@ export async function bootTest<T>(
             reject(
               new ConsoleTimeoutError(
                 `boot test did not finish within ${timeoutMs} ms`,
-                vm.consoleTail() + await vm.diagnose(),
+                await vm.hungReport(),
               ),
             ),
           timeoutMs,

@@ -285,6 +285,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
             `00:${p.slot.toString(16).padStart(2, "0")}.0 ${p.transport.core.describe()}`
           ),
         ],
+        refreshDevices: () => thread?.refresh() ?? Promise.resolve(),
         describeIrqchip: () => {
           try {
             return released.done ? [] : [describeIoapic(vm.getIrqchip(2))];

@@ -82,6 +82,8 @@ export function describeExit(r: VcpuExitReport, mem: GuestMemory): VmExit {
 export interface MachineOptions {
   /** One line per device (failure reports). */
   describeDevices?: () => string[];
+  /** Brings what describeDevices reports up to date (the device thread's part is asked for). */
+  refreshDevices?: () => Promise<void>;
   /** The interrupt controller's state (hung-guest reports). */
   describeIrqchip?: () => string[];
   /** Give the vCPU threads host CPUs of their own. */
@@ -144,6 +146,14 @@ export class Machine {
    */
   async diagnose(): Promise<string[]> {
     if (this.ended) return [];
+    // The device report read after this is then current. A device thread that does not
+    // answer within a second must not hold up the report of a hung guest.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.opts.refreshDevices?.().catch(() => {}),
+      new Promise((r) => timer = setTimeout(r, 1000)),
+    ]);
+    clearTimeout(timer);
     const vcpus = (await this.threads.diagnose()).map(({ text, at }) => {
       if (!at || this.ended) return text;
       // The code around RIP: the 15 bytes before it and the 15 at it (a loop shows itself).
