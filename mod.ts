@@ -38,6 +38,8 @@ export class Vm {
   /** Guest console input. */
   readonly input: WritableStream<Uint8Array>;
   private text = "";
+  /** Console characters received in all (the text keeps only the last of them). */
+  private received = 0;
   private readonly waiters = new Set<() => void>();
 
   private constructor(private readonly machine: Machine) {
@@ -60,7 +62,9 @@ export class Vm {
       },
     });
     machine.console.onOutput((chunk) => {
-      this.text += new TextDecoder().decode(chunk);
+      const piece = new TextDecoder().decode(chunk);
+      this.received += piece.length;
+      this.text += piece;
       if (this.text.length > 1 << 20) this.text = this.text.slice(-(1 << 19));
       for (const w of this.waiters) w();
     });
@@ -129,6 +133,17 @@ export class Vm {
     return this.consoleTail() + where;
   }
 
+  /**
+   * A token that changes whenever the guest does something the VMM sees: console output, a
+   * device register access (a vCPU exit), or a request taken or completed by a virtio device
+   * (the device report's ring counters, which the device thread refreshes in the background,
+   * so they may lag a call). Equal tokens some seconds apart mean a guest that stood still.
+   */
+  progress(): string {
+    const counters = this.consoleTail().split("\n[devices]\n")[1]?.match(/(avail|used)=\d+/g) ?? [];
+    return `${this.received} ${this.machine.exitCount} ${counters.join(",")}`;
+  }
+
   /** Resolves on the next console output or VM end (for helpers that poll the text). */
   nextOutput(): Promise<void> {
     return new Promise((resolve) => {
@@ -157,17 +172,23 @@ export class ConsoleTimeoutError extends Error {
 
 /**
  * Waits until the console output (from `from`, a character offset) matches `pattern`.
- * Rejects with the console tail after `timeoutMs`, or if the VM ends first.
+ * Rejects with the console tail after `timeoutMs`, or if the VM ends first. With `stallMs`,
+ * also rejects (with the hung-guest report) as soon as the guest has made no progress the
+ * VMM can see (`Vm.progress`: console output, device exits, virtio requests) for that long,
+ * so a guest that hung fails in `stallMs` rather than `timeoutMs`.
  */
 export async function waitForConsole(
   vm: Vm,
   pattern: RegExp,
   timeoutMs: number,
   from = 0,
+  stallMs?: number,
 ): Promise<RegExpMatchArray> {
   const deadline = Date.now() + timeoutMs;
   let ended = false;
   vm.wait().then(() => ended = true);
+  let seen = vm.progress();
+  let movedAt = Date.now();
   for (;;) {
     const m = vm.consoleText.slice(from).match(pattern);
     if (m) return m;
@@ -180,6 +201,19 @@ export async function waitForConsole(
         `no ${pattern} on the console within ${timeoutMs} ms`,
         await vm.hungReport(),
       );
+    }
+    if (stallMs !== undefined) {
+      const now = vm.progress();
+      if (now !== seen) {
+        seen = now;
+        movedAt = Date.now();
+      } else if (Date.now() - movedAt >= stallMs) {
+        throw new ConsoleTimeoutError(
+          `no progress for ${stallMs} ms (no console output, device exit or virtio request) ` +
+            `while waiting for ${pattern}`,
+          await vm.hungReport(),
+        );
+      }
     }
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([vm.nextOutput(), new Promise((r) => timer = setTimeout(r, Math.min(left, 1000)))]);

@@ -13,6 +13,11 @@ import type { scaleBench as ScaleBench } from "./scale_bench.ts";
 import { exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { median } from "./boot_bench.ts";
+import { startStallWatch } from "./stall_watch.ts";
+
+// A main thread stuck in a loop would be silent until the whole run's timeout: say what the
+// threads are doing after a minute without a timer firing.
+startStallWatch(60_000);
 
 const assets: GuestAssets = JSON.parse(await Deno.readTextFile(Deno.env.get("TSVMM_GUEST_ASSETS")!));
 const opts = JSON.parse((await Deno.readTextFile(Deno.args[0])).trim() || "{}");

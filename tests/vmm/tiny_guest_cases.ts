@@ -237,6 +237,21 @@ const hungCase: TinyCase = {
   },
 };
 
+const stallCase: TinyCase = {
+  name:
+    "tiny guest: a guest that stops making progress fails its console wait at the stall bound, not the timeout",
+  run: async () => {
+    const err = await bootTest({ program: { code: SPINNER }, memoryMiB: 16 }, async (vm) => {
+      // The spinner prints once, then loops with no exit: no progress the VMM can see.
+      await waitForConsole(vm, /never printed/, 600_000, 0, 2000);
+    }).then(() => undefined, (e) => e);
+    assert.ok(err instanceof ConsoleTimeoutError, String(err));
+    assert.match(err.message, /no progress for 2000 ms \(no console output, device exit or virtio request\)/);
+    assert.match(err.message, /--- console tail ---\nspin\n/);
+    assert.match(err.message, /\[cpu\]\nvCPU 0: rip=0x[0-9a-f]+ IF=0 runnable /);
+  },
+};
+
 /** Each thread of this process: [tid, name, the CPUs it may run on (Cpus_allowed_list)]. */
 function affinities(): Array<[number, string, string]> {
   const out: Array<[number, string, string]> = [];
@@ -288,4 +303,4 @@ const pinCase: TinyCase = {
 };
 
 /** Every tiny-guest case, in the order they run. */
-export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, pinCase];
+export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, stallCase, pinCase];
