@@ -8,6 +8,10 @@
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# No synchronous compaction for transparent huge pages (both VMMs ask for them for guest RAM):
+# under TCG, compacting L1's memory on a huge-page fault appears to stall both of L1's CPUs for
+# minutes (README, Known problems). Free huge pages are still used.
+echo never > /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null || echo "TSVMM-L1-THP-DEFRAG-UNSET"
 while read -r m; do
   insmod "/lib/modules/$(uname -r)/$m" || echo "TSVMM-L1-MODULE-FAILED $m"
 done < /etc/tsvmm/modules.order
