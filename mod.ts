@@ -187,8 +187,9 @@ export async function waitForConsole(
   const deadline = Date.now() + timeoutMs;
   let ended = false;
   vm.wait().then(() => ended = true);
-  let seen = vm.progress();
+  let seen = stallMs !== undefined ? vm.progress() : "";
   let movedAt = Date.now();
+  let sampledAt = movedAt;
   for (;;) {
     const m = vm.consoleText.slice(from).match(pattern);
     if (m) return m;
@@ -202,7 +203,9 @@ export async function waitForConsole(
         await vm.hungReport(),
       );
     }
-    if (stallMs !== undefined) {
+    // Sampled at most once a second: each sample asks the device thread for its report.
+    if (stallMs !== undefined && Date.now() - sampledAt >= 1000) {
+      sampledAt = Date.now();
       const now = vm.progress();
       if (now !== seen) {
         seen = now;

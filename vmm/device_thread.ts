@@ -99,7 +99,13 @@ export type FromWorker =
  * priority can wait milliseconds behind another before the scheduler preempts it. A negative
  * value needs CAP_SYS_NICE; without it the thread stays at 0 and its report says so.
  */
-export const DEVICE_THREAD_NICE: number = Number(Deno.env.get("TSVMM_DEVICE_NICE") ?? "-10");
+export const DEVICE_THREAD_NICE: number = niceFrom(Deno.env.get("TSVMM_DEVICE_NICE"));
+
+/** A nice value from the environment: an integer clamped to Linux's -20..19, else -10. */
+function niceFrom(v: string | undefined): number {
+  const n = Number(v ?? "-10");
+  return Number.isInteger(n) ? Math.min(19, Math.max(-20, n)) : -10;
+}
 
 /** The main thread's end of the device thread. */
 export class DeviceThread {

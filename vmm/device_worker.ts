@@ -116,7 +116,17 @@ let controlFd = -1;
 let memory: GuestMemory | undefined;
 let loop: EventLoop | undefined;
 /** What the thread's priority ended up as, for the reports. */
-let priority = "nice=0";
+let priority = `nice=${threadNice()}`;
+
+/** This thread's nice value, from /proc (field 19 of its stat line). */
+function threadNice(): string {
+  try {
+    const stat = Deno.readTextFileSync("/proc/thread-self/stat");
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16];
+  } catch {
+    return "?";
+  }
+}
 
 const post = (m: FromWorker) => self.postMessage(m);
 
@@ -169,8 +179,15 @@ function build(m: Extract<ToWorker, { op: "add" }>): VirtioDevice {
 
 function init(m: Extract<ToWorker, { op: "init" }>): void {
   if (m.nice !== 0) {
-    const e = sysSetThreadNice(m.nice);
-    priority = e === 0 ? `nice=${m.nice}` : `nice=0 (nice ${m.nice} refused, errno ${e})`;
+    let refused = "";
+    try {
+      const e = sysSetThreadNice(m.nice);
+      if (e !== 0) refused = ` (nice ${m.nice} refused, errno ${e})`;
+    } catch (e) {
+      refused = ` (nice ${m.nice} not set: ${(e as Error).message})`;
+    }
+    // What the thread runs at, read back (the process may have had a nice value already).
+    priority = `nice=${threadNice()}${refused}`;
   }
   control = new Int32Array(m.control);
   const host = Deno.UnsafePointerView.getArrayBuffer(

@@ -12,6 +12,16 @@ let last = -1, since = Date.now(), reported = 0;
 const ticks = (stat) => { const f = stat.slice(stat.lastIndexOf(")") + 2).split(" "); return Number(f[11]) + Number(f[12]); };
 const read = (p) => { try { return Deno.readTextFileSync(p); } catch { return ""; } };
 let prev = new Map();
+// On each beat only the thread tick counts are kept (cheap), so a report shows what each
+// thread used since the main thread last beat.
+function threadTicks() {
+  const now = new Map();
+  for (const t of Deno.readDirSync("/proc/self/task")) {
+    const stat = read("/proc/self/task/" + t.name + "/stat");
+    if (stat) now.set(t.name, ticks(stat));
+  }
+  prev = now;
+}
 function snapshot() {
   const now = new Map();
   const lines = [];
@@ -39,11 +49,11 @@ function snapshot() {
 self.onmessage = (e) => {
   const { sab, stallMs } = e.data;
   const beat = new Int32Array(sab);
-  snapshot();
+  threadTicks();
   for (;;) {
     Atomics.wait(beat, 0, Atomics.load(beat, 0), 5000);
     const b = Atomics.load(beat, 0);
-    if (b !== last) { last = b; since = Date.now(); reported = 0; snapshot(); continue; }
+    if (b !== last) { last = b; since = Date.now(); reported = 0; threadTicks(); continue; }
     if (Date.now() - since >= stallMs && Date.now() - reported >= 60000) {
       reported = Date.now();
       console.log("TSVMM-STALL main thread silent for " + Math.round((Date.now() - since) / 1000) + " s; threads of this process:\\n" + snapshot());
