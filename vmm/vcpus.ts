@@ -42,6 +42,19 @@ interface Thread {
   onDiag?: (text: string, at?: VcpuCodeAt) => void;
 }
 
+let leftRunning = 0;
+
+/**
+ * How many vCPU threads of this process did not leave KVM_RUN within 2 s of their VM's stop
+ * and were abandoned (their Workers terminated while the thread may still sit in the ioctl).
+ * Nonzero means a guest vCPU ignores the kick signal: under an emulated or broken host CPU such
+ * a thread can hold a host CPU, so a harness running many VMs in one process checks this after
+ * each VM and starts a fresh process (or host) when it grows.
+ */
+export function vcpuThreadsLeftRunning(): number {
+  return leftRunning;
+}
+
 /** Thread IDs of this process. */
 function processThreads(): number[] {
   return [...Deno.readDirSync("/proc/self/task")].map((e) => Number(e.name));
@@ -292,7 +305,9 @@ export class VcpuThreads {
     clearInterval(timer);
     clearTimeout(deadlineTimer);
     for (const t of this.threads) {
-      if (!t.done) this.finish(t, { index: -1, reason: "stopped", detail: "terminated" });
+      if (t.done) continue;
+      leftRunning++;
+      this.finish(t, { index: -1, reason: "stopped", detail: "terminated" });
     }
     this.unpin();
   }

@@ -7,11 +7,24 @@
  * L2 vCPU stuck in a boot that otherwise passes (README, Known problems). A pass on the
  * second attempt carries the first failure in `retriedAfter`, and the test prints it as
  * RETRIED; a second failure fails the case. Tiny-guest cases run once.
+ *
+ * This L1 is given up ("TSVMM-L1-ABANDON {reason}", exit 3) when an attempt does not end
+ * within ATTEMPT_LIMIT_MS, or when a VM's vCPU thread ignored its stop and may still hold one
+ * of L1's two CPUs (`vcpuThreadsLeftRunning`): the host runs the cases left, that one included,
+ * in a fresh L1.
  */
 
 import { BOOT_CASES } from "../boot/cases.ts";
 import { TINY_CASES } from "../vmm/tiny_guest_cases.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
+import { vcpuThreadsLeftRunning } from "../../vmm/vcpus.ts";
+
+/**
+ * The longest one attempt may take. Every case bounds its own waits (the longest, the
+ * virtio-net case, at 19 minutes); an attempt still running after this awaits something that
+ * will never come.
+ */
+const ATTEMPT_LIMIT_MS = 20 * 60_000;
 
 /** One result line's payload. */
 export interface CaseResult {
@@ -45,14 +58,39 @@ if (filterText.startsWith("+")) {
 }
 const filter = filterText ? new RegExp(filterText) : undefined;
 
-async function attempt(run: () => Promise<void>): Promise<{ ms: number; error?: string }> {
+function abandon(reason: string): never {
+  console.log(`TSVMM-L1-ABANDON ${JSON.stringify({ reason })}`);
+  Deno.exit(3);
+}
+
+interface Attempt {
+  ms: number;
+  error?: string;
+}
+
+async function attempt(name: string, run: () => Promise<void>): Promise<Attempt> {
   const t = performance.now();
+  const stuckBefore = vcpuThreadsLeftRunning();
+  let limit: ReturnType<typeof setTimeout> | undefined;
+  const overdue = new Promise<never>((_, reject) =>
+    limit = setTimeout(() => reject(new Error("overdue")), ATTEMPT_LIMIT_MS)
+  );
+  let error: string | undefined;
   try {
-    await run();
-    return { ms: Math.round(performance.now() - t) };
+    await Promise.race([run(), overdue]);
   } catch (e) {
-    return { ms: Math.round(performance.now() - t), error: String((e as Error).message ?? e) };
+    if (e instanceof Error && e.message === "overdue") {
+      abandon(`"${name}" did not end within ${ATTEMPT_LIMIT_MS / 60_000} minutes`);
+    }
+    error = String((e as Error).message ?? e);
+  } finally {
+    clearTimeout(limit);
   }
+  const stuck = vcpuThreadsLeftRunning() - stuckBefore;
+  if (stuck > 0 && error) {
+    abandon(`"${name}" failed and ${stuck} of its vCPU thread(s) did not stop:\n${error.slice(0, 3000)}`);
+  }
+  return { ms: Math.round(performance.now() - t), error };
 }
 
 // A heartbeat: the host tells a frozen L1 (no line at all) from a long case by its silence.
@@ -64,7 +102,7 @@ const cases = [
 ];
 for (const c of cases) {
   if (filter && !filter.test(c.name)) continue;
-  const first = await attempt(c.run);
+  const first = await attempt(c.name, c.run);
   let r: CaseResult;
   if (!first.error) {
     r = { name: c.name, ok: true, ms: first.ms };
@@ -72,7 +110,7 @@ for (const c of cases) {
     r = { name: c.name, ok: false, ms: first.ms, error: first.error };
   } else {
     console.log(`TSVMM-RETRY ${JSON.stringify({ name: c.name, error: first.error.slice(0, 2000) })}`);
-    const second = await attempt(c.run);
+    const second = await attempt(c.name, c.run);
     r = second.error
       ? {
         name: c.name,
@@ -83,5 +121,8 @@ for (const c of cases) {
       : { name: c.name, ok: true, ms: first.ms + second.ms, retriedAfter: first.error };
   }
   console.log("TSVMM-RESULT " + JSON.stringify(r));
+  if (vcpuThreadsLeftRunning() > 0) {
+    abandon(`a vCPU thread of "${c.name}" did not stop (${vcpuThreadsLeftRunning()} so far in this L1)`);
+  }
 }
 Deno.exit(0);

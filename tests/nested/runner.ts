@@ -215,8 +215,10 @@ export interface L1Run {
   tail: string;
   /** Wall time of the run. */
   ms: number;
-  /** L1 printed nothing, not even its heartbeat, for `silenceMs` and was killed. */
+  /** L1's program printed no line of its own, not even its heartbeat, for `silenceMs`, and L1 was killed. */
   frozen?: boolean;
+  /** Why L1's program gave up on this L1 ("TSVMM-L1-ABANDON"), leaving the cases after it unrun. */
+  abandoned?: string;
 }
 
 /** Options for an L1 run. */
@@ -231,8 +233,9 @@ export interface L1Options {
   timeoutMs?: number;
   /**
    * Kill L1 when, after its first heartbeat ("TSVMM-L1-ALIVE", every 15 s from the boot-case
-   * program), it prints nothing for this long: only a frozen L1 is that quiet. Default: no
-   * such check.
+   * program), its program prints no line of its own ("TSVMM-...") for this long: only a frozen
+   * L1 is that quiet. L1's kernel may go on printing (a soft lockup report every 20-odd
+   * seconds, say), so its lines do not count. Default: no such check.
    */
   silenceMs?: number;
   /** Print L1's console as it comes. */
@@ -301,8 +304,8 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
     : undefined;
   const decoder = new TextDecoder();
   let pending = "";
+  let abandoned: string | undefined;
   const onText = (s: string) => {
-    lastOutput = performance.now();
     if (opts.echo) Deno.stderr.writeSync(new TextEncoder().encode(s));
     tail = (tail + s).slice(-8000);
     pending += s;
@@ -310,6 +313,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
     while ((nl = pending.indexOf("\n")) >= 0) {
       const line = pending.slice(0, nl).replace(/\r$/, "");
       pending = pending.slice(nl + 1);
+      if (line.includes("TSVMM-")) lastOutput = performance.now();
       const i = line.indexOf("TSVMM-RESULT ");
       if (i >= 0) {
         try {
@@ -330,6 +334,14 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
       const net = /TSVMM-L1-PCI-NET n=(\d+)/.exec(line);
       if (net) l1NetDevices = Number(net[1]);
       if (line.includes("TSVMM-L1-DONE")) completed = true;
+      const a = line.indexOf("TSVMM-L1-ABANDON ");
+      if (a >= 0) {
+        try {
+          abandoned = String(JSON.parse(line.slice(a + "TSVMM-L1-ABANDON ".length)).reason);
+        } catch {
+          abandoned = line.slice(a);
+        }
+      }
       if (line.includes("TSVMM-L1-ALIVE")) alive = true;
     }
   };
@@ -342,9 +354,20 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   if (stderr.trim()) tail += `\n[qemu stderr] ${stderr.trim()}`;
   await Deno.remove(dir, { recursive: true });
   if (frozen) {
-    tail += `\n[runner] L1 printed nothing for ${Math.round(opts.silenceMs! / 1000)} s and was killed`;
+    tail += `\n[runner] L1's program printed nothing for ${
+      Math.round(opts.silenceMs! / 1000)
+    } s and L1 was killed`;
   }
-  return { results, bench, completed, l1NetDevices, tail, ms: Math.round(performance.now() - t0), frozen };
+  return {
+    results,
+    bench,
+    completed,
+    l1NetDevices,
+    tail,
+    ms: Math.round(performance.now() - t0),
+    frozen,
+    abandoned,
+  };
 }
 
 if (import.meta.main) {

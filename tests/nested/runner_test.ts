@@ -1,6 +1,7 @@
 /**
  * The nested runner itself: L1 starts with no network device, a hung L1 is killed at its
- * timeout and leaves no QEMU behind.
+ * timeout and leaves no QEMU behind, an L1 whose program went quiet is killed as frozen even
+ * while its kernel goes on printing, and an L1 its program gave up is reported so.
  */
 
 import assert from "node:assert/strict";
@@ -94,5 +95,41 @@ Deno.test({
       if (left === before) break;
     }
     assert.equal(left, before, "QEMU ended with its parent");
+  },
+});
+
+Deno.test({
+  name: "nested runner: an L1 whose program went quiet is frozen, though its kernel still prints",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    const why = nestedUnavailable();
+    if (why) throw new Error(`the nested runner cannot run: ${why}`);
+    const run = await runNested({
+      program: { script: "tests/nested/l1_chatter.ts", args: "chatter" },
+      silenceMs: 10_000,
+      timeoutMs: 240_000,
+    });
+    assert.ok(run.tail.includes("soft lockup"), `L1 printed its chatter\n${run.tail}`);
+    assert.equal(run.frozen, true, `killed as frozen, not at the timeout (${run.ms} ms)\n${run.tail}`);
+    assert.equal(run.completed, false);
+    assert.ok(run.ms < 200_000, `killed well before the timeout (${run.ms} ms)`);
+  },
+});
+
+Deno.test({
+  name: "nested runner: an L1 its program gives up is reported with the reason",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    const why = nestedUnavailable();
+    if (why) throw new Error(`the nested runner cannot run: ${why}`);
+    const run = await runNested({
+      program: { script: "tests/nested/l1_chatter.ts", args: "abandon" },
+      silenceMs: 60_000,
+      timeoutMs: 240_000,
+    });
+    assert.equal(run.abandoned, "a vCPU thread did not stop", run.tail);
+    assert.equal(run.frozen, false);
   },
 });

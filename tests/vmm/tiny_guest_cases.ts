@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { buildMachine } from "../../vmm/builder.ts";
 import { bootTest, ConsoleTimeoutError, type Vm, waitForConsole } from "../../mod.ts";
+import { vcpuThreadsLeftRunning } from "../../vmm/vcpus.ts";
 
 /** One tiny-guest case. */
 export interface TinyCase {
@@ -214,6 +215,7 @@ const hungCase: TinyCase = {
   name: "tiny guest: a hung guest fails its boot test with the console tail, and is stopped",
   run: async () => {
     let vmRef: Vm | undefined;
+    const leftBefore = vcpuThreadsLeftRunning();
     const config = { program: { code: SPINNER }, memoryMiB: 16, cpus: 2, rng: true };
     const err = await bootTest(config, async (vm) => {
       vmRef = vm;
@@ -234,6 +236,9 @@ const hungCase: TinyCase = {
     assert.match(err.message, /\[devices\]\n.*virtio-rng .*\| thread: .*doorbell_to_irq_us=- \(0\)/);
     const exit = await vmRef!.wait();
     assert.equal(exit.reason, "stopped");
+    // Both vCPU threads, spinning with interrupts off, left KVM_RUN on the stop's kick: none was
+    // abandoned there.
+    assert.equal(vcpuThreadsLeftRunning(), leftBefore, "vCPU threads that ignored the stop");
   },
 };
 
