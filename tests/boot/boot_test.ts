@@ -32,7 +32,7 @@ Deno.test({
     // QEMU's emulated SVM sometimes freezes L1 itself, or leaves an L2 vCPU that ignores its
     // stop (README, Known problems). A frozen L1 stops its heartbeat; an L1 with such a vCPU is
     // given up by its program. Either way, the cases left without a result run once more in a
-    // fresh L1, as do those of an L1 that ran out of time.
+    // fresh L1, as do those of an L1 that ran out of time or ended early (its own kernel panicked).
     const SILENCE_MS = 3 * 60_000;
     const L1_TIMEOUT_MS = 35 * 60_000;
     const run = await runNested({ timeoutMs: L1_TIMEOUT_MS, silenceMs: SILENCE_MS, tiny: tinyInL1, echo });
@@ -40,8 +40,10 @@ Deno.test({
       ? "the first L1 froze"
       : run.abandoned !== undefined
       ? `the first L1 was given up: ${run.abandoned}`
-      : !run.completed
+      : run.timedOut
       ? `the first L1 did not finish within ${L1_TIMEOUT_MS / 60_000} minutes`
+      : !run.completed
+      ? "the first L1 ended before its program finished (L1's kernel panicked or QEMU exited)"
       : undefined;
     if (redo) {
       const done = new Set(run.results.map((r) => r.name));

@@ -217,6 +217,8 @@ export interface L1Run {
   ms: number;
   /** L1's program printed no line of its own, not even its heartbeat, for `silenceMs`, and L1 was killed. */
   frozen?: boolean;
+  /** L1 ran past the run's timeout and was killed. */
+  timedOut?: boolean;
   /** Why L1's program gave up on this L1 ("TSVMM-L1-ABANDON"), leaving the cases after it unrun. */
   abandoned?: string;
 }
@@ -291,7 +293,11 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   let l1NetDevices: number | undefined;
   let tail = "";
   const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
-  const timer = setTimeout(() => child.kill("SIGTERM"), timeoutMs);
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    child.kill("SIGTERM");
+  }, timeoutMs);
   let lastOutput = performance.now();
   let alive = false;
   let frozen = false;
@@ -366,6 +372,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
     tail,
     ms: Math.round(performance.now() - t0),
     frozen,
+    timedOut,
     abandoned,
   };
 }

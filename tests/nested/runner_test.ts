@@ -60,6 +60,7 @@ Deno.test({
     await watch;
     assert.ok(most > before, `L1's QEMU never ran\n${run.tail}`);
     assert.equal(run.completed, false);
+    assert.equal(run.timedOut, true);
     assert.equal(run.results.length, 0);
     assert.ok(run.ms < 60_000, `the run ended at its timeout (${run.ms} ms)`);
     await new Promise((r) => setTimeout(r, 1500));
@@ -112,6 +113,7 @@ Deno.test({
     });
     assert.ok(run.tail.includes("soft lockup"), `L1 printed its chatter\n${run.tail}`);
     assert.equal(run.frozen, true, `killed as frozen, not at the timeout (${run.ms} ms)\n${run.tail}`);
+    assert.equal(run.timedOut, false);
     assert.equal(run.completed, false);
     assert.ok(run.ms < 200_000, `killed well before the timeout (${run.ms} ms)`);
   },
