@@ -137,8 +137,14 @@ export class Tap implements NetBackend {
     if (bad) throw new TapError(`TAP "${name}": ${bad}`);
     const exists = interfaceExists(name);
     const fd = openTunDevice();
-    if (libc().ioctl(fd, TUNSETIFF, ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)) < 0) {
-      const e = errno();
+    const req = ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
+    const attach = () => libc().ioctl(fd, TUNSETIFF, req) < 0 ? errno() : 0;
+    let e = attach();
+    // errno is read by a second FFI call, and the runtime may make a failing system call of its
+    // own in between (seen once: ENOENT for a TAP refused with EPERM). TUNSETIFF fails with
+    // EBUSY, EINVAL, EPERM or EACCES for the reasons below; anything else is asked again.
+    for (let again = 0; again < 2 && e !== 0 && ![1, 13, 16, 22].includes(e); again++) e = attach();
+    if (e !== 0) {
       sysClose(fd);
       if (e === 16) throw new TapError(`TAP "${name}" is busy: another process has it open`);
       if (e === 22 && exists) throw new TapError(`"${name}" is a network interface but not a TAP`);
