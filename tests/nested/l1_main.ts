@@ -25,6 +25,8 @@ import { vcpuThreadsLeftRunning } from "../../vmm/vcpus.ts";
  * will never come.
  */
 const ATTEMPT_LIMIT_MS = 20 * 60_000;
+/** What an attempt past ATTEMPT_LIMIT_MS is rejected with (no case can throw it). */
+const OVERDUE = Symbol("overdue");
 
 /** One result line's payload. */
 export interface CaseResult {
@@ -73,13 +75,13 @@ async function attempt(name: string, run: () => Promise<void>): Promise<Attempt>
   const stuckBefore = vcpuThreadsLeftRunning();
   let limit: ReturnType<typeof setTimeout> | undefined;
   const overdue = new Promise<never>((_, reject) =>
-    limit = setTimeout(() => reject(new Error("overdue")), ATTEMPT_LIMIT_MS)
+    limit = setTimeout(() => reject(OVERDUE), ATTEMPT_LIMIT_MS)
   );
   let error: string | undefined;
   try {
     await Promise.race([run(), overdue]);
   } catch (e) {
-    if (e instanceof Error && e.message === "overdue") {
+    if (e === OVERDUE) {
       abandon(`"${name}" did not end within ${ATTEMPT_LIMIT_MS / 60_000} minutes`);
     }
     error = String((e as Error).message ?? e);

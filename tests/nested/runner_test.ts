@@ -99,39 +99,50 @@ Deno.test({
   },
 });
 
-Deno.test({
-  name: "nested runner: an L1 whose program went quiet is frozen, though its kernel still prints",
-  sanitizeOps: false,
-  sanitizeResources: false,
-  fn: async () => {
-    const why = nestedUnavailable();
-    if (why) throw new Error(`the nested runner cannot run: ${why}`);
-    const run = await runNested({
-      program: { script: "tests/nested/l1_chatter.ts", args: "chatter" },
-      silenceMs: 10_000,
-      timeoutMs: 240_000,
-    });
+/** A test that boots L1 running tests/nested/l1_chatter.ts in `mode` and checks the run. */
+function chatterTest(
+  name: string,
+  mode: string,
+  silenceMs: number,
+  check: (run: Awaited<ReturnType<typeof runNested>>) => void,
+): void {
+  Deno.test({
+    name,
+    sanitizeOps: false,
+    sanitizeResources: false,
+    fn: async () => {
+      const why = nestedUnavailable();
+      if (why) throw new Error(`the nested runner cannot run: ${why}`);
+      check(
+        await runNested({
+          program: { script: "tests/nested/l1_chatter.ts", args: mode },
+          silenceMs,
+          timeoutMs: 240_000,
+        }),
+      );
+    },
+  });
+}
+
+chatterTest(
+  "nested runner: an L1 whose program went quiet is frozen, though its kernel still prints",
+  "chatter",
+  10_000,
+  (run) => {
     assert.ok(run.tail.includes("soft lockup"), `L1 printed its chatter\n${run.tail}`);
     assert.equal(run.frozen, true, `killed as frozen, not at the timeout (${run.ms} ms)\n${run.tail}`);
     assert.equal(run.timedOut, false);
     assert.equal(run.completed, false);
     assert.ok(run.ms < 200_000, `killed well before the timeout (${run.ms} ms)`);
   },
-});
+);
 
-Deno.test({
-  name: "nested runner: an L1 its program gives up is reported with the reason",
-  sanitizeOps: false,
-  sanitizeResources: false,
-  fn: async () => {
-    const why = nestedUnavailable();
-    if (why) throw new Error(`the nested runner cannot run: ${why}`);
-    const run = await runNested({
-      program: { script: "tests/nested/l1_chatter.ts", args: "abandon" },
-      silenceMs: 60_000,
-      timeoutMs: 240_000,
-    });
+chatterTest(
+  "nested runner: an L1 its program gives up is reported with the reason",
+  "abandon",
+  60_000,
+  (run) => {
     assert.equal(run.abandoned, "a vCPU thread did not stop", run.tail);
     assert.equal(run.frozen, false);
   },
-});
+);
