@@ -25,8 +25,13 @@ export function putLe(data: Uint8Array, v: number): void {
 
 /** An interrupt line the transport raises (an irqfd in the VMM, a counter in tests). */
 export interface IrqLine {
-  /** Raises the interrupt (edge). */
+  /** Raises the interrupt (ISR bits were set). */
   trigger(): void;
+  /**
+   * ISR bits were cleared (InterruptACK, a read-to-clear ISR, a reset): a line that follows
+   * the ISR (virtio-MMIO's, vmm/isr_line.ts) drops once it reads zero.
+   */
+  lower?(): void;
 }
 
 /** Interrupt status bits. */
@@ -109,7 +114,9 @@ export class VirtioCore implements VirtioInterrupt {
 
   /** Reads and clears the ISR (PCI's read-to-clear ISR register). */
   takeIsr(): number {
-    return Atomics.exchange(this.isr.array, this.isr.index, 0);
+    const v = Atomics.exchange(this.isr.array, this.isr.index, 0);
+    if (v !== 0) this.irq.lower?.();
+    return v;
   }
 
   /** The transport's interrupt strategy (undefined: ISR + line). */
@@ -225,7 +232,8 @@ export class VirtioCore implements VirtioInterrupt {
 
   /** InterruptACK. */
   ack(bits: number): void {
-    Atomics.and(this.isr.array, this.isr.index, ~bits);
+    const old = Atomics.and(this.isr.array, this.isr.index, ~bits);
+    if (old !== 0 && (old & ~bits) === 0) this.irq.lower?.();
   }
 
   /**
@@ -254,7 +262,7 @@ export class VirtioCore implements VirtioInterrupt {
     this.deviceFeaturesSel = this.driverFeaturesSel = 0;
     this.driverFeatures = 0n;
     this.queueSel = 0;
-    Atomics.store(this.isr.array, this.isr.index, 0);
+    if (Atomics.exchange(this.isr.array, this.isr.index, 0) !== 0) this.irq.lower?.();
     this.activated = false;
     this.onReset?.();
   }

@@ -159,7 +159,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     const pio = new Bus("pio");
     const mmio = new Bus("mmio");
     loop = new EventLoop();
-    const shared = new SharedRegisters();
+    const shared = new SharedRegisters(vm.fd);
     virtio = new VirtioMmioDevices(vm, mmio, memory, loop, shared);
     const mmio64Start = L.pciMmio64Start(cfg.memoryBytes);
     pci = new PciDevices(vm, pio, mmio, memory, loop, new GsiRouting(vm), [

@@ -5,8 +5,8 @@
  * pool (README, Performance). The main thread keeps everything a vCPU exit reaches: the
  * register files, status, features, config space and queue setup. What crosses over is
  * what vhost gives a backend: at DRIVER_OK the negotiated features and each queue's
- * addresses; the queues' doorbell eventfds; and how to interrupt (the ISR cell and line
- * irqfd, or the MSI-X vector irqfds, chosen per interrupt from the transport's shared plan).
+ * addresses; the queues' doorbell eventfds; and how to interrupt (the ISR cell and its line,
+ * or the MSI-X vector irqfds, chosen per interrupt from the transport's shared plan).
  *
  * On the main thread a device is a `RemoteDevice`: config reads and writes go to a local
  * twin of the device (same backend, never activated), activate/reset/notify go to the
@@ -19,6 +19,7 @@ import type { VirtioDevice } from "../devices/virtio/device.ts";
 import type { ActivateContext } from "../devices/virtio/device.ts";
 import type { SharedDisk } from "./block_file.ts";
 import type { RngOptions } from "../devices/virtio/rng.ts";
+import type { IsrLine } from "./isr_line.ts";
 import { signalEventfd } from "./event_loop.ts";
 import { sysClose, sysEventfd } from "./sys/libc.ts";
 
@@ -32,8 +33,13 @@ export type DeviceSpec =
 export interface InterruptRoute {
   /** The ISR cell: its buffer and Int32 index. */
   isr: { buffer: SharedArrayBuffer; index: number };
-  /** The line's irqfd (virtio-MMIO, PCI INTx). */
-  lineFd: number;
+  /**
+   * A line that follows the ISR (virtio-MMIO, vmm/isr_line.ts): set with KVM_IRQ_LINE here
+   * when a bit is set and the ISR was zero.
+   */
+  line?: IsrLine;
+  /** Otherwise the line's irqfd (PCI INTx). */
+  lineFd?: number;
   /**
    * The line's resample eventfd (the guest's EOI): the device thread raises the line again
    * while the ISR is not zero (level-triggered, like the register it mirrors).

@@ -19,6 +19,7 @@ import { VirtioRng } from "../devices/virtio/rng.ts";
 import { VirtioNet } from "../devices/virtio/net.ts";
 import { INT_USED_RING } from "../transports/virtio_core.ts";
 import { PLAN, VIRTIO_MSI_NO_VECTOR } from "../transports/pci.ts";
+import { followIsr } from "./isr_line.ts";
 
 // Timers set here (a rate limit's wait, a queue's next pass) need the V8 event loop: while
 // any is pending the loop waits through the blocking pool instead of blocking this thread.
@@ -131,18 +132,22 @@ function threadNice(): string {
 const post = (m: FromWorker) => self.postMessage(m);
 
 /**
- * The interrupt of one device: the shared ISR and line, or its queue's MSI-X vector. The
- * line's resample eventfd is watched here too: raised again while the ISR is not zero.
+ * The interrupt of one device: the shared ISR and line, or its queue's MSI-X vector. A line
+ * that follows the ISR (virtio-MMIO) is raised here when a bit is set on a zero ISR; an
+ * irqfd line's resample eventfd (PCI INTx) is watched here: raised again while the ISR is
+ * not zero.
  */
 function interruptFor(id: number, route: InterruptRoute, split: RequestSplit): VirtioInterrupt {
   const isr = new Int32Array(route.isr.buffer);
+  const at = route.isr.index;
   const plan = route.msix ? new Int32Array(route.msix.plan) : undefined;
   const vectors = route.msix?.vectorFds ?? [];
+  const { line, lineFd } = route;
   const resample = route.resampleFd;
-  if (resample !== undefined) {
+  if (resample !== undefined && lineFd !== undefined) {
     loop!.add(resample, () => {
-      if (!drainEventfd(resample) || Atomics.load(isr, route.isr.index) === 0) return;
-      if ((plan ? Atomics.load(plan, 0) : PLAN.LINE) === PLAN.LINE) signalEventfd(route.lineFd);
+      if (!drainEventfd(resample) || Atomics.load(isr, at) === 0) return;
+      if ((plan ? Atomics.load(plan, 0) : PLAN.LINE) === PLAN.LINE) signalEventfd(lineFd);
     });
   }
   return {
@@ -154,8 +159,11 @@ function interruptFor(id: number, route: InterruptRoute, split: RequestSplit): V
         if (v !== VIRTIO_MSI_NO_VECTOR && v < vectors.length) signalEventfd(vectors[v]);
         return;
       }
-      Atomics.or(isr, route.isr.index, INT_USED_RING);
-      if (mode === PLAN.LINE) signalEventfd(route.lineFd);
+      const old = Atomics.or(isr, at, INT_USED_RING);
+      if (mode !== PLAN.LINE) return;
+      if (line) {
+        if (old === 0) followIsr(line.vmFd, line.gsi, isr, at);
+      } else if (lineFd !== undefined) signalEventfd(lineFd);
     },
     signalConfig: () => post({ op: "config", id }),
     needsReset: (reason) => post({ op: "needsReset", id, reason }),
@@ -199,6 +207,8 @@ function init(m: Extract<ToWorker, { op: "init" }>): void {
   );
   loop = new EventLoop({
     canBlock: () => inbox.length === 0 && pinnedCalls() === 0 && timers.size === 0,
+    // No device waits on a promise: nothing queued by the handlers is left to run.
+    settled: () => entries.every((e) => !(e.device.pending! > 0)),
     // Messages first: a doorbell rung after DRIVER_OK must find the device started.
     beforeDispatch: (ready) => ready.includes(controlFd) ? takeMessages() : undefined,
   });

@@ -4,12 +4,18 @@
  * InterruptACK (write clears bits), which a driver touches on every interrupt. Each such
  * handoff costs a cross-thread wakeup (~13 us here, 0.6-0.8 ms inside the nested runner).
  *
+ * A cleared cell may carry an interrupt line that follows it (vmm/isr_line.ts): the vCPU
+ * thread that clears its last bit lowers the line itself.
+ *
  * The table is filled while the machine is built, before any vCPU runs, and is read-only
  * afterwards; the cells are updated with atomics from both sides.
  *
- * Layout (Int32): [0] entry count, then MAX_ENTRIES entries of 4 words (address low,
- * address high, op, cell index), then the cells.
+ * Layout (Int32): [0] entry count, [1] the VM's fd (for the lines), then MAX_ENTRIES
+ * entries of 4 words (address low, address high, op with the line's GSI + 1 from bit 8,
+ * cell index), then the cells.
  */
+
+import { followIsr } from "./isr_line.ts";
 
 /** A read of the address returns the cell. */
 export const SHARED_READ = 1;
@@ -18,7 +24,8 @@ export const SHARED_CLEAR = 2;
 
 const MAX_ENTRIES = 64;
 const ENTRY_WORDS = 4;
-const CELLS_AT = 1 + MAX_ENTRIES * ENTRY_WORDS;
+const ENTRIES_AT = 2;
+const CELLS_AT = ENTRIES_AT + MAX_ENTRIES * ENTRY_WORDS;
 const MAX_CELLS = 32;
 
 /** One 32-bit value in shared memory. */
@@ -41,21 +48,33 @@ export class SharedRegisters {
   private readonly words = new Int32Array(this.buffer);
   private cells = 0;
 
+  /** A table for the VM `vmFd` (the lines' KVM_IRQ_LINE goes there; -1: no lines). */
+  constructor(vmFd = -1) {
+    this.words[1] = vmFd;
+  }
+
   /** A new cell (zero). */
   cell(): SharedCell {
     if (this.cells >= MAX_CELLS) throw new RangeError(`at most ${MAX_CELLS} shared register cells`);
     return { array: this.words, index: CELLS_AT + this.cells++ };
   }
 
-  /** Makes 4-byte accesses at guest physical `addr` do `op` on `cell` in the vCPU thread. */
-  map(addr: number, op: typeof SHARED_READ | typeof SHARED_CLEAR, cell: SharedCell): void {
+  /**
+   * Makes 4-byte accesses at guest physical `addr` do `op` on `cell` in the vCPU thread.
+   * With `lineGsi` (SHARED_CLEAR only), a clear that leaves the cell zero lowers that GSI
+   * (followIsr), the cell being the line's InterruptStatus.
+   */
+  map(addr: number, op: typeof SHARED_READ | typeof SHARED_CLEAR, cell: SharedCell, lineGsi?: number): void {
     if (cell.array !== this.words) throw new RangeError("the cell belongs to another table");
+    if (lineGsi !== undefined && (op !== SHARED_CLEAR || this.words[1] < 0)) {
+      throw new RangeError("a line needs a clearing register and the table's VM fd");
+    }
     const n = this.words[0];
     if (n >= MAX_ENTRIES) throw new RangeError(`at most ${MAX_ENTRIES} shared registers`);
-    const e = 1 + n * ENTRY_WORDS;
+    const e = ENTRIES_AT + n * ENTRY_WORDS;
     this.words[e] = addr | 0;
     this.words[e + 1] = Math.floor(addr / 0x1_0000_0000);
-    this.words[e + 2] = op;
+    this.words[e + 2] = op | (lineGsi === undefined ? 0 : (lineGsi + 1) << 8);
     this.words[e + 3] = cell.index;
     this.words[0] = n + 1;
   }
@@ -78,9 +97,9 @@ export function sharedAccess(
   const lo = addr | 0;
   const hi = Math.floor(addr / 0x1_0000_0000);
   for (let i = 0; i < n; i++) {
-    const e = 1 + i * ENTRY_WORDS;
+    const e = ENTRIES_AT + i * ENTRY_WORDS;
     if (words[e] !== lo || words[e + 1] !== hi) continue;
-    const op = words[e + 2];
+    const op = words[e + 2] & 0xff;
     const cell = words[e + 3];
     if (op === SHARED_READ && !isWrite) {
       const v = Atomics.load(words, cell);
@@ -91,7 +110,10 @@ export function sharedAccess(
       return true;
     }
     if (op === SHARED_CLEAR && isWrite) {
-      Atomics.and(words, cell, ~(data[0] | (data[1] << 8) | (data[2] << 16) | (data[3] << 24)));
+      const bits = data[0] | (data[1] << 8) | (data[2] << 16) | (data[3] << 24);
+      const old = Atomics.and(words, cell, ~bits);
+      const gsi = (words[e + 2] >>> 8) - 1;
+      if (gsi >= 0 && old !== 0 && (old & ~bits) === 0) followIsr(words[1], gsi, words, cell);
       return true;
     }
     return false;

@@ -1,13 +1,14 @@
 /**
- * Puts virtio devices on virtio-MMIO windows: a window and a GSI each, an irqfd for the
- * device's interrupt and an ioeventfd per queue on QueueNotify (datamatch = queue index),
- * served by the event loop, so the notification and interrupt paths never exit to a vCPU
- * handler in userspace.
+ * Puts virtio devices on virtio-MMIO windows: a window and a GSI each, and an ioeventfd per
+ * queue on QueueNotify (datamatch = queue index) served by the event loop, so the
+ * notification path never exits to a vCPU handler in userspace.
  *
- * The interrupt is level-triggered, as the InterruptStatus register it mirrors: the irqfd
- * asserts the line, the guest's EOI de-asserts it and signals a resample eventfd, and the
- * line is asserted again while InterruptStatus is still non-zero. An edge could be lost
- * when it arrived while the previous one was being handled; a level cannot.
+ * The interrupt is level-triggered, as the InterruptStatus register it mirrors: the line is
+ * up exactly while InterruptStatus is not zero, set with KVM_IRQ_LINE by whichever thread
+ * changed the register (vmm/isr_line.ts): the device thread when it sets a bit, the vCPU
+ * thread that answers the driver's InterruptACK, the main thread on a config change or a
+ * reset. An edge could be lost when it arrived while the previous one was being handled; a
+ * level cannot.
  */
 
 import type { VmFd } from "./vm.ts";
@@ -15,7 +16,8 @@ import type { Bus } from "./bus.ts";
 import type { GuestMemory } from "./memory.ts";
 import { RemoteDevice } from "./device_thread.ts";
 import type { EventLoop } from "./event_loop.ts";
-import { drainEventfd, signalEventfd } from "./event_loop.ts";
+import { drainEventfd } from "./event_loop.ts";
+import { followIsr } from "./isr_line.ts";
 import { sysClose, sysEventfd } from "./sys/libc.ts";
 import { VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START } from "./arch/x86_64/layout.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
@@ -51,8 +53,8 @@ export class VirtioMmioDevices {
   private readonly fds: number[] = [];
 
   /**
-   * Devices on `mmio`, interrupts through `vm`'s irqfds, notifications through `loop`;
-   * the vCPU threads answer the interrupt registers from `shared`.
+   * Devices on `mmio`, interrupts on `vm`'s lines, notifications through `loop`; the vCPU
+   * threads answer the interrupt registers from `shared` (made for `vm`'s fd).
    */
   constructor(
     private readonly vm: VmFd,
@@ -70,25 +72,17 @@ export class VirtioMmioDevices {
     }
     const base = VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE;
     const gsi = VIRTIO_MMIO_GSIS[i];
-    const irqFd = sysEventfd();
-    const resampleFd = sysEventfd();
-    this.fds.push(irqFd, resampleFd);
-    this.vm.irqfd(irqFd, gsi, resampleFd);
-    const irq = { trigger: () => signalEventfd(irqFd) };
     // InterruptStatus and InterruptACK are answered on the vCPU threads (same offsets in
-    // both versions), so taking an interrupt costs the driver no device-thread handoff.
+    // both versions), so taking an interrupt costs the driver no device-thread handoff; an
+    // ACK that clears the last bit lowers the line there.
     const isr = this.shared.cell();
     this.shared.map(base + REG.interruptStatus, SHARED_READ, isr);
-    this.shared.map(base + REG.interruptAck, SHARED_CLEAR, isr);
+    this.shared.map(base + REG.interruptAck, SHARED_CLEAR, isr, gsi);
+    const follow = () => followIsr(this.vm.fd, gsi, isr.array, isr.index);
+    const irq = { trigger: follow, lower: follow };
     const transport = kind === "mmio"
       ? new VirtioMmio(device, this.memory, irq, isr)
       : new VirtioMmioLegacy(device, this.memory, irq, isr);
-    // A device on the device thread watches the resample eventfd there.
-    if (!(device instanceof RemoteDevice)) {
-      this.loop.add(resampleFd, () => {
-        if (drainEventfd(resampleFd) && transport.core.interruptStatus !== 0) irq.trigger();
-      });
-    }
     this.mmio.register(base, VIRTIO_MMIO_SIZE, transport, `${device.name} (${kind})`);
     const notifyFds = device.queueMaxSizes.map((_, q) => {
       const fd = sysEventfd();
@@ -105,8 +99,7 @@ export class VirtioMmioDevices {
     if (device instanceof RemoteDevice) {
       device.bind(notifyFds, {
         isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
-        lineFd: irqFd,
-        resampleFd,
+        line: { vmFd: this.vm.fd, gsi },
       });
     }
     const placed = { device, transport, info: { base, size: VIRTIO_MMIO_SIZE, gsi } };

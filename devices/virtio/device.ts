@@ -62,6 +62,12 @@ export interface VirtioDevice {
   /** Queue `index` was notified by the driver. */
   notify(index: number): void;
   /**
+   * Requests taken and not answered yet, whose answer waits on a promise (a disk transfer,
+   * say). A device without it answers every request before `notify` returns or from a
+   * timer; the device thread then blocks again right after a wake (vmm/event_loop.ts).
+   */
+  readonly pending?: number;
+  /**
    * Stops the device and drops all queue state: nothing new starts and in-flight work will
    * not touch the rings. When work that reads or writes guest memory is still running (a
    * disk read into a guest buffer, say), returns a promise that settles once it has all

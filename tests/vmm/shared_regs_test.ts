@@ -28,6 +28,13 @@ Deno.test("shared registers: a mapped read returns the cell, a mapped write clea
   equal(Atomics.load(c.array, c.index), 0b010);
 });
 
+Deno.test("shared registers: a line needs a clearing register and a table made for a VM", () => {
+  const noVm = new SharedRegisters();
+  throws(() => noVm.map(0xd000_0064, SHARED_CLEAR, noVm.cell(), 5), /VM fd/);
+  const t = new SharedRegisters(3);
+  throws(() => t.map(0xd000_0060, SHARED_READ, t.cell(), 5), /clearing register/);
+});
+
 Deno.test("shared registers: cells belong to their table", () => {
   const a = new SharedRegisters();
   const b = new SharedRegisters();

@@ -10,6 +10,10 @@ import assert from "node:assert/strict";
 import { buildMachine } from "../../vmm/builder.ts";
 import { bootTest, ConsoleTimeoutError, type Vm, waitForConsole } from "../../mod.ts";
 import { vcpuThreadsLeftRunning } from "../../vmm/vcpus.ts";
+import { Kvm } from "../../vmm/kvm.ts";
+import { VmFd } from "../../vmm/vm.ts";
+import { SHARED_CLEAR, sharedAccess, SharedRegisters } from "../../vmm/shared_regs.ts";
+import { followIsr } from "../../vmm/isr_line.ts";
 
 /** One tiny-guest case. */
 export interface TinyCase {
@@ -307,5 +311,80 @@ const pinCase: TinyCase = {
   },
 };
 
+const isrLineCase: TinyCase = {
+  name:
+    "KVM: virtio-MMIO's line is up exactly while InterruptStatus is not zero, with raises and InterruptACKs racing on two threads",
+  run: async () => {
+    const kvm = Kvm.open();
+    const vm = new VmFd(kvm.createVm());
+    try {
+      vm.createIrqchip();
+      const GSI = 5; // the first virtio-MMIO window's pin
+      const ACK = 0xd000_0064;
+      const table = new SharedRegisters(vm.fd);
+      const isr = table.cell();
+      table.map(ACK, SHARED_CLEAR, isr, GSI);
+      const words = new Int32Array(table.buffer);
+      // The line as KVM's IOAPIC has it (its IRR holds each pin's level).
+      const lineUp = () => {
+        const st = vm.getIrqchip(2);
+        return ((new DataView(st.buffer, st.byteOffset).getUint32(16, true) >>> GSI) & 1) === 1;
+      };
+      const ack = (bits: number) => sharedAccess(words, ACK, true, 4, new Uint8Array([bits, 0, 0, 0]));
+      const agree = (when: string) =>
+        assert.equal(lineUp(), Atomics.load(isr.array, isr.index) !== 0, `line vs ISR ${when}`);
+
+      // One thread: a raise lifts the line, an ACK leaving a bit keeps it, the last bit drops it.
+      assert.equal(lineUp(), false, "line before any raise");
+      Atomics.or(isr.array, isr.index, 3);
+      followIsr(vm.fd, GSI, isr.array, isr.index);
+      assert.equal(lineUp(), true, "line after a raise");
+      assert.equal(ack(1), true);
+      assert.equal(lineUp(), true, "line with the config bit still set");
+      assert.equal(ack(2), true);
+      assert.equal(lineUp(), false, "line after the last bit was acknowledged");
+
+      // Two threads: a Worker raises as the device thread does while this thread acknowledges
+      // as a vCPU does; whichever order their KVM_IRQ_LINE calls land in, the line must agree
+      // with the ISR once both have stopped, in many short rounds (each ends on a race).
+      const ROUNDS = 200;
+      const w = new Worker(new URL("./isr_line_worker.ts", import.meta.url), { type: "module" });
+      try {
+        const control = new Int32Array(new SharedArrayBuffer(8));
+        const finished = new Promise((r) => w.onmessage = r);
+        const job = {
+          buffer: table.buffer,
+          index: isr.index,
+          vmFd: vm.fd,
+          gsi: GSI,
+          rounds: ROUNDS,
+          raises: 5,
+        };
+        w.postMessage({ ...job, control: control.buffer });
+        let acks = 0;
+        for (let r = 1; r <= ROUNDS; r++) {
+          Atomics.store(control, 0, r);
+          Atomics.notify(control, 0);
+          const t0 = Date.now();
+          while (Atomics.load(control, 1) < r) {
+            if (ack(1)) acks++;
+            if (Date.now() - t0 > 60_000) throw new Error(`round ${r} did not finish`);
+          }
+          agree(`after round ${r}`);
+        }
+        await finished;
+        assert.ok(acks >= ROUNDS * 5, `${acks} ACKs for ${ROUNDS * 5} raises`);
+        ack(1);
+        agree("after the last ACK");
+      } finally {
+        w.terminate();
+      }
+    } finally {
+      vm.close();
+      kvm.close();
+    }
+  },
+};
+
 /** Every tiny-guest case, in the order they run. */
-export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, stallCase, pinCase];
+export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, stallCase, pinCase, isrLineCase];
