@@ -10,7 +10,8 @@
  *
  * TSVMM_BENCH_RUNS (boot runs, default 5), TSVMM_BENCH_DEVICE_RUNS (device, network and scale
  * runs, default 3), TSVMM_BENCH_PARTS (default "exits,boot,devices,net"; "scale" adds the scale
- * curves, tests/bench/scale_bench.ts), TSVMM_BENCH_VM_TIMEOUT_S (default 300),
+ * curves, tests/bench/scale_bench.ts; "split" where a virtio-rng request's time goes, traced by
+ * the kernel that runs KVM, tests/bench/split_bench.ts), TSVMM_BENCH_VM_TIMEOUT_S (default 300),
  * TSVMM_BENCH_TRANSPORTS (the device and network bench's transports, default
  * "pci,pci-legacy,mmio"), TSVMM_BENCH_SCALE_TRANSPORTS (default "pci,mmio"), TSVMM_BENCH_FIO_S
  * (seconds per fio job, default 5). The network part (iperf3, ping) runs where its TAPs may
@@ -20,6 +21,7 @@
 import { type BenchFigure, type BenchSink, bootBench, median } from "./boot_bench.ts";
 import { COST_UNITS, deviceBench, deviceFigureNames } from "./device_bench.ts";
 import { scaleBench, scaleFigureNames, scaleTables } from "./scale_bench.ts";
+import { splitBench, splitFigureNames } from "./split_bench.ts";
 import { netFigureNames } from "./net_bench.ts";
 import { buildExitFloor, exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import { hostKvmRunsStockKernels, hostKvmUsable, nestedUnavailable, runNested } from "../nested/runner.ts";
@@ -94,7 +96,7 @@ if (parts.includes("exits")) {
 
 const wantL1Exits = parts.includes("exits") && !kvmHere;
 const wantTools = parts.includes("devices") || parts.includes("net") || parts.includes("scale");
-const wantVms = parts.includes("boot") || wantTools;
+const wantVms = parts.includes("boot") || parts.includes("split") || wantTools;
 if (native && wantVms) {
   const sink = sinkAt(HERE);
   const g = await buildGuest({ quiet: true });
@@ -106,6 +108,7 @@ if (native && wantVms) {
   if (parts.includes("boot")) got.push(...await bootBench(g, runs, sink));
   if (parts.includes("devices")) got.push(...await deviceBench(g, deviceRuns, sink));
   if (parts.includes("scale")) got.push(...await scaleBench(g, deviceRuns, sink));
+  if (parts.includes("split")) got.push(...await splitBench(g, deviceRuns, sink));
   figures.push(...got.map((f) => ({ ...f, where: HERE })));
   if (parts.includes("net")) {
     // TAPs only in a network namespace of its own: net_bench.ts re-runs itself under unshare.
@@ -189,6 +192,7 @@ if (parts.includes("boot")) {
 if (parts.includes("devices")) expected.push(...deviceFigureNames(true));
 if (parts.includes("net")) expected.push(...netFigureNames());
 if (parts.includes("scale")) expected.push(...scaleFigureNames());
+if (parts.includes("split")) expected.push(...splitFigureNames());
 for (const name of expected) {
   if (!figures.some((f) => f.name === name)) missing.push(`${name} (no run succeeded)`);
 }
@@ -201,7 +205,7 @@ for (const f of figures) {
   const isBoot = f.name.includes("/init marker");
   // Times (boots, ping round trips) compare as "x QEMU's time", costs (CPU, RSS) as "x QEMU's
   // cost", the rest as rates.
-  const isTime = isBoot || f.unit === "ms";
+  const isTime = isBoot || f.unit === "ms" || f.unit === "us";
   const isCost = COST_UNITS.includes(f.unit);
   const isExit = f.name.startsWith("vCPU exit");
   const peer = isBoot
@@ -211,6 +215,8 @@ for (const f of figures) {
     : figures.find((x) => x.name === f.name.replace(/^tsvmm/, "QEMU"));
   const ratio = f.name.startsWith("QEMU") || f.name.startsWith("C floor") || !peer
     ? ""
+    : f.unit === "requests"
+    ? `  (QEMU's: ${peer.median})`
     : isExit
     ? `  ${(f.median / peer.median).toFixed(2)}x the C floor`
     : isTime

@@ -33,6 +33,8 @@ export interface BenchVm {
   rng?: boolean;
   /** The read-only tools disk (fio), after the data disks. */
   tools?: string;
+  /** Sees the console so far and the VMM's process id each time more of it arrives. */
+  watch?: (text: string, pid: number) => void;
 }
 
 /** What a bench VM run gave. */
@@ -61,10 +63,16 @@ async function images(n: number): Promise<string[]> {
 class Follower {
   readonly meter: PhaseMeter;
   userspaceMs = -1;
-  constructor(pid: number | "self", memoryMiB: number, private readonly t0: number) {
+  constructor(
+    private readonly pid: number | "self",
+    memoryMiB: number,
+    private readonly t0: number,
+    private readonly watch?: (text: string, pid: number) => void,
+  ) {
     this.meter = new PhaseMeter(pid, memoryMiB);
   }
   feed(text: string): boolean {
+    this.watch?.(text, this.pid === "self" ? Deno.pid : this.pid);
     if (this.userspaceMs < 0 && text.includes(USERSPACE_MARKER)) {
       this.userspaceMs = performance.now() - this.t0;
     }
@@ -87,7 +95,7 @@ export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKi
     ];
     const initrd = await benchInitrd(k.initramfs, b.script);
     const t0 = performance.now();
-    const f = new Follower("self", b.memoryMiB, t0);
+    const f = new Follower("self", b.memoryMiB, t0, b.watch);
     let devices: string[] = [];
     const text = await bootTest(
       {
@@ -146,7 +154,7 @@ export async function runQemu(g: GuestAssets, b: BenchVm, transport: TransportKi
     let f: Follower | undefined;
     const t0 = performance.now();
     const text = await runPinnedQemu(args, DONE_MARKER, (text, pid) => {
-      f ??= new Follower(pid, b.memoryMiB, t0);
+      f ??= new Follower(pid, b.memoryMiB, t0, b.watch);
       f.feed(text);
     });
     return { text, meter: f!.meter, userspaceMs: f!.userspaceMs };

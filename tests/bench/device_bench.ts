@@ -26,6 +26,8 @@ export function fioSeconds(): number {
 }
 
 const RW_MIB = 32;
+/** The 64 KiB rng read that follows the first 16 KiB (the device's code warm by then). */
+const RNG_WARM = "rng MB/s (/dev/hwrng, 64 KiB after the first 16)";
 
 /** MB/s from the guest's ddbench line (seconds measured in the guest with /proc/uptime). */
 function parse(text: string): { read: number; write: number; rng: number } {
@@ -71,10 +73,16 @@ const CPU_KINDS = [["", (p: { cpu: number }) => p.cpu], [
   (p: { cpuLessGuest: number }) => p.cpuLessGuest,
 ]] as const;
 const RSS_FIGURE = "VMM RSS beyond guest RAM (end of fio)";
+const RSS_LESS_FILES = "VMM RSS beyond guest RAM, less mapped files (end of fio)";
 
 /** The figures deviceBench takes (fio's only with a tools disk). */
 export function deviceFigureNames(withFio: boolean): string[] {
-  const dd = ["blk sequential read MB/s", "blk sequential write MB/s (fsync)", "rng MB/s (/dev/hwrng)"];
+  const dd = [
+    "blk sequential read MB/s",
+    "blk sequential write MB/s (fsync)",
+    "rng MB/s (/dev/hwrng)",
+    RNG_WARM,
+  ];
   const ddCost = ["read", "write"].flatMap((rw) => CPU_KINDS.map(([k]) => `cost: blk sequential ${rw}${k}`));
   const fio = FIO_JOBS.flatMap((j) => [
     `blk 4 KiB ${jobName(j)} IOPS`,
@@ -82,7 +90,9 @@ export function deviceFigureNames(withFio: boolean): string[] {
   ]);
   return BENCH_TRANSPORTS.flatMap((t) =>
     ["tsvmm", "QEMU"].flatMap((who) =>
-      [...dd, ...ddCost, ...(withFio ? [...fio, RSS_FIGURE] : [])].map((f) => `${who} ${t} ${f}`)
+      [...dd, ...ddCost, ...(withFio ? [...fio, RSS_FIGURE, RSS_LESS_FILES] : [])].map((f) =>
+        `${who} ${t} ${f}`
+      )
     )
   );
 }
@@ -126,6 +136,11 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
     await set.measure(name("blk sequential read MB/s"), "MB/s", i, async () => (await v()).read);
     await set.measure(name("blk sequential write MB/s (fsync)"), "MB/s", i, async () => (await v()).write);
     await set.measure(name("rng MB/s (/dev/hwrng)"), "MB/s", i, async () => (await v()).rng);
+    await set.measure(name(RNG_WARM), "MB/s", i, () => {
+      const s = /TSVMM-CHECK rng64 s=([\d.]+)/.exec(r.text)?.[1];
+      if (s === undefined) throw new Error("no rng64 line on the console");
+      return Promise.resolve(64 / 1024 / Math.max(Number(s), 0.01));
+    });
     if (who === "tsvmm") {
       // Where one rng request's time goes, from the device thread's side (vmm/device_worker.ts).
       // The report's groups: 1 median, 2 count, 3 p90, 4 mean.
@@ -166,6 +181,11 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
       await cost(name(`cost: blk 4 KiB ${jobName(j)}`), "CPU s/10k I/Os", i, r, j, per10k);
     }
     await set.measure(name(RSS_FIGURE), "MiB", i, () => Promise.resolve(r.meter.lastRss().beyondGuestRam));
+    // Without the binary's and libraries' pages (shared with every process running them).
+    await set.measure(name(RSS_LESS_FILES), "MiB", i, () => {
+      const m = r.meter.lastRss();
+      return Promise.resolve(m.beyondGuestRam - m.files);
+    });
   };
   for (let i = 0; i < runs; i++) {
     for (const t of BENCH_TRANSPORTS) {

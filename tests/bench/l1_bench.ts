@@ -10,6 +10,7 @@ import { type BenchSink, bootBench } from "./boot_bench.ts";
 import type { deviceBench as DeviceBench } from "./device_bench.ts";
 import type { netBench as NetBench } from "./net_bench.ts";
 import type { scaleBench as ScaleBench } from "./scale_bench.ts";
+import type { splitBench as SplitBench } from "./split_bench.ts";
 import { exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { median } from "./boot_bench.ts";
@@ -31,6 +32,7 @@ if (opts.fioSeconds) Deno.env.set("TSVMM_BENCH_FIO_S", String(opts.fioSeconds));
 const { deviceBench }: { deviceBench: typeof DeviceBench } = await import("./device_bench.ts");
 const { netBench }: { netBench: typeof NetBench } = await import("./net_bench.ts");
 const { scaleBench }: { scaleBench: typeof ScaleBench } = await import("./scale_bench.ts");
+const { splitBench }: { splitBench: typeof SplitBench } = await import("./split_bench.ts");
 const emit = (o: Record<string, unknown>) => console.log("TSVMM-BENCH " + JSON.stringify(o));
 const sink: BenchSink = {
   value: (name, v, unit) => emit({ value: name, v, unit }),
@@ -71,6 +73,9 @@ try {
   }
   if (parts.includes("devices")) {
     for (const f of await deviceBench(assets, opts.deviceRuns ?? 3, sink)) emit({ figure: f });
+  }
+  if (parts.includes("split")) {
+    for (const f of await splitBench(assets, opts.deviceRuns ?? 3, sink)) emit({ figure: f });
   }
   if (parts.includes("net")) {
     // L1 has no network device (its /init sets TSVMM_NET_ISOLATED); iperf3 is the runner's wrapper.

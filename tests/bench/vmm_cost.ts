@@ -35,6 +35,11 @@ export interface VmmRss {
   guestRam: number;
   /** total - guestRam. */
   beyondGuestRam: number;
+  /**
+   * Rss of the mappings of files (the VMM's binary and libraries: pages every process running
+   * them shares, from the page cache).
+   */
+  files: number;
 }
 
 /**
@@ -45,6 +50,7 @@ export interface VmmRss {
 export function vmmRss(pid: number | "self", memoryMiB: number): VmmRss {
   const text = Deno.readTextFileSync(`/proc/${pid}/smaps`);
   let total = 0;
+  let files = 0;
   let guestRam = -1;
   const large: string[] = [];
   let header = "";
@@ -62,6 +68,7 @@ export function vmmRss(pid: number | "self", memoryMiB: number): VmmRss {
     // "start-end perms offset dev inode [path]": anonymous is inode 0 with no path.
     const cols = header.trim().split(/\s+/);
     const anonymous = cols[4] === "0" && cols.length === 5;
+    if (cols[4] !== "0" && (cols[5] ?? "").startsWith("/")) files += kb;
     if (size >= 64 * 1024) large.push(`${header.trim()} size=${size}kB rss=${kb}kB`);
     if (anonymous && size === memoryMiB * 1024) guestRam = Math.max(guestRam, kb);
   }
@@ -71,7 +78,12 @@ export function vmmRss(pid: number | "self", memoryMiB: number): VmmRss {
     );
   }
   const mib = (kb: number) => kb / 1024;
-  return { total: mib(total), guestRam: mib(guestRam), beyondGuestRam: mib(total - guestRam) };
+  return {
+    total: mib(total),
+    guestRam: mib(guestRam),
+    beyondGuestRam: mib(total - guestRam),
+    files: mib(files),
+  };
 }
 
 /** One measured phase. */
