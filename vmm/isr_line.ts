@@ -19,12 +19,11 @@
  * with none. Only a change between zero and not zero needs the call.
  */
 
-import { errno, libc, SysError } from "./sys/libc.ts";
-import { KVM, SIZE } from "./sys/kvm_abi.ts";
+import { VmFd } from "./vm.ts";
 
-// struct kvm_irq_level: u32 irq, u32 level. One per thread (each Worker has its own).
-const LEVEL = new Uint32Array(SIZE.irqLevel / 4);
-const LEVEL_BYTES = new Uint8Array(LEVEL.buffer);
+// The VM's KVM_IRQ_LINE (VmFd.irqLine and its buffer), made once per thread: each Worker
+// has only the fd number.
+let vm: VmFd | undefined;
 
 /** A line for followIsr: the VM's fd (KVM_IRQ_LINE is a VM ioctl) and the GSI. */
 export interface IsrLine {
@@ -34,20 +33,15 @@ export interface IsrLine {
   gsi: number;
 }
 
-function setLine(vmFd: number, gsi: number, up: boolean): void {
-  LEVEL[0] = gsi;
-  LEVEL[1] = up ? 1 : 0;
-  if (libc().ioctl(vmFd, KVM.IRQ_LINE, LEVEL_BYTES) < 0) throw new SysError("KVM_IRQ_LINE", errno());
-}
-
 /**
  * Sets GSI `gsi` of VM `vmFd` to whether the cell `words[index]` is non-zero, until the two
  * agree.
  */
 export function followIsr(vmFd: number, gsi: number, words: Int32Array, index: number): void {
+  if (vm?.fd !== vmFd) vm = new VmFd(vmFd);
   let up = Atomics.load(words, index) !== 0;
   for (;;) {
-    setLine(vmFd, gsi, up);
+    vm.irqLine(gsi, up);
     const now = Atomics.load(words, index) !== 0;
     if (now === up) return;
     up = now;

@@ -14,6 +14,7 @@ import { Kvm } from "../../vmm/kvm.ts";
 import { VmFd } from "../../vmm/vm.ts";
 import { SHARED_CLEAR, sharedAccess, SharedRegisters } from "../../vmm/shared_regs.ts";
 import { followIsr } from "../../vmm/isr_line.ts";
+import { ioapicIrr } from "../../vmm/arch/x86_64/diag.ts";
 
 /** One tiny-guest case. */
 export interface TinyCase {
@@ -326,10 +327,7 @@ const isrLineCase: TinyCase = {
       table.map(ACK, SHARED_CLEAR, isr, GSI);
       const words = new Int32Array(table.buffer);
       // The line as KVM's IOAPIC has it (its IRR holds each pin's level).
-      const lineUp = () => {
-        const st = vm.getIrqchip(2);
-        return ((new DataView(st.buffer, st.byteOffset).getUint32(16, true) >>> GSI) & 1) === 1;
-      };
+      const lineUp = () => ((ioapicIrr(vm.getIrqchip(2)) >>> GSI) & 1) === 1;
       const ack = (bits: number) => sharedAccess(words, ACK, true, 4, new Uint8Array([bits, 0, 0, 0]));
       const agree = (when: string) =>
         assert.equal(lineUp(), Atomics.load(isr.array, isr.index) !== 0, `line vs ISR ${when}`);

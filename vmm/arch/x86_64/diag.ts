@@ -38,10 +38,18 @@ export function describeVcpu(
     ` lvt-timer=${hex(l.getUint32(0x320, true))} tmict=${l.getUint32(0x380, true)}`;
 }
 
+/**
+ * The IOAPIC's IRR from its KVM_GET_IRQCHIP state (VmFd.getIrqchip(2)): bit N set while pin
+ * N's line is asserted.
+ */
+export function ioapicIrr(state: Uint8Array): number {
+  return new DataView(state.buffer, state.byteOffset, state.byteLength).getUint32(16, true);
+}
+
 /** The IOAPIC's unmasked or pending pins from struct kvm_ioapic_state. */
 export function describeIoapic(state: Uint8Array): string {
   const dv = new DataView(state.buffer, state.byteOffset, state.byteLength);
-  const irr = dv.getUint32(16, true);
+  const irr = ioapicIrr(state);
   const pins: string[] = [];
   for (let pin = 0; pin < 24; pin++) {
     const e = dv.getBigUint64(24 + pin * 8, true);
