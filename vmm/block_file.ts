@@ -105,10 +105,19 @@ export class FileBackend implements BlockBackend {
         : (e as Error).message;
       throw new DiskError(`Cannot open disk "${path}": ${why}`);
     }
-    if (libc().flock(fd, (readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
-      const e = errno();
+    const how = (readonly ? LOCK_SH : LOCK_EX) | LOCK_NB;
+    let held = libc().flock(fd, how) === 0;
+    let e = held ? 0 : errno();
+    // A flock that fails on a file just opened is nearly always another holder's lock; an
+    // errno that says otherwise is asked once more, so a value some other code left in errno
+    // between the call and the read is not reported as the reason.
+    if (!held && e !== EAGAIN) {
+      held = libc().flock(fd, how) === 0;
+      if (!held) e = errno();
+    }
+    if (!held) {
       sysClose(fd);
-      if (e === 11) throw new DiskError(`Cannot open disk "${path}": it is locked by another process`);
+      if (e === EAGAIN) throw new DiskError(`Cannot open disk "${path}": it is locked by another process`);
       throw new SysError(`flock ${path}`, e);
     }
     const size = st.isFile ? st.size : FileBackend.blockDeviceSize(abs);

@@ -201,6 +201,9 @@ export async function buildL1Initramfs(
   return { cpio: tree.bytes(), kernel: l1.bzImage };
 }
 
+/** A line of L1's own kernel log that starts a failure report. */
+const L1_OOPS = /^\[\s*\d+\.\d+\] (BUG:|Oops|Kernel panic|general protection fault|stack guard page)/;
+
 /** What an L1 run produced. */
 export interface L1Run {
   /** Payloads of the "TSVMM-RESULT " lines, parsed. */
@@ -213,6 +216,8 @@ export interface L1Run {
   completed: boolean;
   /** The last part of L1's console. */
   tail: string;
+  /** The first lines of the first failure L1's own kernel reported (BUG, Oops, panic), if any. */
+  l1Oops?: string;
   /** Wall time of the run. */
   ms: number;
   /** L1's program printed no line of its own, not even its heartbeat, for `silenceMs`, and L1 was killed. */
@@ -292,6 +297,8 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   let completed = false;
   let l1NetDevices: number | undefined;
   let tail = "";
+  let l1Oops: string | undefined;
+  let oopsLines = 0;
   const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
   let timedOut = false;
   const timer = setTimeout(() => {
@@ -320,6 +327,12 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
       const line = pending.slice(0, nl).replace(/\r$/, "");
       pending = pending.slice(nl + 1);
       if (line.includes("TSVMM-")) lastOutput = performance.now();
+      // L1's own kernel log lines ("[   74.98] BUG: ..."): the first failure and what follows it.
+      if (l1Oops === undefined && L1_OOPS.test(line)) l1Oops = line;
+      else if (l1Oops !== undefined && oopsLines < 8 && /^\[\s*\d+\.\d+\]/.test(line)) {
+        l1Oops += `\n${line}`;
+        oopsLines++;
+      }
       const i = line.indexOf("TSVMM-RESULT ");
       if (i >= 0) {
         try {
@@ -370,6 +383,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
     completed,
     l1NetDevices,
     tail,
+    l1Oops,
     ms: Math.round(performance.now() - t0),
     frozen,
     timedOut,

@@ -80,7 +80,10 @@ let lib: Libc | undefined;
 
 /** The libc symbols, loaded on first use in this isolate. */
 export function libc(): Libc {
-  if (!lib) lib = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
+  if (!lib) {
+    lib = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
+    errnoView = new Deno.UnsafePointerView(lib.__errno_location()!);
+  }
   return lib;
 }
 
@@ -137,10 +140,20 @@ const ERRNO_NAMES: Record<number, string> = {
   95: "EOPNOTSUPP",
 };
 
+/**
+ * This thread's errno, as a view made once per isolate (each Worker is a thread of its own
+ * with its own copy of this module): reading it is then a plain load, with no FFI call and
+ * no allocation between the failed call and the read (it is made when libc is loaded, so
+ * before any call that can fail). A call into `__errno_location` at
+ * read time could itself run code that sets errno (an FFI call's slow path, a garbage
+ * collection), and a CLI run under load once reported a flock that failed as ENOENT.
+ */
+let errnoView: Deno.UnsafePointerView | undefined;
+
 /** errno of the last failed call on this thread; read it right after the call. */
 export function errno(): number {
-  const p = libc().__errno_location();
-  return new Deno.UnsafePointerView(p!).getInt32();
+  if (!errnoView) libc();
+  return errnoView!.getInt32();
 }
 
 /** The symbolic name of an errno value, e.g. "EINVAL". */
