@@ -18,6 +18,7 @@
  */
 
 import type { GuestMemory } from "../vmm/memory.ts";
+import type { SharedCell } from "../vmm/shared_regs.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { VIRTIO_F_VERSION_1 } from "../devices/virtio/queue.ts";
 import { CMD, PciConfigSpace } from "../devices/pci/config_space.ts";
@@ -59,6 +60,8 @@ export interface PciBarHandler {
   write(offset: number, data: Uint8Array): void | Promise<void>;
   /** Doorbells: ioeventfds at BAR + offset (datamatch: the written value must equal it). */
   doorbells: Array<{ offset: number; len: number; datamatch?: number; queue: number }>;
+  /** Where in the BAR the one-byte read-to-clear ISR register is, if it has one. */
+  isrOffset?: number;
 }
 
 /** The virtio PCI vendor ID. */
@@ -134,6 +137,8 @@ export interface PciTransportOptions {
   msi: MsiRouter;
   /** Which interfaces (default modern). */
   flavor?: PciFlavor;
+  /** The ISR's cell (default: one of its own); vCPU threads may read-and-clear it (vmm/shared_regs.ts). */
+  isr?: SharedCell;
 }
 
 /** A virtio device behind a virtio-PCI function. */
@@ -178,6 +183,7 @@ export class VirtioPci implements PciFunction {
       intx,
       legacyOnly ? device.features & 0xffff_ffffn : device.features | (1n << VIRTIO_F_VERSION_1),
       !legacyOnly,
+      opts.isr,
     );
     const queues = device.queueMaxSizes.length;
     this.plan = new Int32Array(new SharedArrayBuffer(4 * (1 + queues)));
@@ -422,6 +428,7 @@ export class VirtioPci implements PciFunction {
         size: LEGACY_BAR_SIZE,
         read: (o, d) => legacyRead(this, o, d),
         write: (o, d) => legacyWrite(this, o, d),
+        isrOffset: LEGACY_REG.isr,
         doorbells: Array.from({ length: queues }, (_, q) => ({
           offset: LEGACY_REG.queueNotify,
           len: 2,
@@ -447,6 +454,7 @@ export class VirtioPci implements PciFunction {
         size: MODERN_BAR.size,
         read: (o, d) => this.barRead(o, d),
         write: (o, d) => this.barWrite(o, d),
+        isrOffset: MODERN_BAR.isr,
         doorbells: Array.from(
           { length: queues },
           (_, q) => ({ offset: VirtioPci.notifyOffset(q), len: 2, queue: q }),

@@ -165,7 +165,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     pci = new PciDevices(vm, pio, mmio, memory, loop, new GsiRouting(vm), [
       mmio64Start,
       mmio64Start + L.PCI_MMIO64_SIZE,
-    ]);
+    ], shared);
     // With a device thread, each device here answers config space only; the thread runs a
     // twin built from `spec` over the same image, TAP or entropy source.
     if (cfg.deviceThread) thread = new DeviceThread(layout);

@@ -5,7 +5,8 @@
  * moves the device with it: its MMIO range and doorbell ioeventfds are re-registered at
  * the new address, or dropped while decoding is off or the address is unusable (outside
  * the window or over another range), never a crash. INTx is a level-triggered IOAPIC pin
- * shared by every fourth device (irqfd with resample, re-raised while the ISR is set);
+ * shared by every fourth device (irqfd with resample, re-raised while the ISR is set); the
+ * ISR's read-to-clear is answered by the vCPU threads (shared registers, moved with the BAR);
  * MSI-X vectors are KVM MSI routes with irqfds (irq_routing.ts).
  */
 
@@ -31,6 +32,7 @@ import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { type Bar, CMD } from "../devices/pci/config_space.ts";
 import { PciBus } from "../devices/pci/bus.ts";
 import { type PciBarHandler, type PciFlavor, VirtioPci } from "../transports/pci.ts";
+import { SHARED_READ_CLEAR, type SharedRegisters } from "./shared_regs.ts";
 
 /** The VM operations the PCI bus uses (a VmFd; tests record them). */
 export type PciVm = Pick<VmFd, "irqfd" | "irqfdDeassign" | "ioeventfd" | "setGsiRouting">;
@@ -75,6 +77,8 @@ export class PciDevices {
   /** Where each BAR of each function decodes now, keyed by "slot:bar". */
   private readonly mappings = new Map<string, Mapping>();
   private readonly notifyFds = new Map<VirtioPci, number[]>();
+  /** The shared-register entry of each BAR's ISR, keyed by "slot:bar". */
+  private readonly isrEntries = new Map<string, number>();
 
   /** The bus on `pio` (0xCF8) and `mmio` (ECAM); devices get interrupts through `vm`. */
   constructor(
@@ -85,6 +89,7 @@ export class PciDevices {
     private readonly loop: EventLoop,
     private readonly routing: GsiRouting,
     private readonly mmio64: [number, number],
+    private readonly shared?: SharedRegisters,
   ) {
     pio.register(0xcf8, 8, this.bus.ports, "PCI config ports");
     mmio.register(ECAM_START, ECAM_SIZE, this.bus.ecam, "PCI ECAM");
@@ -97,12 +102,25 @@ export class PciDevices {
     this.fds.push(irqFd, resampleFd);
     const router = this.routing.router(device.queueMaxSizes.length + 1);
     this.routers.push(router);
+    // With a shared-register table, vCPU threads answer the ISR register's read-to-clear
+    // themselves (the driver reads it on every INTx interrupt): one entry per BAR holding it,
+    // moved with the BAR.
+    const isrCell = this.shared?.cell();
     const transport = new VirtioPci(device, this.memory, {
       intx: { trigger: () => signalEventfd(irqFd) },
       msi: router,
       flavor: PCI_FLAVOR[kind],
+      isr: isrCell,
     });
     const slot = this.bus.add(transport);
+    if (isrCell) {
+      for (const h of transport.barHandlers()) {
+        if (h.isrOffset === undefined) continue;
+        const entry = this.shared!.map(0, SHARED_READ_CLEAR, isrCell, undefined, h.kind === "io");
+        this.shared!.move(entry, undefined); // off until the BAR decodes somewhere
+        this.isrEntries.set(`${slot}:${h.index}`, entry);
+      }
+    }
     const gsi = PCI_INTX_GSIS[slot % PCI_INTX_GSIS.length];
     this.vm.irqfd(irqFd, gsi, resampleFd);
     // A device on the device thread watches the resample eventfd there.
@@ -180,7 +198,9 @@ export class PciDevices {
     const cur = this.mappings.get(key);
     if (cur?.base === want) return;
     const bus = io ? this.pio : this.mmio;
+    const isrEntry = this.isrEntries.get(key);
     if (cur) {
+      if (isrEntry !== undefined) this.shared!.move(isrEntry, undefined);
       bus.unregister(cur.base);
       for (const d of cur.doorbells) {
         if (d.ok) {
@@ -200,6 +220,7 @@ export class PciDevices {
     } catch {
       return; // over another device's range: the BAR does not decode until moved again
     }
+    if (isrEntry !== undefined) this.shared!.move(isrEntry, want + h.isrOffset!);
     const fds = this.notifyFds.get(t) ?? [];
     const doorbells = h.doorbells.map((d) => {
       const door = {

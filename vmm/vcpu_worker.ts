@@ -1,6 +1,7 @@
 /**
  * A vCPU thread: creates its vCPU, sets the boot state, and runs KVM_RUN synchronously.
- * Port I/O and MMIO exits go to the device thread through the shared mailbox.
+ * Port I/O and MMIO exits go to the device thread through the shared mailbox, except the
+ * registers it answers itself (vmm/shared_regs.ts).
  */
 
 /// <reference lib="deno.worker" />
@@ -137,6 +138,7 @@ function runLoop(init: VcpuInit, vcpu: VcpuFd): VcpuExitReport {
         const count = rv.getUint32(RUN.ioCount, true);
         // KVM puts the data within the run mapping, at an offset under 4 GiB.
         const off = rv.getUint32(RUN.ioDataOffset, true);
+        if (count === 1 && sharedAccess(shared, port, out, size, ioData(off), true)) break;
         for (let i = 0; i < count; i++) access(KIND_PIO, out, port, size, ioData(off + i * size));
         break;
       }

@@ -15,6 +15,8 @@ import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { GuestRam } from "../harness/virtio_driver.ts";
 import { MODERN_BAR } from "../../transports/pci.ts";
 import { ECAM_START } from "../../vmm/arch/x86_64/layout.ts";
+import { sharedAccess, SharedRegisters } from "../../vmm/shared_regs.ts";
+import { LEGACY_REG } from "../../transports/pci_legacy.ts";
 
 class RecordingVm implements PciVm {
   ioeventfds = new Map<number, number>(); // addr -> fd
@@ -102,6 +104,57 @@ Deno.test("pci devices: a BAR moved by the guest moves the device and its doorbe
   assert.equal(numQueues(2 ** 33 + base), 1, "a 64-bit address above RAM");
   await pci.close();
   await loop.stop();
+});
+
+Deno.test("pci devices: vCPU threads answer the ISR's read-to-clear wherever the guest puts the BAR", () => {
+  const vm = new RecordingVm();
+  const pio = new Bus("pio"), mmio = new Bus("mmio");
+  const ram = new GuestRam(1 << 20);
+  const shared = new SharedRegisters();
+  const pci = new PciDevices(
+    vm,
+    pio,
+    mmio,
+    ram.mem,
+    new EventLoop(),
+    new GsiRouting(vm),
+    [2 ** 33, 2 ** 34],
+    shared,
+  );
+  const modern = pci.add(new VirtioRng({ fill: (b) => b.fill(1) }), "pci");
+  const legacy = pci.add(new VirtioRng({ fill: (b) => b.fill(2) }), "pci-legacy");
+  const w = new Int32Array(shared.buffer);
+  const d = new Uint8Array(8);
+  const vcpuRead = (addr: number, port: boolean) =>
+    sharedAccess(w, addr, false, 1, d, port) ? d[0] : undefined;
+  const setIsr = (p: typeof modern, v: number) =>
+    Atomics.store(p.transport.core.isr.array, p.transport.core.isr.index, v);
+  const mbase = modern.transport.config.bar(0)!.address;
+  const lbase = legacy.transport.config.bar(0)!.address;
+  setIsr(modern, 1);
+  setIsr(legacy, 3);
+  assert.equal(vcpuRead(mbase + MODERN_BAR.isr, false), 1, "modern: the memory BAR's ISR");
+  assert.equal(modern.transport.core.interruptStatus, 0, "read-to-clear, as the register file's read");
+  assert.equal(vcpuRead(lbase + LEGACY_REG.isr, true), 3, "legacy: the I/O BAR's ISR");
+  assert.equal(legacy.transport.core.interruptStatus, 0);
+  assert.equal(vcpuRead(mbase + MODERN_BAR.isr + 1, false), undefined, "other registers go to the device");
+  // The guest moves the modern BAR, then turns the legacy function's I/O decoding off.
+  const ecam = (slot: number, off: number, v: number, size = 4) => {
+    const b = new Uint8Array(size);
+    for (let i = 0; i < size; i++) b[i] = (v >>> (8 * i)) & 0xff;
+    mmio.write(ECAM_START + (slot << 15) + off, b);
+  };
+  ecam(modern.slot, 0x10, 0xc010_0000);
+  setIsr(modern, 1);
+  assert.equal(vcpuRead(mbase + MODERN_BAR.isr, false), undefined, "not at the old address");
+  assert.equal(modern.transport.core.interruptStatus, 1);
+  assert.equal(vcpuRead(0xc010_0000 + MODERN_BAR.isr, false), 1, "at the new one");
+  ecam(legacy.slot, 0x04, 0x2, 2); // memory only, no I/O
+  setIsr(legacy, 1);
+  assert.equal(vcpuRead(lbase + LEGACY_REG.isr, true), undefined, "I/O decoding off: nowhere");
+  assert.equal(legacy.transport.core.interruptStatus, 1);
+  ecam(legacy.slot, 0x04, 0x3, 2);
+  assert.equal(vcpuRead(lbase + LEGACY_REG.isr, true), 1, "decoding on again: back");
 });
 
 Deno.test("pci devices: MSI-X vectors become routes beside the irqchip's pins; masking deassigns first", async () => {

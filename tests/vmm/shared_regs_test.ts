@@ -1,5 +1,11 @@
 import { deepEqual, equal, throws } from "node:assert/strict";
-import { SHARED_CLEAR, SHARED_READ, sharedAccess, SharedRegisters } from "../../vmm/shared_regs.ts";
+import {
+  SHARED_CLEAR,
+  SHARED_READ,
+  SHARED_READ_CLEAR,
+  sharedAccess,
+  SharedRegisters,
+} from "../../vmm/shared_regs.ts";
 import { VirtioMmio } from "../../transports/mmio.ts";
 import { REG } from "../../transports/mmio_core.ts";
 import { GuestMemory } from "../../vmm/memory.ts";
@@ -26,6 +32,43 @@ Deno.test("shared registers: a mapped read returns the cell, a mapped write clea
   equal(sharedAccess(w, 0xd000_0060, true, 4, le(0)), false);
   equal(sharedAccess(w, 0xd000_0064, false, 4, d), false);
   equal(Atomics.load(c.array, c.index), 0b010);
+});
+
+Deno.test("shared registers: a read-to-clear register (PCI's ISR) in port or memory space, moved or turned off", () => {
+  const t = new SharedRegisters();
+  const c = t.cell();
+  const port = t.map(0xc013, SHARED_READ_CLEAR, c, undefined, true);
+  const mem = t.map(0xc000_1000, SHARED_READ_CLEAR, c);
+  const w = new Int32Array(t.buffer);
+  const d = new Uint8Array(8);
+  Atomics.store(c.array, c.index, 0b11);
+  equal(sharedAccess(w, 0xc013, false, 1, d, true), true, "a one-byte port read");
+  equal(d[0], 3);
+  equal(Atomics.load(c.array, c.index), 0, "the read cleared it");
+  equal(sharedAccess(w, 0xc013, false, 1, d, true), true);
+  equal(d[0], 0, "and the next read sees zero");
+  Atomics.store(c.array, c.index, 1);
+  // Not ours: the same number in the other space, another width, a write.
+  equal(sharedAccess(w, 0xc013, false, 1, d), false, "memory address 0xc013 is not the port");
+  equal(sharedAccess(w, 0xc000_1000, false, 1, d, true), false, "port 0xc0001000 is not the memory");
+  equal(sharedAccess(w, 0xc013, false, 4, d, true), false);
+  equal(sharedAccess(w, 0xc013, true, 1, d, true), false);
+  equal(Atomics.load(c.array, c.index), 1, "none of those touched the cell");
+  equal(sharedAccess(w, 0xc000_1000, false, 1, d), true);
+  equal(d[0], 1);
+  // The BAR moves: the old address falls through to the device thread, the new one answers.
+  Atomics.store(c.array, c.index, 2);
+  t.move(mem, 0xc010_1000);
+  equal(sharedAccess(w, 0xc000_1000, false, 1, d), false);
+  equal(Atomics.load(c.array, c.index), 2);
+  equal(sharedAccess(w, 0xc010_1000, false, 1, d), true);
+  equal(d[0], 2);
+  // Decoding off: nowhere; on again at the same place: back.
+  t.move(port, undefined);
+  equal(sharedAccess(w, 0xc013, false, 1, d, true), false);
+  t.move(port, 0xc013);
+  equal(sharedAccess(w, 0xc013, false, 1, d, true), true);
+  throws(() => t.move(7, 0), /no shared register/);
 });
 
 Deno.test("shared registers: a line needs a clearing register and a table made for a VM", () => {
