@@ -116,8 +116,8 @@ export class PciDevices {
     if (isrCell) {
       for (const h of transport.barHandlers()) {
         if (h.isrOffset === undefined) continue;
-        const entry = this.shared!.map(0, SHARED_READ_CLEAR, isrCell, undefined, h.kind === "io");
-        this.shared!.move(entry, undefined); // off until the BAR decodes somewhere
+        // Off until the BAR decodes somewhere (remapBar).
+        const entry = this.shared!.map(undefined, SHARED_READ_CLEAR, isrCell, undefined, h.kind === "io");
         this.isrEntries.set(`${slot}:${h.index}`, entry);
       }
     }

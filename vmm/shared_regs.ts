@@ -76,10 +76,10 @@ export class SharedRegisters {
    * Makes accesses at `addr` (guest physical, or an I/O port with `pio`) do `op` on `cell`
    * in the vCPU thread: 4-byte ones for SHARED_READ and SHARED_CLEAR, 1-byte reads for
    * SHARED_READ_CLEAR. With `lineGsi` (SHARED_CLEAR only), a clear that leaves the cell zero
-   * lowers that GSI (followIsr), the cell being the line's InterruptStatus. Returns the
-   * entry, for `move`.
+   * lowers that GSI (followIsr), the cell being the line's InterruptStatus. An undefined
+   * `addr` makes the entry off until `move` gives it one. Returns the entry, for `move`.
    */
-  map(addr: number, op: SharedOp, cell: SharedCell, lineGsi?: number, pio = false): number {
+  map(addr: number | undefined, op: SharedOp, cell: SharedCell, lineGsi?: number, pio = false): number {
     if (cell.array !== this.words) throw new RangeError("the cell belongs to another table");
     if (lineGsi !== undefined && (op !== SHARED_CLEAR || this.words[1] < 0)) {
       throw new RangeError("a line needs a clearing register and the table's VM fd");
@@ -87,11 +87,12 @@ export class SharedRegisters {
     const n = this.words[0];
     if (n >= MAX_ENTRIES) throw new RangeError(`at most ${MAX_ENTRIES} shared registers`);
     const e = ENTRIES_AT + n * ENTRY_WORDS;
-    this.words[e] = addr | 0;
-    this.words[e + 1] = Math.floor(addr / 0x1_0000_0000);
-    this.words[e + 2] = op | (pio ? SPACE_PIO : 0) | (lineGsi === undefined ? 0 : (lineGsi + 1) << 8);
+    const word = op | (pio ? SPACE_PIO : 0) | (lineGsi === undefined ? 0 : (lineGsi + 1) << 8);
+    this.words[e] = (addr ?? 0) | 0;
+    this.words[e + 1] = Math.floor((addr ?? 0) / 0x1_0000_0000);
+    this.words[e + 2] = addr === undefined ? 0 : word;
     this.words[e + 3] = cell.index;
-    this.ops.push(this.words[e + 2]);
+    this.ops.push(word);
     this.words[0] = n + 1;
     return n;
   }
