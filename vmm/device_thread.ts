@@ -22,6 +22,7 @@ import type { RngOptions } from "../devices/virtio/rng.ts";
 import type { IsrLine } from "./isr_line.ts";
 import { signalEventfd } from "./event_loop.ts";
 import { sysClose, sysEventfd } from "./sys/libc.ts";
+import { rehearsalRequests } from "./rehearsal.ts";
 
 /** What the worker builds a device from (structured-cloneable). */
 export type DeviceSpec =
@@ -85,7 +86,14 @@ export interface QueueState {
 
 /** Messages to the worker. */
 export type ToWorker =
-  | { op: "init"; memory: SharedMemoryLayout; control: SharedArrayBuffer; controlFd: number; nice: number }
+  | {
+    op: "init";
+    memory: SharedMemoryLayout;
+    control: SharedArrayBuffer;
+    controlFd: number;
+    nice: number;
+    rehearse: number;
+  }
   | { op: "add"; id: number; spec: DeviceSpec; notifyFds: number[]; route: InterruptRoute }
   | { op: "activate"; id: number; features: bigint; queues: QueueState[] }
   | { op: "reset"; id: number; seq: number }
@@ -129,9 +137,14 @@ export class DeviceThread {
 
   /**
    * Starts the worker over guest RAM laid out as `memory`. The worker raises its own
-   * priority to `nice` where the process may (see DEVICE_THREAD_NICE).
+   * priority to `nice` where the process may (see DEVICE_THREAD_NICE), and warms its code up
+   * with `rehearse` requests per device kind (vmm/rehearsal.ts; 0: none).
    */
-  constructor(memory: SharedMemoryLayout, nice: number = DEVICE_THREAD_NICE) {
+  constructor(
+    memory: SharedMemoryLayout,
+    nice: number = DEVICE_THREAD_NICE,
+    rehearse: number = rehearsalRequests(),
+  ) {
     this.worker = new Worker(new URL("./device_worker.ts", import.meta.url), { type: "module" });
     this.worker.onmessage = (e: MessageEvent<FromWorker>) => this.receive(e.data);
     this.worker.onerror = (e) => {
@@ -149,6 +162,7 @@ export class DeviceThread {
       control: this.control.buffer as SharedArrayBuffer,
       controlFd: this.controlFd,
       nice,
+      rehearse,
     });
   }
 

@@ -7,19 +7,20 @@
 /// <reference lib="deno.worker" />
 
 import { drainEventfd, EventLoop, nextTurn, signalEventfd } from "./event_loop.ts";
-import { pinnedCalls, sysSetThreadNice } from "./sys/libc.ts";
+import { pinnedCalls, sysClose, sysEventfd, sysSetThreadNice } from "./sys/libc.ts";
 import { GuestMemory } from "./memory.ts";
 import { FileBackend } from "./block_file.ts";
 import { Tap } from "./tap.ts";
-import type { FromWorker, InterruptRoute, ToWorker } from "./device_thread.ts";
+import type { DeviceSpec, FromWorker, InterruptRoute, QueueState, ToWorker } from "./device_thread.ts";
 import type { VirtioDevice, VirtioInterrupt } from "../devices/virtio/device.ts";
-import { SplitQueue } from "../devices/virtio/queue.ts";
+import { SplitQueue, VIRTIO_F_VERSION_1 } from "../devices/virtio/queue.ts";
 import { VirtioBlk } from "../devices/virtio/blk.ts";
 import { VirtioRng } from "../devices/virtio/rng.ts";
 import { VirtioNet } from "../devices/virtio/net.ts";
 import { INT_USED_RING } from "../transports/virtio_core.ts";
 import { PLAN, VIRTIO_MSI_NO_VECTOR } from "../transports/pci.ts";
 import { followIsr } from "./isr_line.ts";
+import { RehearsalDriver, rehearsalSpec, SCRATCH_BYTES } from "./rehearsal.ts";
 
 // Timers set here (a rate limit's wait, a queue's next pass) need the V8 event loop: while
 // any is pending the loop waits through the blocking pool instead of blocking this thread.
@@ -41,11 +42,16 @@ g.clearTimeout = (id?: unknown) => {
 };
 
 interface Entry {
+  kind: DeviceSpec["kind"];
   device: VirtioDevice;
   irq: VirtioInterrupt;
   active: boolean;
   queues: SplitQueue[];
   split: RequestSplit;
+  /** A rehearsal's twin (rehearsal.ts), not a guest's device. */
+  twin: boolean;
+  /** Takes its fds out of the loop. */
+  unwatch: Array<() => void>;
 }
 
 /** One kind of span: how many, and the latest 256 of them (ms) for a median. */
@@ -137,7 +143,12 @@ const post = (m: FromWorker) => self.postMessage(m);
  * irqfd line's resample eventfd (PCI INTx) is watched here: raised again while the ISR is
  * not zero.
  */
-function interruptFor(id: number, route: InterruptRoute, split: RequestSplit): VirtioInterrupt {
+function interruptFor(
+  id: number,
+  route: InterruptRoute,
+  split: RequestSplit,
+  needsReset: (reason: string) => void = (reason) => post({ op: "needsReset", id, reason }),
+): VirtioInterrupt {
   const isr = new Int32Array(route.isr.buffer);
   const at = route.isr.index;
   const plan = route.msix ? new Int32Array(route.msix.plan) : undefined;
@@ -166,12 +177,11 @@ function interruptFor(id: number, route: InterruptRoute, split: RequestSplit): V
       } else if (lineFd !== undefined) signalEventfd(lineFd);
     },
     signalConfig: () => post({ op: "config", id }),
-    needsReset: (reason) => post({ op: "needsReset", id, reason }),
+    needsReset,
   };
 }
 
-function build(m: Extract<ToWorker, { op: "add" }>): VirtioDevice {
-  const s = m.spec;
+function build(s: DeviceSpec): VirtioDevice {
   switch (s.kind) {
     case "blk":
       return new VirtioBlk(FileBackend.adopt(s.disk), { serial: s.serial });
@@ -191,12 +201,15 @@ function init(m: Extract<ToWorker, { op: "init" }>): void {
     try {
       const e = sysSetThreadNice(m.nice);
       if (e !== 0) refused = ` (nice ${m.nice} refused, errno ${e})`;
+      // It may raise its priority: a rehearsal can run at nice 19 and come back.
+      else if (m.nice < 0) niceAfterRehearsal = m.nice;
     } catch (e) {
       refused = ` (nice ${m.nice} not set: ${(e as Error).message})`;
     }
     // What the thread runs at, read back (the process may have had a nice value already).
     priority = `nice=${threadNice()}${refused}`;
   }
+  rehearsalRequests = m.rehearse;
   control = new Int32Array(m.control);
   const host = Deno.UnsafePointerView.getArrayBuffer(
     Deno.UnsafePointer.create(m.memory.base)!,
@@ -208,7 +221,11 @@ function init(m: Extract<ToWorker, { op: "init" }>): void {
   loop = new EventLoop({
     canBlock: () => inbox.length === 0 && pinnedCalls() === 0 && timers.size === 0,
     // No device waits on a promise: nothing queued by the handlers is left to run.
-    settled: () => entries.every((e) => !(e.device.pending! > 0)),
+    settled: () => {
+      for (const e of entries) if (e && e.device.pending! > 0) return false;
+      for (const r of rehearsals) if (r.entry.device.pending! > 0) return false;
+      return true;
+    },
     // Messages first: a doorbell rung after DRIVER_OK must find the device started.
     beforeDispatch: (ready) => ready.includes(controlFd) ? takeMessages() : undefined,
   });
@@ -219,38 +236,183 @@ function init(m: Extract<ToWorker, { op: "init" }>): void {
   loop.start();
 }
 
+/**
+ * Builds the device of `spec` and watches its doorbells. Edge-triggered: each notify wakes
+ * this loop once, so the counter is never read (a system call less on every request's way
+ * in). It only grows, by one per notify, and 2^64 notifies are out of reach.
+ */
+function addEntry(id: number, spec: DeviceSpec, route: InterruptRoute, notifyFds: number[]): Entry {
+  const twin = id < 0;
+  const split = new RequestSplit();
+  const e: Entry = {
+    kind: spec.kind,
+    device: build(spec),
+    irq: interruptFor(id, route, split, twin ? (why) => void endRehearsalOf(e, why) : undefined),
+    active: false,
+    queues: [],
+    split,
+    twin,
+    unwatch: [],
+  };
+  notifyFds.forEach((fd, q) =>
+    e.unwatch.push(loop!.add(fd, () => {
+      if (!e.active || !e.queues[q]?.ready) return;
+      // The guest has started using its devices: whatever is still being rehearsed runs
+      // at the thread's own priority from here on.
+      if (!e.twin && !guestStarted) {
+        guestStarted = true;
+        loud();
+      }
+      split.doorbell();
+      e.device.notify(q);
+    }, { edge: true }))
+  );
+  return e;
+}
+
+/** DRIVER_OK: starts `e` on `queues`; returns why it could not start, if it could not. */
+function activateEntry(
+  e: Entry,
+  features: bigint,
+  queues: QueueState[],
+  mem: GuestMemory,
+): string | undefined {
+  e.queues = queues.map((s) => Object.assign(new SplitQueue(s.maxSize), s));
+  e.active = true;
+  try {
+    e.device.activate({ memory: mem, queues: e.queues, features, interrupt: e.irq });
+  } catch (err) {
+    e.active = false;
+    return (err as Error).message;
+  }
+  return undefined;
+}
+
+/** A device kind's rehearsal in progress (rehearsal.ts). */
+interface Rehearsal {
+  entry: Entry;
+  driver: RehearsalDriver;
+  doorbell: number;
+  irqFd: number;
+  isr: Int32Array;
+  plan: Int32Array;
+  served: number;
+  startedAt: number;
+  ending?: Promise<void>;
+}
+
+/** Requests each device kind is rehearsed with (0: none). */
+let rehearsalRequests = 0;
+const rehearsals = new Set<Rehearsal>();
+/** Per device kind: how its rehearsal went, for the report. */
+const rehearsed = new Map<string, string>();
+/** The nice value to come back to after a rehearsal at nice 19 (set where allowed). */
+let niceAfterRehearsal: number | undefined;
+let quieted = false;
+/** A guest's doorbell has rung: no rehearsal lowers the priority any more. */
+let guestStarted = false;
+
+/** Rehearsals run at nice 19 where the thread may come back: only idle CPU time. */
+function quiet(): void {
+  if (quieted || guestStarted || niceAfterRehearsal === undefined) return;
+  quieted = sysSetThreadNice(19) === 0;
+}
+
+function loud(): void {
+  if (!quieted) return;
+  quieted = false;
+  sysSetThreadNice(niceAfterRehearsal!);
+}
+
+/** Starts the rehearsal of `spec`'s kind unless one ran or runs already. */
+function startRehearsal(spec: DeviceSpec): void {
+  if (rehearsalRequests <= 0 || rehearsed.has(spec.kind)) return;
+  const twin = rehearsalSpec(spec);
+  if (!twin) return;
+  rehearsed.set(spec.kind, "running");
+  const doorbell = sysEventfd();
+  const irqFd = sysEventfd();
+  const isr = new Int32Array(new SharedArrayBuffer(4));
+  // Interrupts alternate between the line's way and an MSI-X vector's, so both are warm.
+  const plan = new Int32Array(new SharedArrayBuffer(4 * 2));
+  const route: InterruptRoute = {
+    isr: { buffer: isr.buffer as SharedArrayBuffer, index: 0 },
+    lineFd: irqFd,
+    msix: { plan: plan.buffer as SharedArrayBuffer, vectorFds: [irqFd] },
+  };
+  const entry = addEntry(-1, twin, route, [doorbell]);
+  const features = entry.device.features | (1n << VIRTIO_F_VERSION_1);
+  const driver = new RehearsalDriver(twin, new Uint8Array(SCRATCH_BYTES), features);
+  driver.queueMax = entry.device.queueMaxSizes[0];
+  const r: Rehearsal = { entry, driver, doorbell, irqFd, isr, plan, served: 0, startedAt: performance.now() };
+  rehearsals.add(r);
+  entry.unwatch.push(loop!.add(irqFd, () => rehearsalStep(r)));
+  const queues = entry.device.queueMaxSizes.map((max, i) => {
+    const q = driver.queue(max);
+    return i === 0 ? q : { ...q, ready: false };
+  });
+  const why = activateEntry(entry, features, queues, driver.memory);
+  if (why) return void endRehearsal(r, why);
+  quiet();
+  driver.post();
+  signalEventfd(doorbell);
+}
+
+/** The twin interrupted: take its answer and post the next request, or end. */
+function rehearsalStep(r: Rehearsal): void {
+  drainEventfd(r.irqFd);
+  Atomics.store(r.isr, 0, 0); // as a driver's ISR read would
+  const n = r.driver.takeUsed();
+  if (n < 0) return void endRehearsal(r, "a request came back wrong");
+  r.served += n;
+  if (r.served >= rehearsalRequests) return void endRehearsal(r);
+  if (r.driver.inFlight > 0) return;
+  Atomics.store(r.plan, 0, r.served & 1 ? PLAN.MSIX : PLAN.LINE);
+  r.driver.post();
+  signalEventfd(r.doorbell);
+}
+
+function endRehearsalOf(e: Entry, why: string): Promise<void> {
+  for (const r of rehearsals) if (r.entry === e) return endRehearsal(r, why);
+  return Promise.resolve();
+}
+
+/**
+ * Ends a rehearsal: its fds leave the loop, its twin is reset (waiting for a transfer still
+ * in flight) and the fds are closed. With none left the thread goes back to its priority.
+ */
+function endRehearsal(r: Rehearsal, why?: string): Promise<void> {
+  r.ending ??= (async () => {
+    const ms = performance.now() - r.startedAt;
+    for (const u of r.entry.unwatch) u();
+    r.entry.active = false;
+    await r.entry.device.reset();
+    sysClose(r.doorbell);
+    sysClose(r.irqFd);
+    rehearsals.delete(r);
+    rehearsed.set(
+      r.entry.kind,
+      `${r.served}/${rehearsalRequests},${ms.toFixed(0)}ms${why ? `,${why.replaceAll(" ", "_")}` : ""}`,
+    );
+    if (rehearsals.size === 0) loud();
+  })();
+  return r.ending;
+}
+
 /** Acts on one message. Nothing here waits: answers that must wait are posted when ready. */
 function take(m: ToWorker): void {
   switch (m.op) {
     case "init":
       return init(m);
     case "add": {
-      const device = build(m);
-      const split = new RequestSplit();
-      const e: Entry = { device, irq: interruptFor(m.id, m.route, split), active: false, queues: [], split };
-      entries[m.id] = e;
-      // Edge-triggered doorbells: each notify wakes this loop once, so the counter is never
-      // read (a system call less on every request's way in). It only grows, by one per
-      // notify, and 2^64 notifies are out of reach.
-      m.notifyFds.forEach((fd, q) =>
-        loop!.add(fd, () => {
-          if (!e.active || !e.queues[q]?.ready) return;
-          split.doorbell();
-          e.device.notify(q);
-        }, { edge: true })
-      );
+      entries[m.id] = addEntry(m.id, m.spec, m.route, m.notifyFds);
+      startRehearsal(m.spec);
       return;
     }
     case "activate": {
       const e = entries[m.id];
-      e.queues = m.queues.map((s) => Object.assign(new SplitQueue(s.maxSize), s));
-      e.active = true;
-      try {
-        e.device.activate({ memory: memory!, queues: e.queues, features: m.features, interrupt: e.irq });
-      } catch (err) {
-        e.active = false;
-        post({ op: "needsReset", id: m.id, reason: `activation failed: ${(err as Error).message}` });
-      }
+      const why = activateEntry(e, m.features, m.queues, memory!);
+      if (why) post({ op: "needsReset", id: m.id, reason: `activation failed: ${why}` });
       return;
     }
     case "reset": {
@@ -271,12 +433,14 @@ function take(m: ToWorker): void {
           const qs = e.queues.map((q, i) => `q${i}: avail=${q.nextAvail} used=${q.nextUsed}`).join(" ");
           return `${qs}${
             e.device.describe ? ` ${e.device.describe()}` : ""
-          } ${e.split.describe()} ${priority}`;
+          } ${e.split.describe()} ${priority} warmup=${rehearsed.get(e.kind) ?? "none"}`;
         }),
       });
       return;
     case "stop":
-      void loop!.stop().then(() => post({ op: "done", seq: m.seq }));
+      void Promise.all([...rehearsals].map((r) => endRehearsal(r, "stopped")))
+        .then(() => loop!.stop())
+        .then(() => post({ op: "done", seq: m.seq }));
       return;
   }
 }

@@ -27,6 +27,7 @@ import { buildExitFloor, exitFloor, exitRoundTrip } from "./exit_bench.ts";
 import { hostKvmRunsStockKernels, hostKvmUsable, nestedUnavailable, runNested } from "../nested/runner.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
 import { buildToolsDisk } from "../../vmm/guest/tools_disk.ts";
+import { sysGetAffinity } from "../../vmm/sys/libc.ts";
 
 const runs = Number(Deno.env.get("TSVMM_BENCH_RUNS") ?? "5");
 const deviceRuns = Number(Deno.env.get("TSVMM_BENCH_DEVICE_RUNS") ?? "3");
@@ -45,6 +46,17 @@ const sinkAt = (where: string): BenchSink => ({
 });
 
 const HERE = "this host's /dev/kvm";
+const HERE_KVM = "this host's KVM";
+
+/** The exit figures' names (ours by port I/O and by MMIO, then the C floor) at `at`. */
+function exitFigureNames(at: string, pinned: boolean): [string, string, string] {
+  const how = `${at}, ${pinned ? "pinned" : "unpinned"}`;
+  return [
+    `vCPU exit round trip, pio (${how})`,
+    `vCPU exit round trip, mmio (${how})`,
+    `C floor: the same pio loop in a C VMM (${how})`,
+  ];
+}
 const L1 = "nested L1 (QEMU TCG, emulated SVM)";
 const kvmHere = hostKvmUsable();
 const native = hostKvmRunsStockKernels();
@@ -59,32 +71,50 @@ if (parts.includes("exits")) {
   }
 }
 
+/**
+ * The exit round trip on this host's KVM in two configurations, each beside the C floor run
+ * the same way: pinned (our vCPU thread on a CPU of its own and every other thread on the
+ * first, as in the device figures; the C program on the vCPU's CPU) and unpinned. The rounds
+ * of ours and of the floor alternate, so a drift of the host moves both.
+ */
 async function exitsHere(): Promise<void> {
   const sink = sinkAt(HERE);
   console.log(`== vCPU exit round trip (guest write -> device -> resume) on ${HERE}`);
-  const take = async (name: string, f: (onRound: (v: number) => void) => Promise<number[]>) => {
-    try {
-      const r = await f((v) => sink.value(name, v, "us/exit"));
-      const round = (x: number) => Math.round(x * 100) / 100;
-      figures.push({ name, unit: "us/exit", runs: r.map(round), median: round(median(r)), where: HERE });
-    } catch (e) {
-      sink.missing(name, (e as Error).message);
+  const round = (x: number) => Math.round(x * 100) / 100;
+  // pinVcpus puts vCPU 0 on the second CPU this process may use.
+  const vcpuCpu = sysGetAffinity()[1];
+  for (const pinned of [true, false]) {
+    if (pinned && vcpuCpu === undefined) {
+      for (const name of exitFigureNames(HERE_KVM, true)) sink.missing(name, "fewer than 2 CPUs to pin to");
+      continue;
     }
-  };
-  await take(
-    "vCPU exit round trip, pio (this host's KVM)",
-    (onRound) => exitRoundTrip("pio", 20_000, 5, 120_000, onRound),
-  );
-  await take(
-    "vCPU exit round trip, mmio (this host's KVM)",
-    (onRound) => exitRoundTrip("mmio", 20_000, 5, 120_000, onRound),
-  );
-  await take("C floor: the same pio loop in a C VMM (this host's KVM)", async (onRound) => {
-    if (!floor) throw new Error(floorError);
-    const r = await exitFloor(floor);
-    r.forEach(onRound);
-    return r;
-  });
+    const [pio, mmio, cFloor] = exitFigureNames(HERE_KVM, pinned);
+    const runs = new Map<string, number[]>([[pio, []], [mmio, []], [cFloor, []]]);
+    const failed = new Set<string>();
+    const take = async (name: string, f: () => Promise<number[]>) => {
+      if (failed.has(name)) return;
+      try {
+        const [v] = await f();
+        runs.get(name)!.push(v);
+        sink.value(name, v, "us/exit");
+      } catch (e) {
+        failed.add(name);
+        sink.missing(name, (e as Error).message);
+      }
+    };
+    for (let r = 0; r < 5; r++) {
+      await take(cFloor, () => {
+        if (!floor) throw new Error(floorError);
+        return exitFloor(floor, 20_000, 1, 120_000, pinned ? vcpuCpu : undefined);
+      });
+      await take(pio, () => exitRoundTrip("pio", 20_000, 1, 120_000, undefined, pinned));
+      await take(mmio, () => exitRoundTrip("mmio", 20_000, 1, 120_000, undefined, pinned));
+    }
+    for (const [name, r] of runs) {
+      if (failed.has(name)) continue;
+      figures.push({ name, unit: "us/exit", runs: r.map(round), median: round(median(r)), where: HERE });
+    }
+  }
 }
 
 if (parts.includes("exits")) {
@@ -150,6 +180,7 @@ if (native && wantVms) {
           vmTimeoutS: Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S"),
           transports: Deno.env.get("TSVMM_BENCH_TRANSPORTS"),
           deviceThread: Deno.env.get("TSVMM_DEVICE_THREAD"),
+          rehearse: Deno.env.get("TSVMM_REHEARSE"),
           scaleTransports: Deno.env.get("TSVMM_BENCH_SCALE_TRANSPORTS"),
           fioSeconds: Deno.env.get("TSVMM_BENCH_FIO_S"),
         }),
@@ -175,12 +206,14 @@ await Deno.remove(tmp, { recursive: true });
 // Every figure asked for, measured at least once?
 const expected: string[] = [];
 if (parts.includes("exits")) {
-  const at = kvmHere ? "this host's KVM" : "L1's KVM";
-  expected.push(
-    `vCPU exit round trip, pio (${at})`,
-    `vCPU exit round trip, mmio (${at})`,
-    `C floor: the same pio loop in a C VMM (${at})`,
-  );
+  if (kvmHere) expected.push(...exitFigureNames(HERE_KVM, true), ...exitFigureNames(HERE_KVM, false));
+  else {
+    expected.push(
+      "vCPU exit round trip, pio (L1's KVM)",
+      "vCPU exit round trip, mmio (L1's KVM)",
+      "C floor: the same pio loop in a C VMM (L1's KVM)",
+    );
+  }
 }
 if (parts.includes("boot")) {
   expected.push(
@@ -200,7 +233,6 @@ for (const name of expected) {
 // Each tsvmm figure beside its peer (QEMU's figure of the same kind, or the C floor), with the ratio.
 console.log("\n== figures (medians)");
 const bootQemu = figures.find((f) => f.name.startsWith("QEMU microvm"));
-const floorFig = figures.find((f) => f.name.startsWith("C floor"));
 for (const f of figures) {
   const isBoot = f.name.includes("/init marker");
   // Times (boots, ping round trips) compare as "x QEMU's time", costs (CPU, RSS) as "x QEMU's
@@ -208,10 +240,9 @@ for (const f of figures) {
   const isTime = isBoot || f.unit === "ms" || f.unit === "us";
   const isCost = COST_UNITS.includes(f.unit);
   const isExit = f.name.startsWith("vCPU exit");
-  const peer = isBoot
-    ? bootQemu
-    : isExit
-    ? floorFig
+  const peer = isBoot ? bootQemu : isExit
+    // The floor taken the same way: the same "(where[, pinning])" ending.
+    ? figures.find((x) => x.name.startsWith("C floor") && x.name.endsWith(f.name.slice(f.name.indexOf(" ("))))
     : figures.find((x) => x.name === f.name.replace(/^tsvmm/, "QEMU"));
   const ratio = f.name.startsWith("QEMU") || f.name.startsWith("C floor") || !peer
     ? ""

@@ -28,7 +28,8 @@ function loopGuest(n: number, mmio: boolean): Uint8Array {
 
 /**
  * Microseconds per exit, one figure per round of `n` exits, each also handed to `onRound`
- * as it is measured; a round past `timeoutMs` throws with the hung-guest report.
+ * as it is measured; a round past `timeoutMs` throws with the hung-guest report. `pin`:
+ * the vCPU thread on a CPU of its own, every other thread on the first (`pinVcpus`).
  */
 export async function exitRoundTrip(
   kind: "pio" | "mmio",
@@ -36,10 +37,15 @@ export async function exitRoundTrip(
   rounds = 5,
   timeoutMs = 120_000,
   onRound?: (us: number) => void,
+  pin = false,
 ): Promise<number[]> {
   const out: number[] = [];
   for (let r = 0; r < rounds; r++) {
-    const vm = await buildMachine({ program: { code: loopGuest(n, kind === "mmio") }, memoryMiB: 16 });
+    const vm = await buildMachine({
+      program: { code: loopGuest(n, kind === "mmio") },
+      memoryMiB: 16,
+      pinVcpus: pin,
+    });
     // Timed from the first exit to the last, as the C floor times its loop: the VM's and
     // threads' start-up is not part of an exit.
     let count = 0;
@@ -96,15 +102,19 @@ export async function buildExitFloor(dir: string): Promise<string> {
   return out;
 }
 
-/** Microseconds per exit of the C floor, one figure per round; throws with its error output. */
+/**
+ * Microseconds per exit of the C floor, one figure per round; throws with its error output.
+ * `cpu`: the program runs on that CPU only.
+ */
 export async function exitFloor(
   binary: string,
   n = 20_000,
   rounds = 5,
   timeoutMs = 120_000,
+  cpu?: number,
 ): Promise<number[]> {
   const child = new Deno.Command(binary, {
-    args: [String(n), String(rounds)],
+    args: [String(n), String(rounds), ...(cpu === undefined ? [] : ["/dev/kvm", String(cpu)])],
     stdin: "null",
     stdout: "piped",
     stderr: "piped",

@@ -2,9 +2,12 @@
  * The floor for the vCPU exit round trip: the smallest C VMM that runs a guest doing N
  * `out` instructions to port 0x510 (real mode, one exit each) and answers each exit in
  * the thread that called KVM_RUN. Prints microseconds per exit, one line per round.
- * Usage: exit_floor [N [ROUNDS [KVM_DEVICE]]]. Built and run by tests/bench/exit_bench.ts.
+ * Usage: exit_floor [N [ROUNDS [KVM_DEVICE [CPU]]]]; with CPU, the program runs on that CPU only
+ * (as tsvmm's vCPU thread does with pinVcpus). Built and run by tests/bench/exit_bench.ts.
  */
+#define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <linux/kvm.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -24,6 +27,12 @@ int main(int argc, char **argv) {
   uint32_t n = argc > 1 ? (uint32_t)strtoul(argv[1], 0, 0) : 20000;
   int rounds = argc > 2 ? atoi(argv[2]) : 5;
   const char *dev = argc > 3 ? argv[3] : "/dev/kvm";
+  if (argc > 4) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(atoi(argv[4]), &one);
+    if (sched_setaffinity(0, sizeof one, &one) != 0) return fail("sched_setaffinity");
+  }
   int kvm = open(dev, O_RDWR | O_CLOEXEC);
   if (kvm < 0) return fail(dev);
   int runsz = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);

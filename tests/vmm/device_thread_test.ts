@@ -12,7 +12,12 @@ import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { VirtioBlk } from "../../devices/virtio/blk.ts";
 import { BLK_S, BLK_T } from "../../devices/virtio/blk_request.ts";
 import { STATUS, type VirtioDevice } from "../../devices/virtio/device.ts";
-import { DEVICE_THREAD_NICE, type DeviceSpec, DeviceThread } from "../../vmm/device_thread.ts";
+import {
+  DEVICE_THREAD_NICE,
+  type DeviceSpec,
+  DeviceThread,
+  type RemoteDevice,
+} from "../../vmm/device_thread.ts";
 import { drainEventfd, signalEventfd } from "../../vmm/event_loop.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
 import { privateCell } from "../../vmm/shared_regs.ts";
@@ -181,4 +186,124 @@ Deno.test("device thread: virtio-blk through the blocking pool (write, read, dis
     await backend.close();
     await Deno.remove(path);
   }
+});
+
+/** The device thread's report lines once `ok` holds for them (refreshed every 5 ms). */
+async function reportsWhen(thread: DeviceThread, devs: RemoteDevice[], ok: (lines: string[]) => boolean) {
+  let lines: string[] = [];
+  for (let i = 0; i < 2000; i++) {
+    await thread.refresh();
+    lines = devs.map((d) => d.describe());
+    if (ok(lines)) return lines;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error(`timed out; the reports: ${lines.join(" | ")}`);
+}
+
+Deno.test("device thread: each device kind is rehearsed first on memory of its own; guest RAM, the image and the guest's interrupts are untouched", async () => {
+  const ptr = mmapAnonymous(RAM);
+  const bytes = new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, RAM)).fill(0x5a);
+  const path = await Deno.makeTempFile({ suffix: ".img" });
+  const pattern = new Uint8Array(64 << 10).map((_, i) => (i * 13 + 1) & 0xff);
+  await Deno.writeFile(path, pattern);
+  const backend = FileBackend.open(path, false); // writable: the twin still must not write
+  const thread = new DeviceThread(
+    {
+      base: BigInt(Deno.UnsafePointer.value(ptr)),
+      size: RAM,
+      regions: [{ gpa: 0, offset: 0, size: RAM }],
+    },
+    DEVICE_THREAD_NICE,
+    300,
+  );
+  const fds: number[] = [];
+  const eventfd = () => {
+    fds.push(sysEventfd());
+    return fds[fds.length - 1];
+  };
+  const devs: RemoteDevice[] = [];
+  const cells = [privateCell(), privateCell()];
+  const lines = [eventfd(), eventfd()];
+  try {
+    devs.push(
+      thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), { kind: "rng", opts: {} }),
+    );
+    devs.push(thread.remote(new VirtioBlk(backend), { kind: "blk", disk: backend.share() }));
+    devs.forEach((d, i) =>
+      d.bind(d.queueMaxSizes.map(eventfd), {
+        isr: { buffer: cells[i].array.buffer as SharedArrayBuffer, index: cells[i].index },
+        lineFd: lines[i],
+      })
+    );
+    const reports = await reportsWhen(
+      thread,
+      devs,
+      (ls) => ls.every((l) => !/warmup=(none|running)/.test(l)),
+    );
+    for (const r of reports) assert.match(r, /warmup=300\/300,\d+ms( |$)/);
+    assert.ok(bytes.every((b) => b === 0x5a), "guest RAM unchanged");
+    assert.deepEqual(await Deno.readFile(path), pattern, "image unchanged");
+    for (const fd of lines) assert.equal(drainEventfd(fd), 0, "no interrupt on the guest's line");
+    for (const c of cells) assert.equal(Atomics.load(c.array, c.index), 0, "the guest's ISR untouched");
+    // The guest's own device is served as usual afterwards (the twin shared the image's fd).
+    const ram = new GuestRam(RAM, 0, bytes);
+    const t = new VirtioMmio(devs[1], ram.mem, { trigger: () => {} }, cells[1]);
+    const d = new MmioDriver(t);
+    assert.ok(d.negotiate(F.VERSION_1));
+    const q = new DriverQueue(ram, 64);
+    d.setupQueue(0, q);
+    d.driverOk();
+    const h = { ram, d, q, dev: devs[1], irq: undefined } as unknown as Parameters<typeof request>[0];
+    const r = await request(h, BLK_T.IN, 16, { len: 4096, write: true });
+    assert.equal(r.status, BLK_S.OK);
+    assert.deepEqual(ram.view(r.buf, 4096), pattern.subarray(16 * 512, 16 * 512 + 4096));
+    await t.core.reset();
+  } finally {
+    await thread.stop();
+    for (const fd of fds) sysClose(fd);
+    sysMunmap(ptr, RAM);
+    await backend.close();
+    await Deno.remove(path);
+  }
+});
+
+Deno.test("device thread: a rehearsal still running when the thread stops ends with it, its fds closed", async () => {
+  const openFds = () => [...Deno.readDirSync("/proc/self/fd")].length;
+  const ptr = mmapAnonymous(RAM);
+  const layout = {
+    base: BigInt(Deno.UnsafePointer.value(ptr)),
+    size: RAM,
+    regions: [{ gpa: 0, offset: 0, size: RAM }],
+  };
+  // Deno keeps a few fds of the Workers it ran (two, after the first two Workers here): count
+  // once those exist.
+  for (let i = 0; i < 2; i++) await new DeviceThread(layout, DEVICE_THREAD_NICE, 0).stop();
+  await new Promise((r) => setTimeout(r, 300));
+  const before = openFds();
+  const thread = new DeviceThread(layout, DEVICE_THREAD_NICE, 1e9);
+  const cell = privateCell();
+  const fds = [sysEventfd(), sysEventfd()];
+  try {
+    const dev = thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), {
+      kind: "rng",
+      opts: {},
+    });
+    dev.bind([fds[0]], {
+      isr: { buffer: cell.array.buffer as SharedArrayBuffer, index: cell.index },
+      lineFd: fds[1],
+    });
+    await reportsWhen(thread, [dev], ([l]) => l.includes("warmup=running"));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const stopped = await Promise.race([
+      thread.stop().then(() => "stopped"),
+      new Promise((r) => timer = setTimeout(() => r("hung"), 10_000)),
+    ]);
+    clearTimeout(timer);
+    assert.equal(stopped, "stopped");
+  } finally {
+    for (const fd of fds) sysClose(fd);
+    sysMunmap(ptr, RAM);
+  }
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(openFds(), before, "every fd the thread and its rehearsal opened is closed");
 });
