@@ -257,10 +257,12 @@ function addEntry(id: number, spec: DeviceSpec, route: InterruptRoute, notifyFds
   notifyFds.forEach((fd, q) =>
     e.unwatch.push(loop!.add(fd, () => {
       if (!e.active || !e.queues[q]?.ready) return;
-      // The guest has started using its devices: whatever is still being rehearsed runs
-      // at the thread's own priority from here on.
+      // The guest has started using its devices: a rehearsal still running ends here, so it
+      // never competes with the guest's requests for this thread (on a slow host, such as a
+      // nested one, 2,000 requests can take seconds; on a fast one they are long done).
       if (!e.twin && !guestStarted) {
         guestStarted = true;
+        for (const r of rehearsals) void endRehearsal(r, "the guest started");
         loud();
       }
       split.doorbell();
@@ -309,7 +311,7 @@ const rehearsed = new Map<string, string>();
 /** The nice value to come back to after a rehearsal at nice 19 (set where allowed). */
 let niceAfterRehearsal: number | undefined;
 let quieted = false;
-/** A guest's doorbell has rung: no rehearsal lowers the priority any more. */
+/** A guest's doorbell has rung: no rehearsal starts or goes on any more. */
 let guestStarted = false;
 
 /** Rehearsals run at nice 19 where the thread may come back: only idle CPU time. */
@@ -326,7 +328,7 @@ function loud(): void {
 
 /** Starts the rehearsal of `spec`'s kind unless one ran or runs already. */
 function startRehearsal(spec: DeviceSpec): void {
-  if (rehearsalRequests <= 0 || rehearsed.has(spec.kind)) return;
+  if (rehearsalRequests <= 0 || guestStarted || rehearsed.has(spec.kind)) return;
   const twin = rehearsalSpec(spec);
   if (!twin) return;
   rehearsed.set(spec.kind, "running");

@@ -267,6 +267,48 @@ Deno.test("device thread: each device kind is rehearsed first on memory of its o
   }
 });
 
+Deno.test("device thread: the guest's first doorbell ends a rehearsal still running; the guest's request is served", async () => {
+  const ptr = mmapAnonymous(RAM);
+  const bytes = new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, RAM));
+  const thread = new DeviceThread(
+    { base: BigInt(Deno.UnsafePointer.value(ptr)), size: RAM, regions: [{ gpa: 0, offset: 0, size: RAM }] },
+    DEVICE_THREAD_NICE,
+    1e9, // far more than it can serve before the guest comes
+  );
+  const cell = privateCell();
+  const notify = sysEventfd();
+  const line = sysEventfd();
+  try {
+    const dev = thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), {
+      kind: "rng",
+      opts: {},
+    });
+    dev.bind([notify], {
+      isr: { buffer: cell.array.buffer as SharedArrayBuffer, index: cell.index },
+      lineFd: line,
+    });
+    await reportsWhen(thread, [dev], ([l]) => l.includes("warmup=running"));
+    const ram = new GuestRam(RAM, 0, bytes);
+    const t = new VirtioMmio(dev, ram.mem, { trigger: () => {} }, cell);
+    const d = new MmioDriver(t);
+    assert.ok(d.negotiate(F.VERSION_1));
+    const q = new DriverQueue(ram, 64);
+    d.setupQueue(0, q);
+    d.driverOk();
+    const buf = ram.alloc(64);
+    q.add([{ addr: buf, len: 64, write: true }]);
+    d.notify(0);
+    await until("the guest's used entry", () => q.takeUsed().length > 0);
+    const [report] = await reportsWhen(thread, [dev], ([l]) => !l.includes("warmup=running"));
+    assert.match(report, /warmup=\d+\/1000000000,\d+ms,the_guest_started( |$)/);
+    await t.core.reset();
+  } finally {
+    await thread.stop();
+    for (const fd of [notify, line]) sysClose(fd);
+    sysMunmap(ptr, RAM);
+  }
+});
+
 Deno.test("device thread: a rehearsal still running when the thread stops ends with it, its fds closed", async () => {
   const openFds = () => [...Deno.readDirSync("/proc/self/fd")].length;
   const ptr = mmapAnonymous(RAM);
