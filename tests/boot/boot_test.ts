@@ -95,6 +95,11 @@ Deno.test({
       run.tail += `\n--- L1 #${attempt} ---\n${again.tail}`;
       last = again;
     }
+    // Where the suite's time goes: each case's time in L1 (boot included), slowest first.
+    const times = [...run.results].sort((a, b) => b.ms - a.ms).map((r) =>
+      `${(r.ms / 1000).toFixed(1).padStart(6)} s  ${r.name}${r.retriedAfter ? " (retried)" : ""}`
+    );
+    console.log(`L1 case times (the first L1 ran ${(run.ms / 1000).toFixed(0)} s):\n${times.join("\n")}`);
     await t.step("L1 has no network device (QEMU started with -nic none)", () => {
       if (run.l1NetDevices === undefined) {
         throw new Error(
