@@ -210,6 +210,7 @@ function init(m: Extract<ToWorker, { op: "init" }>): void {
     priority = `nice=${threadNice()}${refused}`;
   }
   rehearsalRequests = m.rehearse;
+  rehearsalBudgetMs = m.rehearseBudgetMs;
   control = new Int32Array(m.control);
   const host = Deno.UnsafePointerView.getArrayBuffer(
     Deno.UnsafePointer.create(m.memory.base)!,
@@ -305,6 +306,8 @@ interface Rehearsal {
 
 /** Requests each device kind is rehearsed with (0: none). */
 let rehearsalRequests = 0;
+/** The longest each rehearsal may run, in milliseconds. */
+let rehearsalBudgetMs = 0;
 const rehearsals = new Set<Rehearsal>();
 /** Per device kind: how its rehearsal went, for the report. */
 const rehearsed = new Map<string, string>();
@@ -368,6 +371,7 @@ function rehearsalStep(r: Rehearsal): void {
   if (n < 0) return void endRehearsal(r, "a request came back wrong");
   r.served += n;
   if (r.served >= rehearsalRequests) return void endRehearsal(r);
+  if (performance.now() - r.startedAt > rehearsalBudgetMs) return void endRehearsal(r, "out of time");
   if (r.driver.inFlight > 0) return;
   Atomics.store(r.plan, 0, r.served & 1 ? PLAN.MSIX : PLAN.LINE);
   r.driver.post();

@@ -31,6 +31,14 @@ export function rehearsalRequests(): number {
   return Number.isSafeInteger(n) && n >= 0 ? n : 2000;
 }
 
+/**
+ * The longest a rehearsal may run, in milliseconds, whatever it has served by then. On a
+ * host KVM 2,000 requests take tens of milliseconds; where the host is slow (the nested
+ * runner's L1 under TCG took 3-6 s) the warm-up would otherwise take a CPU from the guest's
+ * boot for seconds, so it stops here with what it has done.
+ */
+export const REHEARSAL_BUDGET_MS = 250;
+
 /** Queue size of the scratch ring. */
 const QSIZE = 16;
 /**

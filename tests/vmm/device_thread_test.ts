@@ -215,6 +215,7 @@ Deno.test("device thread: each device kind is rehearsed first on memory of its o
     },
     DEVICE_THREAD_NICE,
     300,
+    60_000, // time enough on a loaded host: this test wants every request served
   );
   const fds: number[] = [];
   const eventfd = () => {
@@ -274,6 +275,7 @@ Deno.test("device thread: the guest's first doorbell ends a rehearsal still runn
     { base: BigInt(Deno.UnsafePointer.value(ptr)), size: RAM, regions: [{ gpa: 0, offset: 0, size: RAM }] },
     DEVICE_THREAD_NICE,
     1e9, // far more than it can serve before the guest comes
+    60_000,
   );
   const cell = privateCell();
   const notify = sysEventfd();
@@ -309,6 +311,36 @@ Deno.test("device thread: the guest's first doorbell ends a rehearsal still runn
   }
 });
 
+Deno.test("device thread: a rehearsal ends at its time budget, whatever it has served", async () => {
+  const ptr = mmapAnonymous(RAM);
+  const thread = new DeviceThread(
+    { base: BigInt(Deno.UnsafePointer.value(ptr)), size: RAM, regions: [{ gpa: 0, offset: 0, size: RAM }] },
+    DEVICE_THREAD_NICE,
+    1e9,
+    100,
+  );
+  const cell = privateCell();
+  const fds = [sysEventfd(), sysEventfd()];
+  try {
+    const dev = thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), {
+      kind: "rng",
+      opts: {},
+    });
+    dev.bind([fds[0]], {
+      isr: { buffer: cell.array.buffer as SharedArrayBuffer, index: cell.index },
+      lineFd: fds[1],
+    });
+    const [report] = await reportsWhen(thread, [dev], ([l]) => /warmup=\d/.test(l));
+    const m = /warmup=(\d+)\/1000000000,(\d+)ms,out_of_time( |$)/.exec(report);
+    assert.ok(m, report);
+    assert.ok(Number(m[2]) >= 100, `ended after ${m[2]} ms, before its budget`);
+  } finally {
+    await thread.stop();
+    for (const fd of fds) sysClose(fd);
+    sysMunmap(ptr, RAM);
+  }
+});
+
 Deno.test("device thread: a rehearsal still running when the thread stops ends with it, its fds closed", async () => {
   const openFds = () => [...Deno.readDirSync("/proc/self/fd")].length;
   const ptr = mmapAnonymous(RAM);
@@ -322,7 +354,7 @@ Deno.test("device thread: a rehearsal still running when the thread stops ends w
   for (let i = 0; i < 2; i++) await new DeviceThread(layout, DEVICE_THREAD_NICE, 0).stop();
   await new Promise((r) => setTimeout(r, 300));
   const before = openFds();
-  const thread = new DeviceThread(layout, DEVICE_THREAD_NICE, 1e9);
+  const thread = new DeviceThread(layout, DEVICE_THREAD_NICE, 1e9, 60_000);
   const cell = privateCell();
   const fds = [sysEventfd(), sysEventfd()];
   try {
