@@ -268,6 +268,20 @@ Deno.test("device thread: each device kind is rehearsed first on memory of its o
   }
 });
 
+/** A virtio-rng on `thread` with one doorbell and a line, and the ISR cell it raises. */
+function rngOn(thread: DeviceThread, notifyFd: number, lineFd: number) {
+  const cell = privateCell();
+  const dev = thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), {
+    kind: "rng",
+    opts: {},
+  });
+  dev.bind([notifyFd], {
+    isr: { buffer: cell.array.buffer as SharedArrayBuffer, index: cell.index },
+    lineFd,
+  });
+  return { dev, cell };
+}
+
 Deno.test("device thread: the guest's first doorbell ends a rehearsal still running; the guest's request is served", async () => {
   const ptr = mmapAnonymous(RAM);
   const bytes = new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, RAM));
@@ -277,18 +291,10 @@ Deno.test("device thread: the guest's first doorbell ends a rehearsal still runn
     1e9, // far more than it can serve before the guest comes
     60_000,
   );
-  const cell = privateCell();
   const notify = sysEventfd();
   const line = sysEventfd();
   try {
-    const dev = thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), {
-      kind: "rng",
-      opts: {},
-    });
-    dev.bind([notify], {
-      isr: { buffer: cell.array.buffer as SharedArrayBuffer, index: cell.index },
-      lineFd: line,
-    });
+    const { dev, cell } = rngOn(thread, notify, line);
     await reportsWhen(thread, [dev], ([l]) => l.includes("warmup=running"));
     const ram = new GuestRam(RAM, 0, bytes);
     const t = new VirtioMmio(dev, ram.mem, { trigger: () => {} }, cell);
@@ -319,17 +325,9 @@ Deno.test("device thread: a rehearsal ends at its time budget, whatever it has s
     1e9,
     100,
   );
-  const cell = privateCell();
   const fds = [sysEventfd(), sysEventfd()];
   try {
-    const dev = thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), {
-      kind: "rng",
-      opts: {},
-    });
-    dev.bind([fds[0]], {
-      isr: { buffer: cell.array.buffer as SharedArrayBuffer, index: cell.index },
-      lineFd: fds[1],
-    });
+    const { dev } = rngOn(thread, fds[0], fds[1]);
     const [report] = await reportsWhen(thread, [dev], ([l]) => /warmup=\d/.test(l));
     const m = /warmup=(\d+)\/1000000000,(\d+)ms,out_of_time( |$)/.exec(report);
     assert.ok(m, report);
@@ -355,17 +353,9 @@ Deno.test("device thread: a rehearsal still running when the thread stops ends w
   await new Promise((r) => setTimeout(r, 300));
   const before = openFds();
   const thread = new DeviceThread(layout, DEVICE_THREAD_NICE, 1e9, 60_000);
-  const cell = privateCell();
   const fds = [sysEventfd(), sysEventfd()];
   try {
-    const dev = thread.remote(new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }), {
-      kind: "rng",
-      opts: {},
-    });
-    dev.bind([fds[0]], {
-      isr: { buffer: cell.array.buffer as SharedArrayBuffer, index: cell.index },
-      lineFd: fds[1],
-    });
+    const { dev } = rngOn(thread, fds[0], fds[1]);
     await reportsWhen(thread, [dev], ([l]) => l.includes("warmup=running"));
     let timer: ReturnType<typeof setTimeout> | undefined;
     const stopped = await Promise.race([
