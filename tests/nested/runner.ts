@@ -369,7 +369,12 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   await child.status;
   clearTimeout(timer);
   clearInterval(silence);
-  const stderr = await errText;
+  // QEMU warns once per L1 vCPU about each EPYC feature TCG lacks: those lines are the same
+  // every run and would push L1's own last console lines out of the tail a report shows.
+  const stderr = (await errText).split("\n").filter((l) =>
+    !l.includes("TCG doesn't support requested feature")
+  )
+    .join("\n");
   if (stderr.trim()) tail += `\n[qemu stderr] ${stderr.trim()}`;
   await Deno.remove(dir, { recursive: true });
   if (frozen) {
