@@ -319,7 +319,7 @@ let guestStarted = false;
 
 /** Rehearsals run at nice 19 where the thread may come back: only idle CPU time. */
 function quiet(): void {
-  if (quieted || guestStarted || niceAfterRehearsal === undefined) return;
+  if (quieted || niceAfterRehearsal === undefined) return;
   quieted = sysSetThreadNice(19) === 0;
 }
 

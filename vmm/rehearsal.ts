@@ -10,7 +10,8 @@
  * class, same doorbell handler, queue, interrupt and event-loop code) over memory and
  * eventfds of its own: this module's driver posts one request at a time into a scratch
  * ring, rings the twin's doorbell and takes the answer when the twin's interrupt eventfd
- * fires, until the set number of requests has been served. Nothing of the guest's is
+ * fires, until the set number of requests has been served, REHEARSAL_BUDGET_MS has passed
+ * or the guest's first doorbell rings, whichever comes first. Nothing of the guest's is
  * touched: the scratch memory is a private ArrayBuffer, the eventfds are private, and a
  * virtio-blk twin reads the first sectors of the same image through a read-only backend
  * (it never writes). virtio-net is not rehearsed (its backend is the TAP).

@@ -202,6 +202,8 @@ export async function buildL1Initramfs(
 }
 
 /** A line of L1's own kernel log that starts a failure report. */
+/** QEMU's warning, per L1 vCPU, for each CPU feature of the model that TCG does not emulate. */
+const TCG_FEATURE_WARNING = /TCG doesn't support requested feature/;
 const L1_OOPS = /^\[\s*\d+\.\d+\] (BUG:|Oops|Kernel panic|general protection fault|stack guard page)/;
 
 /** What an L1 run produced. */
@@ -371,10 +373,7 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   clearInterval(silence);
   // QEMU warns once per L1 vCPU about each EPYC feature TCG lacks: those lines are the same
   // every run and would push L1's own last console lines out of the tail a report shows.
-  const stderr = (await errText).split("\n").filter((l) =>
-    !l.includes("TCG doesn't support requested feature")
-  )
-    .join("\n");
+  const stderr = (await errText).split("\n").filter((l) => !TCG_FEATURE_WARNING.test(l)).join("\n");
   if (stderr.trim()) tail += `\n[qemu stderr] ${stderr.trim()}`;
   await Deno.remove(dir, { recursive: true });
   if (frozen) {

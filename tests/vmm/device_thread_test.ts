@@ -20,10 +20,21 @@ import {
 } from "../../vmm/device_thread.ts";
 import { drainEventfd, signalEventfd } from "../../vmm/event_loop.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
-import { privateCell } from "../../vmm/shared_regs.ts";
+import { privateCell, type SharedCell } from "../../vmm/shared_regs.ts";
 import { mmapAnonymous, sysClose, sysEventfd, sysMunmap } from "../../vmm/sys/libc.ts";
 
 const RAM = 8 << 20;
+
+/** A driver for `dev` behind virtio-MMIO over `ram`, features negotiated and queue 0 (64 entries) live. */
+function driverFor(dev: VirtioDevice, ram: GuestRam, isr: SharedCell, features: bigint, trigger = () => {}) {
+  const t = new VirtioMmio(dev, ram.mem, { trigger }, isr);
+  const d = new MmioDriver(t);
+  assert.ok(d.negotiate(features));
+  const q = new DriverQueue(ram, 64);
+  d.setupQueue(0, q);
+  d.driverOk();
+  return { t, d, q };
+}
 
 /** A device on a device thread behind virtio-MMIO, over mmapped RAM, driver set up. */
 function threaded(local: VirtioDevice, spec: DeviceSpec, features: bigint) {
@@ -41,17 +52,12 @@ function threaded(local: VirtioDevice, spec: DeviceSpec, features: bigint) {
   const notifyFds = dev.queueMaxSizes.map(() => sysEventfd());
   const isr = privateCell();
   let mainIrqs = 0;
-  const t = new VirtioMmio(dev, ram.mem, { trigger: () => mainIrqs++ }, isr);
   dev.bind(notifyFds, {
     isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
     lineFd,
     resampleFd,
   });
-  const d = new MmioDriver(t);
-  assert.ok(d.negotiate(features));
-  const q = new DriverQueue(ram, 64);
-  d.setupQueue(0, q);
-  d.driverOk();
+  const { t, d, q } = driverFor(dev, ram, isr, features, () => mainIrqs++);
   const close = async () => {
     await t.core.reset();
     await thread.stop();
@@ -248,12 +254,7 @@ Deno.test("device thread: each device kind is rehearsed first on memory of its o
     for (const c of cells) assert.equal(Atomics.load(c.array, c.index), 0, "the guest's ISR untouched");
     // The guest's own device is served as usual afterwards (the twin shared the image's fd).
     const ram = new GuestRam(RAM, 0, bytes);
-    const t = new VirtioMmio(devs[1], ram.mem, { trigger: () => {} }, cells[1]);
-    const d = new MmioDriver(t);
-    assert.ok(d.negotiate(F.VERSION_1));
-    const q = new DriverQueue(ram, 64);
-    d.setupQueue(0, q);
-    d.driverOk();
+    const { t, d, q } = driverFor(devs[1], ram, cells[1], F.VERSION_1);
     const h = { ram, d, q, dev: devs[1], irq: undefined } as unknown as Parameters<typeof request>[0];
     const r = await request(h, BLK_T.IN, 16, { len: 4096, write: true });
     assert.equal(r.status, BLK_S.OK);
@@ -297,12 +298,7 @@ Deno.test("device thread: the guest's first doorbell ends a rehearsal still runn
     const { dev, cell } = rngOn(thread, notify, line);
     await reportsWhen(thread, [dev], ([l]) => l.includes("warmup=running"));
     const ram = new GuestRam(RAM, 0, bytes);
-    const t = new VirtioMmio(dev, ram.mem, { trigger: () => {} }, cell);
-    const d = new MmioDriver(t);
-    assert.ok(d.negotiate(F.VERSION_1));
-    const q = new DriverQueue(ram, 64);
-    d.setupQueue(0, q);
-    d.driverOk();
+    const { t, d, q } = driverFor(dev, ram, cell, F.VERSION_1);
     const buf = ram.alloc(64);
     q.add([{ addr: buf, len: 64, write: true }]);
     d.notify(0);
