@@ -104,6 +104,14 @@ export class Vm {
     return this.text;
   }
 
+  /**
+   * The host thread IDs of the vCPUs, in vCPU order (empty before `start`): for `taskset`,
+   * `perf` or a scheduling policy of your own.
+   */
+  get vcpuThreadIds(): number[] {
+    return this.machine.vcpuThreadIds;
+  }
+
   /** The last few KiB of console output, then how the VM ended and its devices' state. */
   consoleTail(): string {
     this.machine.console.flush();

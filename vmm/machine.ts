@@ -176,6 +176,11 @@ export class Machine {
   /** The exit, if the VM has ended. */
   exitInfo: VmExit | undefined;
 
+  /** The vCPU threads' host thread IDs, in vCPU order. */
+  get vcpuThreadIds(): number[] {
+    return this.threads.tids;
+  }
+
   /** How many device exits the vCPUs made (diagnostics). */
   get exitCount(): number {
     return this.threads.exits;

@@ -45,6 +45,15 @@ interface Thread {
 let leftRunning = 0;
 
 /**
+ * Pinning across the VMs of one process (a script may run several): the vCPU threads of every
+ * running VM, so pinning one VM never moves another's vCPUs; how many pinned VMs are running;
+ * and the CPUs the process could use before the first of them pinned, which every thread gets
+ * back when the last one ends (and an unpinned VM's vCPUs get at once: a thread inherits the
+ * pinned main thread's single CPU).
+ */
+const pinning = { vcpuTids: new Set<number>(), pinnedVms: 0, allowed: undefined as number[] | undefined };
+
+/**
  * How many vCPU threads of this process did not leave KVM_RUN within 2 s of their VM's stop
  * and were abandoned (their Workers terminated while the thread may still sit in the ioctl).
  * Nonzero means a guest vCPU ignores the kick signal: under an emulated or broken host CPU such
@@ -81,6 +90,11 @@ export class VcpuThreads {
     private readonly pinVcpus = false,
   ) {
     this.exited = new Promise((r) => this.resolveExited = r);
+  }
+
+  /** The vCPU threads' host thread IDs, in vCPU order (empty before they are set up). */
+  get tids(): number[] {
+    return this.threads.flatMap((t) => t.tid === undefined ? [] : [t.tid]);
   }
 
   /** Creates the vCPUs in their threads, waits until all are set up, then lets them run. */
@@ -131,7 +145,11 @@ export class VcpuThreads {
       await this.stop();
       throw e;
     }
+    for (const t of this.threads) pinning.vcpuTids.add(t.tid!);
     if (this.pinVcpus) this.pin();
+    else if (pinning.allowed) {
+      for (const t of this.threads) sysSetAffinity(t.tid!, pinning.allowed);
+    }
     calibrate(); // measured now, not in the guest's first exit
     for (const t of this.threads) {
       t.worker.onmessage = (ev: MessageEvent<VcpuMessage>) => {
@@ -149,13 +167,13 @@ export class VcpuThreads {
    * runs on the (i mod (n - 1))-th of the others. Undone when the vCPUs stop.
    */
   private pin(): void {
-    const allowed = sysGetAffinity();
+    const allowed = pinning.allowed ?? sysGetAffinity();
     if (allowed.length < 2) return; // refused at config time; nothing to split here
-    this.allowed = allowed;
+    this.allowed = pinning.allowed = allowed;
+    pinning.pinnedVms++;
     const [vmm, ...rest] = allowed;
-    const vcpuTids = new Set(this.threads.map((t) => t.tid));
     for (const tid of processThreads()) {
-      if (vcpuTids.has(tid)) continue;
+      if (pinning.vcpuTids.has(tid)) continue; // this VM's, placed below; another VM's, left alone
       try {
         sysSetAffinity(tid, [vmm]);
       } catch { /* the thread ended meanwhile */ }
@@ -163,11 +181,17 @@ export class VcpuThreads {
     this.threads.forEach((t, i) => sysSetAffinity(t.tid!, [rest[i % rest.length]]));
   }
 
-  /** Lets every thread of this process run anywhere again. */
+  /**
+   * Forgets this VM's vCPU threads; after the last pinned VM of the process, lets every thread
+   * run anywhere again (while another pinned VM runs, the shared threads stay where they are).
+   */
   private unpin(): void {
+    for (const t of this.threads) if (t.tid !== undefined) pinning.vcpuTids.delete(t.tid);
     const all = this.allowed;
     if (!all) return;
     this.allowed = undefined;
+    if (--pinning.pinnedVms > 0) return;
+    pinning.allowed = undefined;
     for (const tid of processThreads()) {
       try {
         sysSetAffinity(tid, all);

@@ -312,6 +312,50 @@ const pinCase: TinyCase = {
   },
 };
 
+const twoVmsPinCase: TinyCase = {
+  name:
+    "tiny guest: two VMs in one process, one pinned: the other's vCPUs keep every CPU, each VM's end leaves the other's threads where they are",
+  run: async () => {
+    const before = /Cpus_allowed_list:\s*(\S+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1];
+    const [vmm, ...rest] = cpuList(before);
+    assert.ok(rest.length >= 1, `pinning needs 2 CPUs; this process may use ${before}`);
+    const cpusOf = (tid: number) => affinities().find(([t]) => t === tid)?.[2];
+    const spin = { program: { code: SPINNER }, memoryMiB: 16, cpus: 1 };
+    // Unpinned B runs first, pinned A starts, B is checked, A ends, B is checked again; then
+    // pinned A' starts, unpinned B' starts while it runs, and B' is checked.
+    await bootTest({ ...spin, pinVcpus: false }, async (b) => {
+      await waitForConsole(b, /spin/, 5000);
+      const [bTid] = b.vcpuThreadIds;
+      await bootTest({ ...spin, pinVcpus: true }, async (a) => {
+        await waitForConsole(a, /spin/, 5000);
+        const [aTid] = a.vcpuThreadIds;
+        assert.equal(cpusOf(aTid), String(rest[0]), "the pinned VM's vCPU");
+        assert.equal(cpusOf(Deno.pid), String(vmm), "the main thread, while a pinned VM runs");
+        assert.equal(cpusOf(bTid), before, "the unpinned VM's vCPU, after the other VM pinned");
+      });
+      assert.equal(cpusOf(bTid), before, "the unpinned VM's vCPU, after the pinned VM ended");
+      assert.equal(cpusOf(Deno.pid), before, "the main thread, after the pinned VM ended");
+    });
+    await bootTest({ ...spin, pinVcpus: true }, async (a) => {
+      await waitForConsole(a, /spin/, 5000);
+      const [aTid] = a.vcpuThreadIds;
+      await bootTest({ ...spin, pinVcpus: false }, async (b) => {
+        await waitForConsole(b, /spin/, 5000);
+        // Its thread started from the pinned main thread, with its single CPU.
+        assert.equal(cpusOf(b.vcpuThreadIds[0]), before, "an unpinned VM's vCPU started while one is pinned");
+        assert.equal(cpusOf(aTid), String(rest[0]), "the pinned VM's vCPU, while another VM runs");
+      });
+      assert.equal(cpusOf(aTid), String(rest[0]), "the pinned VM's vCPU, after the other VM ended");
+      assert.equal(cpusOf(Deno.pid), String(vmm), "the main thread, while the pinned VM still runs");
+    });
+    const after = affinities();
+    assert.ok(
+      after.every(([, , c]) => c === before),
+      `after both VMs (${before} before): ${after.map(([, n, c]) => `${n}:${c}`)}`,
+    );
+  },
+};
+
 const isrLineCase: TinyCase = {
   name:
     "KVM: virtio-MMIO's line is up exactly while InterruptStatus is not zero, with raises and InterruptACKs racing on two threads",
@@ -385,4 +429,4 @@ const isrLineCase: TinyCase = {
 };
 
 /** Every tiny-guest case, in the order they run. */
-export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, stallCase, pinCase, isrLineCase];
+export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, stallCase, pinCase, twoVmsPinCase, isrLineCase];
