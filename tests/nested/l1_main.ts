@@ -27,8 +27,6 @@ import { vcpuThreadsLeftRunning } from "../../vmm/vcpus.ts";
 const ATTEMPT_LIMIT_MS = 20 * 60_000;
 /** What an attempt past ATTEMPT_LIMIT_MS is rejected with (no case can throw it). */
 const OVERDUE = Symbol("overdue");
-/** How many full-boot cases run at once (TSVMM_L1_LANES; 1: one after the other). */
-const LANES = Math.max(1, Number(Deno.env.get("TSVMM_L1_LANES") ?? "2") || 1);
 
 /** One result line's payload. */
 export interface CaseResult {
@@ -103,10 +101,9 @@ setInterval(() => console.log("TSVMM-L1-ALIVE"), 15_000);
 const cases = [
   ...(args.tiny ? TINY_CASES.map((c) => ({ name: c.name, run: () => c.run(), retry: false })) : []),
   ...BOOT_CASES.map((c) => ({ name: c.name, run: () => c.run(assets), retry: true })),
-].filter((c) => !filter || filter.test(c.name));
-
-/** Runs one case (a failed full boot once more) and prints its result line. */
-async function runCase(c: (typeof cases)[number]): Promise<void> {
+];
+for (const c of cases) {
+  if (filter && !filter.test(c.name)) continue;
   const first = await attempt(c.name, c.run);
   let r: CaseResult;
   if (!first.error) {
@@ -130,18 +127,4 @@ async function runCase(c: (typeof cases)[number]): Promise<void> {
     abandon(`a vCPU thread of "${c.name}" did not stop (${vcpuThreadsLeftRunning()} so far in this L1)`);
   }
 }
-
-// The tiny-guest cases one at a time: they time exits and pin threads.
-for (const c of cases.filter((c) => !c.retry)) await runCase(c);
-// The full boots in LANES lanes, each taking the next case as it finishes one. A case spends
-// most of its time waiting for one request after another to cross the emulated SVM (a virtio-rng
-// read is 16,384 of them), which leaves L1's two CPUs, and the host's, partly idle: two at once
-// took 37 s where one after the other took 64 s (two virtio-MMIO VMs, boot and 256 KiB of rng
-// each), and each VM's own read was no slower.
-const boots = cases.filter((c) => c.retry);
-await Promise.all(
-  Array.from({ length: Math.min(LANES, boots.length) }, async () => {
-    for (let c = boots.shift(); c; c = boots.shift()) await runCase(c);
-  }),
-);
 Deno.exit(0);
