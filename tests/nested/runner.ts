@@ -255,14 +255,19 @@ export interface L1Options {
   withTools?: boolean;
   /** Called with each "TSVMM-BENCH" payload the moment L1 prints it. */
   onBench?: (b: Record<string, unknown>) => void;
+  /**
+   * L1's clock from the TSC (`tsc=reliable`) rather than the emulated HPET its kernel picks
+   * (it finds the emulated CPUs' TSCs unsynchronized). Default: TSVMM_L1_TSC=1, else off.
+   */
+  tscClock?: boolean;
 }
 
 /**
  * QEMU's command line for L1: q35 under TCG with an emulated EPYC with SVM, 2 CPUs, 3 GiB,
  * its serial console on stdio, and nothing else: no default devices, no network device
- * (nothing may leave a test VM), no user config.
+ * (nothing may leave a test VM), no user config. `tscClock`: L1's clock source is the TSC.
  */
-export function l1QemuArgs(kernel: string, initrd: string): string[] {
+export function l1QemuArgs(kernel: string, initrd: string, tscClock = false): string[] {
   return [
     "qemu-system-x86_64",
     ...["-nodefaults", "-no-user-config", "-nic", "none"],
@@ -270,7 +275,9 @@ export function l1QemuArgs(kernel: string, initrd: string): string[] {
     ...["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"],
     ...["-kernel", kernel, "-initrd", initrd],
     "-append",
-    `console=ttyS0 nokaslr tsc_early_khz=${hostTscKhz()} panic=-1 reboot=t quiet`,
+    `console=ttyS0 nokaslr tsc_early_khz=${hostTscKhz()}${
+      tscClock ? " tsc=reliable" : ""
+    } panic=-1 reboot=t quiet`,
   ];
 }
 
@@ -289,7 +296,8 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const dir = await Deno.makeTempDir({ prefix: "tsvmm-l1-" });
   const initrd = `${dir}/l1.cpio`;
   await Deno.writeFile(initrd, cpio);
-  const qemu = l1QemuArgs(kernel, initrd).map((a) => `'${a}'`).join(" ");
+  const tsc = opts.tscClock ?? Deno.env.get("TSVMM_L1_TSC") === "1";
+  const qemu = l1QemuArgs(kernel, initrd, tsc).map((a) => `'${a}'`).join(" ");
   // A watchdog shell: QEMU dies with this process, even if this process is killed outright.
   const script = `${qemu} </dev/null & q=$!; trap 'kill -9 $q 2>/dev/null' EXIT INT TERM HUP; ` +
     `while kill -0 ${Deno.pid} 2>/dev/null && kill -0 $q 2>/dev/null; do sleep 0.5; done; kill -9 $q 2>/dev/null; wait $q`;

@@ -36,6 +36,16 @@ Deno.test("nested runner: L1's QEMU gets no default devices and no network devic
   assert.ok(!args.some((a) => /^-(netdev|net|device|drive|usb)/.test(a)), args.join(" "));
 });
 
+Deno.test("nested runner: L1's clock comes from the TSC only when asked", () => {
+  const append = (tsc?: boolean) => {
+    const args = l1QemuArgs("/k", "/i", tsc);
+    return args[args.indexOf("-append") + 1];
+  };
+  assert.doesNotMatch(append(), /tsc=reliable/);
+  assert.match(append(true), /(^| )tsc=reliable( |$)/);
+  assert.match(append(true), /console=ttyS0 /);
+});
+
 Deno.test({
   name: "nested runner: a run past its timeout fails with the console tail and leaves no QEMU process",
   sanitizeOps: false,
