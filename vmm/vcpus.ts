@@ -73,8 +73,8 @@ function processThreads(): number[] {
 export class VcpuThreads {
   private threads: Thread[] = [];
   private stopping = false;
-  /** The CPUs the process could use before pinning (set while pinned). */
-  private allowed: number[] | undefined;
+  /** This VM pinned its threads (and counts in `pinning.pinnedVms` until it stops). */
+  private pinned = false;
   private readonly exited: Promise<void>;
   private resolveExited!: () => void;
   /** Rung by a vCPU after it posts an exit (and by `finish`): what the answering loop waits on. */
@@ -148,7 +148,11 @@ export class VcpuThreads {
     for (const t of this.threads) pinning.vcpuTids.add(t.tid!);
     if (this.pinVcpus) this.pin();
     else if (pinning.allowed) {
-      for (const t of this.threads) sysSetAffinity(t.tid!, pinning.allowed);
+      for (const t of this.threads) {
+        try {
+          sysSetAffinity(t.tid!, pinning.allowed);
+        } catch { /* the thread ended meanwhile */ }
+      }
     }
     calibrate(); // measured now, not in the guest's first exit
     for (const t of this.threads) {
@@ -169,8 +173,9 @@ export class VcpuThreads {
   private pin(): void {
     const allowed = pinning.allowed ?? sysGetAffinity();
     if (allowed.length < 2) return; // refused at config time; nothing to split here
-    this.allowed = pinning.allowed = allowed;
+    pinning.allowed = allowed;
     pinning.pinnedVms++;
+    this.pinned = true;
     const [vmm, ...rest] = allowed;
     for (const tid of processThreads()) {
       if (pinning.vcpuTids.has(tid)) continue; // this VM's, placed below; another VM's, left alone
@@ -187,10 +192,10 @@ export class VcpuThreads {
    */
   private unpin(): void {
     for (const t of this.threads) if (t.tid !== undefined) pinning.vcpuTids.delete(t.tid);
-    const all = this.allowed;
-    if (!all) return;
-    this.allowed = undefined;
+    if (!this.pinned) return;
+    this.pinned = false;
     if (--pinning.pinnedVms > 0) return;
+    const all = pinning.allowed!;
     pinning.allowed = undefined;
     for (const tid of processThreads()) {
       try {

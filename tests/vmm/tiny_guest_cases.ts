@@ -282,13 +282,19 @@ function cpuList(s: string): number[] {
   });
 }
 
+/** The CPUs this process may use (its Cpus_allowed_list), the first and the rest; needs two. */
+function processCpus(): { before: string; vmm: number; rest: number[] } {
+  const before = /Cpus_allowed_list:\s*(\S+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1];
+  const [vmm, ...rest] = cpuList(before);
+  assert.ok(rest.length >= 1, `pinning needs 2 CPUs; this process may use ${before}`);
+  return { before, vmm, rest };
+}
+
 const pinCase: TinyCase = {
   name:
     "tiny guest: pinVcpus gives the vCPUs CPUs of their own and the VMM's threads the first allowed one, and undoes it at the end",
   run: async () => {
-    const before = /Cpus_allowed_list:\s*(\S+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1];
-    const [vmm, ...rest] = cpuList(before);
-    assert.ok(rest.length >= 1, `pinning needs 2 CPUs; this process may use ${before}`);
+    const { before, vmm, rest } = processCpus();
     await bootTest({ program: { code: SPINNER }, memoryMiB: 16, cpus: 2, pinVcpus: true }, async (vm) => {
       await waitForConsole(vm, /spin/, 5000);
       const a = affinities();
@@ -316,9 +322,7 @@ const twoVmsPinCase: TinyCase = {
   name:
     "tiny guest: two VMs in one process, one pinned: the other's vCPUs keep every CPU, each VM's end leaves the other's threads where they are",
   run: async () => {
-    const before = /Cpus_allowed_list:\s*(\S+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1];
-    const [vmm, ...rest] = cpuList(before);
-    assert.ok(rest.length >= 1, `pinning needs 2 CPUs; this process may use ${before}`);
+    const { before, vmm, rest } = processCpus();
     const cpusOf = (tid: number) => affinities().find(([t]) => t === tid)?.[2];
     const spin = { program: { code: SPINNER }, memoryMiB: 16, cpus: 1 };
     // Unpinned B runs first, pinned A starts, B is checked, A ends, B is checked again; then
