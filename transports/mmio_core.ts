@@ -57,6 +57,14 @@ export function putU32(data: Uint8Array, v: number): void {
   for (let i = 0; i < data.length; i++) data[i] = i < 4 ? (v >>> (8 * i)) & 0xff : 0;
 }
 
+/** Reads and writes at offsets of a virtio-MMIO window (what a bus hands a device). */
+export interface MmioRegs {
+  /** A guest read of `data.length` bytes at `offset`. */
+  read(offset: number, data: Uint8Array): void;
+  /** A guest write; a promise when it may not be answered yet. */
+  write(offset: number, data: Uint8Array): void | Promise<void>;
+}
+
 /**
  * A virtio-MMIO register file: config space (any width) and the registers both versions
  * share are handled here; each version adds its own in `readRegister` / `writeRegister`.
@@ -69,6 +77,47 @@ export abstract class MmioRegisterFile {
   protected abstract readRegister(offset: number): number | undefined;
   /** A version-specific register write (a promise while a Status reset waits, see `write`). */
   protected abstract writeRegister(offset: number, v: number): void | Promise<void>;
+
+  private readonly word = new Uint8Array(4);
+
+  /**
+   * Copies what a driver reads at byte offsets [from, to) of the window into `words`, whose
+   * index `at` is the window's first word: a page the guest reads as memory, so that its
+   * reads do not exit. InterruptStatus is left alone: that word is the ISR's cell itself,
+   * changed only by whoever sets or clears bits. Only words that changed are stored, each
+   * whole, so a driver reading meanwhile sees the old value or the new one.
+   */
+  copyTo(words: Int32Array, at: number, from = 0, to: number = MMIO_WINDOW): void {
+    const d = this.word;
+    for (let off = from; off < to; off += 4) {
+      if (off === REG.interruptStatus) continue;
+      this.read(off, d);
+      const v = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24);
+      if (words[at + off / 4] !== v) words[at + off / 4] = v;
+    }
+  }
+
+  /**
+   * Keeps `words` from index `at` a copy of the window (copyTo) from now on: made at once,
+   * again after each write handed to the returned register file (before the write is
+   * answered: a vCPU resumes only then), and whenever the core reports a change of its own
+   * (VirtioCore.onChange). Put the returned file where the guest's writes arrive.
+   */
+  keepCopy(words: Int32Array, at: number): MmioRegs {
+    const copy = (from?: number, to?: number) => this.copyTo(words, at, from, to);
+    copy();
+    this.core.onChange = () => copy();
+    // A register write changes registers only; a config write may change config space.
+    const after = (offset: number) => offset < MMIO_CONFIG ? copy(0, MMIO_CONFIG) : copy();
+    return {
+      read: (o, d) => this.read(o, d),
+      write: (o, d) => {
+        const pending = this.write(o, d);
+        if (pending) return pending.then(() => after(o));
+        after(o);
+      },
+    };
+  }
 
   /** A guest read. */
   read(offset: number, data: Uint8Array): void {

@@ -123,6 +123,11 @@ export class VirtioCore implements VirtioInterrupt {
   interrupts: InterruptStrategy | undefined;
   /** Called when a reset has completed (the transport clears its own registers). */
   onReset: (() => void) | undefined;
+  /**
+   * Called when a value the driver reads changed other than by a register write: a reset
+   * completing, NEEDS_RESET, a config change (a copy of the registers follows it).
+   */
+  onChange: (() => void) | undefined;
 
   /** The selected queue, or undefined if QueueSel is out of range. */
   get queue(): SplitQueue | undefined {
@@ -265,6 +270,7 @@ export class VirtioCore implements VirtioInterrupt {
     if (Atomics.exchange(this.isr.array, this.isr.index, 0) !== 0) this.irq.lower?.();
     this.activated = false;
     this.onReset?.();
+    this.onChange?.();
   }
 
   /** The driver disabled queue `index` (QueueReady 0, QueuePFN 0): it is not served any more. */
@@ -283,6 +289,7 @@ export class VirtioCore implements VirtioInterrupt {
   /** VirtioInterrupt: config space changed. */
   signalConfig(): void {
     this.configGeneration = (this.configGeneration + 1) >>> 0;
+    this.onChange?.();
     if (this.interrupts) this.interrupts.config();
     else this.raiseIsr(INT_CONFIG);
   }
@@ -293,6 +300,7 @@ export class VirtioCore implements VirtioInterrupt {
     if (this.status & STATUS.DEVICE_NEEDS_RESET) return;
     this.status |= STATUS.DEVICE_NEEDS_RESET;
     this.activated = false;
+    this.onChange?.();
     // In-flight work finishes on its own; the driver's reset waits for it.
     void this.device.reset();
     if (this.status & STATUS.DRIVER_OK) this.signalConfig();

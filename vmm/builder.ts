@@ -160,7 +160,11 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     const mmio = new Bus("mmio");
     loop = new EventLoop();
     const shared = new SharedRegisters(vm.fd);
-    virtio = new VirtioMmioDevices(vm, mmio, memory, loop, shared);
+    // The register pages' memory slots come after RAM's.
+    const pageSlot = cfg.mmioRegisterPages && vm.checkExtension(CAP.READONLY_MEM) > 0
+      ? regions.length
+      : undefined;
+    virtio = new VirtioMmioDevices(vm, mmio, memory, loop, shared, pageSlot);
     const mmio64Start = L.pciMmio64Start(cfg.memoryBytes);
     pci = new PciDevices(vm, pio, mmio, memory, loop, new GsiRouting(vm), [
       mmio64Start,

@@ -24,6 +24,8 @@ export class Bus {
   private entries: Entry[] = [];
   /** Accesses that hit no device, counted for diagnostics. */
   unhandled = 0;
+  /** Reads that reached a device, counted for diagnostics and tests. */
+  reads = 0;
 
   /** The bus's name, used in errors ("pio", "mmio"). */
   constructor(readonly name: string) {}
@@ -70,6 +72,7 @@ export class Bus {
       this.unhandled++;
       return false;
     }
+    this.reads++;
     e.dev.read(addr - e.base, data);
     return true;
   }

@@ -34,6 +34,9 @@ Options:
   --unpack-kernel       boot a bzImage's unpacked vmlinux (skips the decompressor)
   --pin-vcpus           give the vCPUs host CPUs of their own (the VMM's other threads on the first)
   --no-device-thread    serve the virtio queues from the main thread (slower; for comparison)
+  --no-mmio-register-pages
+                        every virtio-MMIO register read exits to the VMM (by default the guest
+                        reads the registers from a read-only page; for comparison)
   --boot-protocol P     ELF entry: auto (PVH when the kernel has the note), linux64, pvh
   --disk SPEC           a virtio-blk disk (repeatable): PATH[,readonly][,serial=ID]
                         [,transport=pci|pci-legacy|pci-transitional|mmio|mmio-legacy]
@@ -77,6 +80,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
         "unpack-kernel": { type: "boolean" },
         "pin-vcpus": { type: "boolean" },
         "no-device-thread": { type: "boolean" },
+        "no-mmio-register-pages": { type: "boolean" },
         "boot-protocol": { type: "string" },
         kvm: { type: "string" },
         disk: { type: "string", multiple: true },
@@ -104,6 +108,7 @@ export function parseCli(args: string[]): VmConfig | undefined {
     unpackKernel: v["unpack-kernel"],
     pinVcpus: v["pin-vcpus"],
     deviceThread: v["no-device-thread"] ? false : undefined,
+    mmioRegisterPages: v["no-mmio-register-pages"] ? false : undefined,
     bootProtocol: v["boot-protocol"] as VmConfig["bootProtocol"],
     kvmDevice: v.kvm,
     disks: (v.disk ?? []).map(parseDisk),

@@ -90,6 +90,12 @@ export interface VmConfig {
    * default), rather than from the main thread's event loop (false; slower, kept to compare).
    */
   deviceThread?: boolean;
+  /**
+   * Map each virtio-MMIO window's registers into the guest as a read-only page that the VMM
+   * keeps up to date (the default, where KVM has read-only memory), so the driver's register
+   * reads (InterruptStatus on every interrupt) do not exit; false: every access exits.
+   */
+  mmioRegisterPages?: boolean;
   /** For ELF kernels: PVH entry when the note is there ("auto"), or force one. */
   bootProtocol?: BootProtocol;
   /** Connect the serial console to this process's stdin/stdout. */
@@ -141,6 +147,8 @@ export interface ResolvedConfig {
   pinVcpus: boolean;
   /** Virtio queues on the device thread. */
   deviceThread: boolean;
+  /** virtio-MMIO register pages mapped read-only where KVM can. */
+  mmioRegisterPages: boolean;
   /** Entry protocol choice. */
   bootProtocol: BootProtocol;
   /** Console on stdio. */
@@ -272,6 +280,7 @@ export function resolveConfig(c: VmConfig): ResolvedConfig {
     unpackKernel: c.unpackKernel ?? false,
     pinVcpus: c.pinVcpus ?? false,
     deviceThread: c.deviceThread ?? true,
+    mmioRegisterPages: c.mmioRegisterPages ?? true,
     bootProtocol: proto,
     stdio: c.stdio ?? false,
     kvmDevice: c.kvmDevice ?? "/dev/kvm",

@@ -14,7 +14,9 @@
  *
  * Layout (Int32): [0] entry count, [1] the VM's fd (for the lines), then MAX_ENTRIES
  * entries of 4 words (address low, address high, op | space with the line's GSI + 1 from
- * bit 8, cell index), then the cells. An entry whose op is 0 is off.
+ * bit 8, cell index), then the cells. An entry whose op is 0 is off. After them, page-aligned
+ * in the host's address space, up to MAX_PAGES pages the guest may map read-only
+ * (`page`): a virtio-MMIO window's registers, whose InterruptStatus is then a cell there.
  */
 
 import { followIsr } from "./isr_line.ts";
@@ -38,6 +40,20 @@ const ENTRY_WORDS = 4;
 const ENTRIES_AT = 2;
 const CELLS_AT = ENTRIES_AT + MAX_ENTRIES * ENTRY_WORDS;
 const MAX_CELLS = 64;
+const TABLE_BYTES = (CELLS_AT + MAX_CELLS) * 4;
+const MAX_PAGES = 16;
+/** The size of a page `SharedRegisters.page` hands out. */
+export const SHARED_PAGE_BYTES = 4096;
+
+/** A page of a table's memory that a guest may map (a read-only KVM memory slot). */
+export interface SharedPage {
+  /** The table's words: the page is `words[at]` to `words[at + 1023]`. */
+  readonly words: Int32Array;
+  /** The index of the page's first word. */
+  readonly at: number;
+  /** The page's host address. */
+  readonly hostAddr: bigint;
+}
 
 /** One 32-bit value in shared memory. */
 export interface SharedCell {
@@ -55,9 +71,12 @@ export function privateCell(): SharedCell {
 /** The table of shared registers of one VM. */
 export class SharedRegisters {
   /** The memory vCPU threads are given. */
-  readonly buffer: SharedArrayBuffer = new SharedArrayBuffer((CELLS_AT + MAX_CELLS) * 4);
+  readonly buffer: SharedArrayBuffer = new SharedArrayBuffer(
+    TABLE_BYTES + (MAX_PAGES + 1) * SHARED_PAGE_BYTES,
+  );
   private readonly words = new Int32Array(this.buffer);
   private cells = 0;
+  private pages = 0;
   /** Each entry's op word, kept here for `move` to turn it back on. */
   private readonly ops: number[] = [];
 
@@ -70,6 +89,29 @@ export class SharedRegisters {
   cell(): SharedCell {
     if (this.cells >= MAX_CELLS) throw new RangeError(`at most ${MAX_CELLS} shared register cells`);
     return { array: this.words, index: CELLS_AT + this.cells++ };
+  }
+
+  /**
+   * A new page of this table's memory (zero), aligned to a page in the host's address space,
+   * for a guest to map read-only. The buffer's memory never moves and lives as long as the
+   * table does: keep the table while the guest may map the page.
+   */
+  page(): SharedPage {
+    if (this.pages >= MAX_PAGES) throw new RangeError(`at most ${MAX_PAGES} shared pages`);
+    const base = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(new Uint8Array(this.buffer))));
+    const page = BigInt(SHARED_PAGE_BYTES);
+    const first = ((base + BigInt(TABLE_BYTES) + page - 1n) / page) * page;
+    const hostAddr = first + BigInt(this.pages++) * page;
+    return { words: this.words, at: Number(hostAddr - base) / 4, hostAddr };
+  }
+
+  /** The cell at byte `offset` of `page` (a multiple of 4). */
+  cellIn(page: SharedPage, offset: number): SharedCell {
+    if (page.words !== this.words) throw new RangeError("the page belongs to another table");
+    if (offset % 4 !== 0 || offset < 0 || offset >= SHARED_PAGE_BYTES) {
+      throw new RangeError(`bad offset ${offset}`);
+    }
+    return { array: this.words, index: page.at + offset / 4 };
   }
 
   /**

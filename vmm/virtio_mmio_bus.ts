@@ -9,10 +9,17 @@
  * thread that answers the driver's InterruptACK, the main thread on a config change or a
  * reset. An edge could be lost when it arrived while the previous one was being handled; a
  * level cannot.
+ *
+ * Where KVM has read-only memory, each window is also a read-only memory slot over a page
+ * that holds a copy of what the driver reads there (SharedRegisters.page): the driver's
+ * register reads, InterruptStatus on every interrupt among them, are served by the guest's
+ * own loads without exiting; its writes still exit as MMIO writes (QueueNotify's ioeventfd
+ * matches as before) and the copy is brought up to date before the writing vCPU resumes.
+ * InterruptStatus is a cell in that page, so a raise or an ACK is seen at once.
  */
 
 import type { VmFd } from "./vm.ts";
-import type { Bus } from "./bus.ts";
+import type { Bus, BusDevice } from "./bus.ts";
 import type { GuestMemory } from "./memory.ts";
 import { RemoteDevice } from "./device_thread.ts";
 import type { EventLoop } from "./event_loop.ts";
@@ -54,7 +61,9 @@ export class VirtioMmioDevices {
 
   /**
    * Devices on `mmio`, interrupts on `vm`'s lines, notifications through `loop`; the vCPU
-   * threads answer the interrupt registers from `shared` (made for `vm`'s fd).
+   * threads answer the interrupt registers from `shared` (made for `vm`'s fd). With
+   * `pageSlot`, the windows' register pages are read-only memory slots `pageSlot`,
+   * `pageSlot + 1`, ... (the caller checked KVM_CAP_READONLY_MEM).
    */
   constructor(
     private readonly vm: VmFd,
@@ -62,6 +71,7 @@ export class VirtioMmioDevices {
     private readonly memory: GuestMemory,
     private readonly loop: EventLoop,
     private readonly shared: SharedRegisters,
+    private readonly pageSlot?: number,
   ) {}
 
   /** Adds a device on the next window. */
@@ -75,7 +85,8 @@ export class VirtioMmioDevices {
     // InterruptStatus and InterruptACK are answered on the vCPU threads (same offsets in
     // both versions), so taking an interrupt costs the driver no device-thread handoff; an
     // ACK that clears the last bit lowers the line there.
-    const isr = this.shared.cell();
+    const page = this.pageSlot === undefined ? undefined : this.shared.page();
+    const isr = page ? this.shared.cellIn(page, REG.interruptStatus) : this.shared.cell();
     this.shared.map(base + REG.interruptStatus, SHARED_READ, isr);
     this.shared.map(base + REG.interruptAck, SHARED_CLEAR, isr, gsi);
     const follow = () => followIsr(this.vm.fd, gsi, isr.array, isr.index);
@@ -83,7 +94,12 @@ export class VirtioMmioDevices {
     const transport = kind === "mmio"
       ? new VirtioMmio(device, this.memory, irq, isr)
       : new VirtioMmioLegacy(device, this.memory, irq, isr);
-    this.mmio.register(base, VIRTIO_MMIO_SIZE, transport, `${device.name} (${kind})`);
+    let onBus: BusDevice = transport;
+    if (page) {
+      onBus = transport.keepCopy(page.words, page.at);
+      this.vm.setUserMemoryRegion(this.pageSlot! + i, base, VIRTIO_MMIO_SIZE, page.hostAddr, true);
+    }
+    this.mmio.register(base, VIRTIO_MMIO_SIZE, onBus, `${device.name} (${kind})`);
     const notifyFds = device.queueMaxSizes.map((_, q) => {
       const fd = sysEventfd();
       this.fds.push(fd);

@@ -4,6 +4,8 @@ import { ioctlBuf, ioctlVal } from "./kvm.ts";
 import { sysClose } from "./sys/libc.ts";
 import { KVM, SIZE } from "./sys/kvm_abi.ts";
 
+/** KVM_MEM_READONLY, a memory slot flag. */
+const MEM_READONLY = 2;
 /** KVM_PIT_SPEAKER_DUMMY: the PIT's speaker port is emulated as a dummy. */
 const PIT_SPEAKER_DUMMY = 1;
 /** KVM_IRQFD_FLAG_* */
@@ -35,16 +37,24 @@ export class VmFd {
     this.fd = fd;
   }
 
-  /** KVM_SET_USER_MEMORY_REGION. */
-  setUserMemoryRegion(slot: number, gpa: number, size: number, hostAddr: bigint): void {
+  /**
+   * KVM_SET_USER_MEMORY_REGION. With `readOnly` (KVM_MEM_READONLY) the guest reads the
+   * pages as memory and each of its writes exits as an MMIO write (ioeventfds still match).
+   */
+  setUserMemoryRegion(slot: number, gpa: number, size: number, hostAddr: bigint, readOnly = false): void {
     const b = new Uint8Array(SIZE.userspaceMemoryRegion);
     const dv = new DataView(b.buffer);
     dv.setUint32(0, slot, true);
-    dv.setUint32(4, 0, true);
+    dv.setUint32(4, readOnly ? MEM_READONLY : 0, true);
     dv.setBigUint64(8, BigInt(gpa), true);
     dv.setBigUint64(16, BigInt(size), true);
     dv.setBigUint64(24, hostAddr, true);
     ioctlBuf(this.fd, KVM.SET_USER_MEMORY_REGION, b, "KVM_SET_USER_MEMORY_REGION");
+  }
+
+  /** KVM_CHECK_EXTENSION on this VM (some answers depend on the VM's type). */
+  checkExtension(cap: number): number {
+    return ioctlVal(this.fd, KVM.CHECK_EXTENSION, BigInt(cap), "KVM_CHECK_EXTENSION");
   }
 
   /** KVM_SET_TSS_ADDR (three pages, below 4 GiB, outside RAM). */

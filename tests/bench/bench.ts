@@ -180,6 +180,7 @@ if (native && wantVms) {
           vmTimeoutS: Deno.env.get("TSVMM_BENCH_VM_TIMEOUT_S"),
           transports: Deno.env.get("TSVMM_BENCH_TRANSPORTS"),
           deviceThread: Deno.env.get("TSVMM_DEVICE_THREAD"),
+          mmioRegisterPages: Deno.env.get("TSVMM_MMIO_REGISTER_PAGES"),
           rehearse: Deno.env.get("TSVMM_REHEARSE"),
           scaleTransports: Deno.env.get("TSVMM_BENCH_SCALE_TRANSPORTS"),
           fioSeconds: Deno.env.get("TSVMM_BENCH_FIO_S"),

@@ -111,6 +111,8 @@ export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKi
         pinVcpus: true,
         // TSVMM_DEVICE_THREAD=0: the queues on the main thread (the before of README's breakdown).
         deviceThread: Deno.env.get("TSVMM_DEVICE_THREAD") !== "0",
+        // TSVMM_MMIO_REGISTER_PAGES=0: every virtio-MMIO register read exits (the before).
+        mmioRegisterPages: Deno.env.get("TSVMM_MMIO_REGISTER_PAGES") !== "0",
       },
       async (vm: Vm) => {
         let ended = false;

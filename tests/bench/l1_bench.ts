@@ -27,6 +27,7 @@ if (opts.vmTimeoutS) Deno.env.set("TSVMM_BENCH_VM_TIMEOUT_S", String(opts.vmTime
 // The host's transport list, read by device_bench.ts when it loads (so imported after this).
 if (opts.transports) Deno.env.set("TSVMM_BENCH_TRANSPORTS", String(opts.transports));
 if (opts.deviceThread) Deno.env.set("TSVMM_DEVICE_THREAD", String(opts.deviceThread));
+if (opts.mmioRegisterPages) Deno.env.set("TSVMM_MMIO_REGISTER_PAGES", String(opts.mmioRegisterPages));
 if (opts.rehearse !== undefined) Deno.env.set("TSVMM_REHEARSE", String(opts.rehearse));
 if (opts.scaleTransports) Deno.env.set("TSVMM_BENCH_SCALE_TRANSPORTS", String(opts.scaleTransports));
 if (opts.fioSeconds) Deno.env.set("TSVMM_BENCH_FIO_S", String(opts.fioSeconds));

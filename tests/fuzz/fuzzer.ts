@@ -63,6 +63,11 @@ export interface FuzzOptions {
   stopOnFailure?: boolean;
   /** Builds the blk device under test (tests inject a broken one to see the oracle catch it). */
   makeBlk?: (backend: BlockBackend, serial: string) => VirtioBlk;
+  /**
+   * Keeps a virtio-MMIO window's register page (default: the transport's `keepCopy`; tests
+   * inject a broken one to see the oracle catch it). Returns where the driver's writes go.
+   */
+  keepCopy?: (file: MmioRegisterFile, words: Int32Array) => Regs;
 }
 
 /** One failed check. */
@@ -268,7 +273,7 @@ class Run {
 }
 
 /** Register access of a transport, with the offsets a storm aims at. */
-interface Regs {
+export interface Regs {
   read(offset: number, data: Uint8Array): void;
   write(offset: number, data: Uint8Array): void | Promise<void>;
 }
@@ -285,6 +290,8 @@ interface Port {
   /** Features, queue 0 at desc/avail/used with `size` entries, FEATURES_OK (where there is one). */
   configure(features: bigint, size: number, desc: number, avail: number, used: number): Promise<void>;
   notify(index: number): void | Promise<void>;
+  /** virtio-MMIO: where the read-only register page disagrees with the registers. */
+  pageMismatch?(): string | undefined;
 }
 
 async function w(regs: Regs, off: number, size: number, v: number): Promise<void> {
@@ -338,7 +345,43 @@ const MMIO_STORM = [
 class MmioPort implements Port {
   readonly stormOffsets = MMIO_STORM;
   readonly stormSpan = 0x1000;
-  constructor(readonly regs: MmioRegisterFile, readonly modern: boolean) {}
+  /**
+   * The window as a guest with the register page mapped sees it (vmm/virtio_mmio_bus.ts):
+   * reads from the page, writes through `keepCopy`.
+   */
+  readonly regs: Regs;
+  private readonly page: Uint8Array;
+  constructor(
+    readonly file: MmioRegisterFile,
+    readonly modern: boolean,
+    keepCopy = (f: MmioRegisterFile, words: Int32Array): Regs => f.keepCopy(words, 0),
+  ) {
+    // The transport's InterruptStatus cell is a word of the page (makeTransport).
+    const words = file.core.isr.array;
+    const writes = keepCopy(file, words);
+    this.page = new Uint8Array(words.buffer);
+    this.regs = {
+      read: (o, d) => {
+        // Past the page, as off the window: the register file's own answer.
+        if (o + d.length > this.page.length) file.read(o, d);
+        else d.set(this.page.subarray(o, o + d.length));
+      },
+      write: (o, d) => writes.write(o, d),
+    };
+  }
+  /** Where the page disagrees with the register file (registers and the first 256 bytes of config). */
+  pageMismatch(): string | undefined {
+    const d = new Uint8Array(4);
+    for (let off = 0; off < 0x200; off += 4) {
+      this.file.read(off, d);
+      for (let i = 0; i < 4; i++) {
+        if (this.page[off + i] !== d[i]) {
+          return `the register page differs from the registers at 0x${off.toString(16)}`;
+        }
+      }
+    }
+    return undefined;
+  }
   status(): number {
     return r(this.regs, 0x070, 4);
   }
@@ -379,7 +422,9 @@ class MmioPort implements Port {
   notify(index: number): void | Promise<void> {
     const d = new Uint8Array(4);
     new DataView(d.buffer).setUint32(0, index >>> 0, true);
-    return this.regs.write(0x050, d);
+    // As the ioeventfd on QueueNotify does: straight to the device, past the page's upkeep,
+    // so what the request changes (NEEDS_RESET) reaches the page only through onChange.
+    return this.file.write(0x050, d);
   }
 }
 
@@ -585,11 +630,13 @@ class Episode {
     this.blk = this.run.opts.makeBlk?.(this.backend, serial) ?? new VirtioBlk(this.backend, { serial });
     return this.blk;
   }
+  /** A virtio-MMIO transport whose InterruptStatus cell is a word of a page of its own (MmioPort). */
   makeTransport(dev: VirtioDevice, kind: string): MmioRegisterFile {
     const irq = { trigger: () => {} };
+    const isr = { array: new Int32Array(new SharedArrayBuffer(0x1000)), index: 0x060 / 4 };
     return kind === "mmio"
-      ? new VirtioMmio(dev, this.run.mem, irq)
-      : new VirtioMmioLegacy(dev, this.run.mem, irq);
+      ? new VirtioMmio(dev, this.run.mem, irq, isr)
+      : new VirtioMmioLegacy(dev, this.run.mem, irq, isr);
   }
 
   makePort(dev: VirtioDevice, kind: string): Port {
@@ -601,7 +648,7 @@ class Episode {
       const legacy = flavor === "legacy" || (flavor === "transitional" && this.p.chance(0.5));
       return new PciPort(t, legacy);
     }
-    return new MmioPort(this.makeTransport(dev, kind), kind === "mmio");
+    return new MmioPort(this.makeTransport(dev, kind), kind === "mmio", this.run.opts.keepCopy);
   }
 
   /** The driver's bring-up: reset, features, one queue at `ring`, DRIVER_OK. */
@@ -1013,6 +1060,10 @@ class Episode {
         await new Promise((r) => setTimeout(r, 0));
       }
     }
+    // What the device changed on its own (NEEDS_RESET after a hostile chain, a reset that
+    // completed) must be in the register page before the driver's next read.
+    const mismatch = this.target.pageMismatch?.();
+    if (mismatch) this.fail(`${mismatch} once the device settled`);
   }
 
   /** Compares RAM with what it must hold, except the zones the device may write. */
@@ -1191,6 +1242,8 @@ class Episode {
         const r = t.regs.write(off, d);
         if (r instanceof Promise) await r;
       }
+      const mismatch = t.pageMismatch?.();
+      if (mismatch) this.fail(`${mismatch} after a ${width}-byte access at 0x${off.toString(16)}`);
     }
     this.note(`register storm of ${n}`);
   }

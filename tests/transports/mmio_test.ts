@@ -6,6 +6,7 @@ import { VirtioMmio } from "../../transports/mmio.ts";
 import { VirtioMmioLegacy } from "../../transports/mmio_legacy.ts";
 import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { STATUS } from "../../devices/virtio/device.ts";
+import type { SharedCell } from "../../vmm/shared_regs.ts";
 
 const rng = () => new VirtioRng({ fill: (b) => b.fill(0xab) });
 
@@ -299,4 +300,83 @@ Deno.test("QueueNotify: the whole value is the queue index (0x10000 is no queue)
   assert.equal(m.t.core.counters.ignoredNotifies, 1);
   m.d.notify(0);
   assert.equal(m.q.takeUsed().length, 1);
+});
+
+/**
+ * A window read through its register page, as a guest with the page mapped read-only sees
+ * it: reads from the page, writes through `keepCopy`, InterruptStatus a cell in the page.
+ */
+function paged<T extends VirtioMmio | VirtioMmioLegacy>(make: (isr: SharedCell) => T) {
+  const words = new Int32Array(new SharedArrayBuffer(4096));
+  const t = make({ array: words, index: 0x060 / 4 });
+  const regs = t.keepCopy(words, 0);
+  const bytes = new Uint8Array(words.buffer);
+  const page = {
+    read: (o: number, d: Uint8Array) => d.set(bytes.subarray(o, o + d.length)),
+    write: (o: number, d: Uint8Array) => regs.write(o, d),
+  };
+  /** Every word of registers and config space reads the same from the page as from the file. */
+  const same = (when: string) => {
+    const a = new Uint8Array(4), b = new Uint8Array(4);
+    for (let off = 0; off < 0x200; off += 4) {
+      t.read(off, a);
+      page.read(off, b);
+      assert.deepEqual(b, a, `offset 0x${off.toString(16)} ${when}`);
+    }
+  };
+  return { t, d: new MmioDriver(page), same };
+}
+
+Deno.test("register page (v2): the copy reads what the register file reads through setup, requests, a config change, NEEDS_RESET and a reset", async () => {
+  const ram = new GuestRam();
+  const irq = new CountingIrq();
+  const { t, d, same } = paged((isr) => new VirtioMmio(rng(), ram.mem, irq, isr));
+  same("at first");
+  assert.equal(d.r32(0x000), 0x74726976);
+  assert.equal(d.negotiate(F.VERSION_1 | F.EVENT_IDX), true);
+  same("after negotiation");
+  const q = new DriverQueue(ram, 16);
+  d.setupQueue(0, q);
+  d.driverOk();
+  same("after DRIVER_OK");
+  assert.equal(d.r32(0x044), 1, "QueueReady from the page");
+  q.add([{ addr: ram.alloc(64), len: 64, write: true }]);
+  d.notify(0);
+  assert.equal(d.r32(0x060), 1, "InterruptStatus from the page after a request");
+  same("with an interrupt pending");
+  d.w32(0x064, 1);
+  assert.equal(d.r32(0x060), 0, "InterruptStatus from the page after the ACK");
+  d.w32(0x030, 5);
+  assert.equal(d.r32(0x034), 0, "QueueNumMax of a missing queue");
+  same("after QueueSel 5");
+  // The device's side: a config change and a device error, with no driver write after them.
+  const gen = d.r32(0x0fc);
+  t.core.signalConfig();
+  assert.notEqual(d.r32(0x0fc), gen, "ConfigGeneration from the page after a config change");
+  same("after a config change");
+  t.core.needsReset("test");
+  assert.ok(d.status() & STATUS.DEVICE_NEEDS_RESET, "NEEDS_RESET from the page");
+  same("after NEEDS_RESET");
+  await d.w32(0x070, 0);
+  assert.equal(d.status(), 0);
+  same("after a reset");
+});
+
+Deno.test("register page (v1, legacy): QueuePFN and the rest read the same from the copy", () => {
+  const ram = new GuestRam(1 << 20);
+  const { d, same } = paged((isr) => new VirtioMmioLegacy(rng(), ram.mem, new CountingIrq(), isr));
+  assert.equal(d.r32(0x004), 1);
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER);
+  d.w32(0x028, 4096);
+  d.w32(0x030, 0);
+  d.w32(0x038, 16);
+  const ringBase = ram.alloc(3 * 4096, 4096);
+  d.w32(0x040, ringBase / 4096);
+  assert.equal(d.r32(0x040), ringBase / 4096, "QueuePFN from the page");
+  same("with a queue");
+  d.w32(0x070, STATUS.ACKNOWLEDGE | STATUS.DRIVER | STATUS.DRIVER_OK);
+  same("after DRIVER_OK");
+  d.w32(0x070, 0);
+  assert.equal(d.r32(0x040), 0, "QueuePFN from the page after a reset");
+  same("after a reset");
 });

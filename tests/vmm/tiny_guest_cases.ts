@@ -11,6 +11,7 @@ import { buildMachine } from "../../vmm/builder.ts";
 import { bootTest, ConsoleTimeoutError, type Vm, waitForConsole } from "../../mod.ts";
 import { vcpuThreadsLeftRunning } from "../../vmm/vcpus.ts";
 import { Kvm } from "../../vmm/kvm.ts";
+import { CAP } from "../../vmm/sys/kvm_abi.ts";
 import { VmFd } from "../../vmm/vm.ts";
 import { SHARED_CLEAR, sharedAccess, SharedRegisters } from "../../vmm/shared_regs.ts";
 import { followIsr } from "../../vmm/isr_line.ts";
@@ -432,5 +433,72 @@ const isrLineCase: TinyCase = {
   },
 };
 
+// Assembled from tests/vmm/tiny_mmio_guest.s: reads virtio-MMIO registers, writes each value
+// to port 0x511, powers off.
+const MMIO_GUEST = Uint8Array.from(
+  ("48c7042518a0000003002000b9830000d048890c25000420000f20d80f22d8bb000000d066ba11058b03ef8b4304ef8b" +
+    "4308efc74330010000008b4334efc74330000000008b4334ef8b4360ef8b4370efc74370010000008b4370efc7437003" +
+    "000000c74370070000008b4370efc74370000000008b4370ef66ba0006b034eef4").match(/../g)!,
+  (h) => parseInt(h, 16),
+);
+
+const mmioPagesCase: TinyCase = {
+  name:
+    "tiny guest: virtio-MMIO register reads come from the read-only register page without exiting, and read what the exiting path reads",
+  run: async () => {
+    const kvm = Kvm.open();
+    const readOnlyMemory = kvm.checkExtension(CAP.READONLY_MEM) > 0;
+    kvm.close();
+    const runs: Array<{ values: string[]; busReads: number }> = [];
+    for (const mmioRegisterPages of [true, false]) {
+      const vm = await buildMachine({
+        program: { code: MMIO_GUEST },
+        memoryMiB: 16,
+        rng: { transport: "mmio" },
+        mmioRegisterPages,
+      });
+      const values: string[] = [];
+      vm.pio.register(0x511, 1, {
+        read: (_o, d) => d.fill(0),
+        write: (_o, d) => void values.push(le(d)),
+      }, "test port");
+      const before = vm.mmio.reads;
+      await vm.start();
+      const exit = await vm.exited;
+      assert.equal(exit.reason, "poweroff", exit.message);
+      runs.push({ values, busReads: vm.mmio.reads - before });
+    }
+    const expected = [
+      "74726976", // "virt"
+      "00000002", // version 2
+      "00000004", // virtio-rng
+      "00000000", // QueueNumMax of a queue that does not exist
+      "00000100", // QueueNumMax of the request queue
+      "00000000", // InterruptStatus
+      "00000000", // Status
+      "00000001", // Status after the driver's write
+      "00000047", // DEVICE_NEEDS_RESET after DRIVER_OK without FEATURES_OK
+      "00000000", // Status after a reset
+    ];
+    assert.deepEqual(runs[0].values, expected, "with register pages");
+    assert.deepEqual(runs[1].values, expected, "every access exiting");
+    assert.equal(runs[1].busReads, 9, "reads that exit");
+    // Where KVM lacks read-only memory the pages are off and every read exits.
+    assert.equal(
+      runs[0].busReads,
+      readOnlyMemory ? 0 : 9,
+      `reads that exited with the page (read-only memory: ${readOnlyMemory})`,
+    );
+  },
+};
+
 /** Every tiny-guest case, in the order they run. */
-export const TINY_CASES: TinyCase[] = [exitsCase, hungCase, stallCase, pinCase, twoVmsPinCase, isrLineCase];
+export const TINY_CASES: TinyCase[] = [
+  exitsCase,
+  mmioPagesCase,
+  hungCase,
+  stallCase,
+  pinCase,
+  twoVmsPinCase,
+  isrLineCase,
+];

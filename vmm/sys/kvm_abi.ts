@@ -78,6 +78,7 @@ export const CAP = {
   IRQFD: 32,
   IOEVENTFD: 36,
   TSC_DEADLINE_TIMER: 72,
+  READONLY_MEM: 81,
   IMMEDIATE_EXIT: 136,
 } as const;
 
