@@ -85,9 +85,15 @@ export abstract class MmioRegisterFile {
    * index `at` is the window's first word: a page the guest reads as memory, so that its
    * reads do not exit. InterruptStatus is left alone: that word is the ISR's cell itself,
    * changed only by whoever sets or clears bits. Only words that changed are stored, each
-   * whole, so a driver reading meanwhile sees the old value or the new one.
+   * whole, so a driver reading meanwhile sees the old value or the new one. Config space is
+   * stored before the registers, so a driver that reads the new ConfigGeneration finds the
+   * new config behind it (and one that read the old generation first sees it change).
    */
   copyTo(words: Int32Array, at: number, from = 0, to: number = MMIO_WINDOW): void {
+    if (from < MMIO_CONFIG && to > MMIO_CONFIG) {
+      this.copyTo(words, at, MMIO_CONFIG, to);
+      to = MMIO_CONFIG;
+    }
     const d = this.word;
     for (let off = from; off < to; off += 4) {
       if (off === REG.interruptStatus) continue;

@@ -380,3 +380,30 @@ Deno.test("register page (v1, legacy): QueuePFN and the rest read the same from 
   assert.equal(d.r32(0x040), 0, "QueuePFN from the page after a reset");
   same("after a reset");
 });
+
+Deno.test("register page: on a config change the new config is in the page before the new ConfigGeneration", () => {
+  const ram = new GuestRam();
+  const dev = rng();
+  let cfg = 1;
+  // A device with 8 bytes of config space that changes.
+  dev.readConfig = (o, d) => d.forEach((_, i) => d[i] = o + i < 8 ? cfg : 0);
+  const words = new Int32Array(new SharedArrayBuffer(4096));
+  const t = new VirtioMmio(dev, ram.mem, new CountingIrq(), { array: words, index: 0x060 / 4 });
+  const stores: number[] = [];
+  const logged = new Proxy(words, {
+    set: (w, k, v) => {
+      stores.push(Number(k) * 4);
+      return Reflect.set(w, k, v);
+    },
+    get: (w, k) => Reflect.get(w, k),
+  });
+  t.keepCopy(logged, 0);
+  stores.length = 0;
+  cfg = 2;
+  t.core.signalConfig();
+  const gen = stores.indexOf(0x0fc);
+  assert.ok(gen >= 0, "ConfigGeneration stored");
+  assert.deepEqual(stores.filter((o) => o >= 0x100), [0x100, 0x104], "the changed config words");
+  assert.ok(stores.indexOf(0x100) < gen && stores.indexOf(0x104) < gen, `store order ${stores}`);
+  assert.equal(words[0x100 / 4], 0x02020202);
+});
