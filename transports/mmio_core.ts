@@ -85,20 +85,46 @@ export abstract class MmioRegisterFile {
    * index `at` is the window's first word: a page the guest reads as memory, so that its
    * reads do not exit. InterruptStatus is left alone: that word is the ISR's cell itself,
    * changed only by whoever sets or clears bits. Only words that changed are stored, each
-   * whole, so a driver reading meanwhile sees the old value or the new one. Config space is
-   * stored before the registers, so a driver that reads the new ConfigGeneration finds the
-   * new config behind it (and one that read the old generation first sees it change).
+   * whole, so a driver reading meanwhile sees the old value or the new one.
+   *
+   * Config space goes first, then the registers (ConfigGeneration among them). A change of
+   * several config words cannot be made atomic for a driver reading memory: it compares
+   * ConfigGeneration for equality only, so it could read the old generation around a
+   * half-stored config. Such a change is stored inside `hold`, which keeps the driver's
+   * reads exiting meanwhile (so they wait behind the copy); without `hold` it is stored as
+   * it comes (before the guest runs).
    */
-  copyTo(words: Int32Array, at: number, from = 0, to: number = MMIO_WINDOW): void {
-    if (from < MMIO_CONFIG && to > MMIO_CONFIG) {
-      this.copyTo(words, at, MMIO_CONFIG, to);
+  copyTo(
+    words: Int32Array,
+    at: number,
+    from = 0,
+    to: number = MMIO_WINDOW,
+    hold?: (store: () => void) => void,
+  ): void {
+    const d = this.word;
+    const valueAt = (off: number) => {
+      this.read(off, d);
+      return d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24);
+    };
+    if (to > MMIO_CONFIG) {
+      let changed: number[] | undefined; // word index, value, ...
+      for (let off = Math.max(from, MMIO_CONFIG); off < to; off += 4) {
+        const v = valueAt(off);
+        if (words[at + off / 4] !== v) (changed ??= []).push(at + off / 4, v);
+      }
+      if (changed) {
+        const list = changed;
+        const store = () => {
+          for (let i = 0; i < list.length; i += 2) words[list[i]] = list[i + 1];
+        };
+        if (hold && list.length > 2) hold(store);
+        else store();
+      }
       to = MMIO_CONFIG;
     }
-    const d = this.word;
     for (let off = from; off < to; off += 4) {
       if (off === REG.interruptStatus) continue;
-      this.read(off, d);
-      const v = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24);
+      const v = valueAt(off);
       if (words[at + off / 4] !== v) words[at + off / 4] = v;
     }
   }
@@ -107,20 +133,23 @@ export abstract class MmioRegisterFile {
    * Keeps `words` from index `at` a copy of the window (copyTo) from now on: made at once,
    * again after each write handed to the returned register file (before the write is
    * answered: a vCPU resumes only then), and whenever the core reports a change of its own
-   * (VirtioCore.onChange). Put the returned file where the guest's writes arrive.
+   * (VirtioCore.onChange); `hold` as for copyTo. Put the returned file where the guest's
+   * writes arrive.
    */
-  keepCopy(words: Int32Array, at: number): MmioRegs {
-    const copy = (from?: number, to?: number) => this.copyTo(words, at, from, to);
-    copy();
+  keepCopy(words: Int32Array, at: number, hold?: (store: () => void) => void): MmioRegs {
+    const copy = (from?: number, to?: number) => this.copyTo(words, at, from, to, hold);
+    this.copyTo(words, at);
     this.core.onChange = () => copy();
-    // A register write changes registers only; a config write may change config space.
-    const after = (offset: number) => offset < MMIO_CONFIG ? copy(0, MMIO_CONFIG) : copy();
+    // A register write changes registers only; a config write at most the words it covers
+    // (a change beyond them comes with a config change, onChange).
+    const after = (o: number, n: number) =>
+      o < MMIO_CONFIG ? copy(0, MMIO_CONFIG) : copy(o & ~3, Math.min(MMIO_WINDOW, (o + n + 3) & ~3));
     return {
       read: (o, d) => this.read(o, d),
       write: (o, d) => {
         const pending = this.write(o, d);
-        if (pending) return pending.then(() => after(o));
-        after(o);
+        if (pending) return pending.then(() => after(o, d.length));
+        after(o, d.length);
       },
     };
   }

@@ -96,8 +96,19 @@ export class VirtioMmioDevices {
       : new VirtioMmioLegacy(device, this.memory, irq, isr);
     let onBus: BusDevice = transport;
     if (page) {
-      onBus = transport.keepCopy(page.words, page.at);
-      this.vm.setUserMemoryRegion(this.pageSlot! + i, base, VIRTIO_MMIO_SIZE, page.hostAddr, true);
+      const slot = this.pageSlot! + i;
+      const map = (size: number) => this.vm.setUserMemoryRegion(slot, base, size, page.hostAddr, true);
+      // While several config words change the slot is gone: the driver's reads exit, and the
+      // main thread answers them after the copy.
+      onBus = transport.keepCopy(page.words, page.at, (store) => {
+        map(0);
+        try {
+          store();
+        } finally {
+          map(VIRTIO_MMIO_SIZE);
+        }
+      });
+      map(VIRTIO_MMIO_SIZE);
     }
     this.mmio.register(base, VIRTIO_MMIO_SIZE, onBus, `${device.name} (${kind})`);
     const notifyFds = device.queueMaxSizes.map((_, q) => {

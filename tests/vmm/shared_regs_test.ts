@@ -1,4 +1,4 @@
-import { deepEqual, equal, throws } from "node:assert/strict";
+import { deepEqual, equal, ok, throws } from "node:assert/strict";
 import {
   SHARED_CLEAR,
   SHARED_READ,
@@ -133,4 +133,29 @@ Deno.test("virtio-mmio InterruptStatus/ACK answered from the shared cell agree w
   ctx!.interrupt.signalUsed(0);
   w32(REG.status, 0);
   equal(Atomics.load(isr.array, isr.index), 0, "reset clears the shared status");
+});
+
+Deno.test("shared pages: page-aligned in the host's address space, inside the table's buffer, distinct, cells at their offset", () => {
+  const table = new SharedRegisters();
+  const base = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(new Uint8Array(table.buffer))));
+  const pages = Array.from({ length: 16 }, () => table.page());
+  for (const [i, p] of pages.entries()) {
+    equal(p.hostAddr % 4096n, 0n, `page ${i} aligned`);
+    equal(BigInt(p.at * 4), p.hostAddr - base, `page ${i}'s first word is at its address`);
+    ok(
+      p.hostAddr >= base && p.hostAddr + 4096n <= base + BigInt(table.buffer.byteLength),
+      `page ${i} inside`,
+    );
+    if (i > 0) equal(p.hostAddr - pages[i - 1].hostAddr, 4096n, "pages one after the other");
+  }
+  // The cells a table hands out stay clear of the pages.
+  const cells = Array.from({ length: 64 }, () => table.cell());
+  ok(cells.every((c) => c.index < pages[0].at), "cells before the first page");
+  const isr = table.cellIn(pages[3], 0x060);
+  equal(isr.index, pages[3].at + 0x18);
+  Atomics.store(isr.array, isr.index, 5);
+  equal(new DataView(table.buffer).getUint32(pages[3].at * 4 + 0x60, true), 5);
+  throws(() => table.page(), RangeError, "at most 16 pages");
+  throws(() => table.cellIn(pages[0], 2), RangeError, "a cell is a whole word");
+  throws(() => new SharedRegisters().cellIn(pages[0], 0), RangeError, "another table's page");
 });
