@@ -104,7 +104,7 @@ export abstract class MmioRegisterFile {
     const d = this.word;
     const valueAt = (off: number) => {
       this.read(off, d);
-      return d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24);
+      return u32Of(d) | 0; // as an Int32Array holds it
     };
     if (to > MMIO_CONFIG) {
       let changed: number[] | undefined; // word index, value, ...

@@ -300,9 +300,10 @@ export class VirtioCore implements VirtioInterrupt {
     if (this.status & STATUS.DEVICE_NEEDS_RESET) return;
     this.status |= STATUS.DEVICE_NEEDS_RESET;
     this.activated = false;
-    this.onChange?.();
     // In-flight work finishes on its own; the driver's reset waits for it.
     void this.device.reset();
+    // A config change reports the new Status with it.
     if (this.status & STATUS.DRIVER_OK) this.signalConfig();
+    else this.onChange?.();
   }
 }
