@@ -249,6 +249,19 @@ export class FileBackend implements BlockBackend {
     return `at_once=${this.nowaitHits} pool=${this.poolCalls} memory_fs=${this.memoryFs} nowait_read=${this.nowait.read} nowait_write=${this.nowait.write}`;
   }
 
+  /**
+   * The whole transfer at once on this thread, if it needs no wait (one system call with
+   * RWF_NOWAIT, or plain on a memory file system): true when every byte moved. A request done
+   * this way completes within the doorbell's dispatch, with no promise to settle.
+   */
+  transferNow(write: boolean, bufs: Uint8Array[], offset: number): boolean {
+    if (this.closing || (write && this.readonly) || bufs.length > IOV_MAX) return false;
+    const count = this.sync.fill(bufs);
+    const total = this.sync.bytes;
+    if (total === 0 || total > SYNC_MAX_BYTES) return false;
+    return this.tryNowait(write, this.sync.ptr, count, offset) === total;
+  }
+
   /** Reads into guest buffers. */
   read(bufs: Uint8Array[], offset: number): Promise<void> {
     return this.op(() => this.vectored(false, bufs, offset));

@@ -26,6 +26,62 @@ export class GuestMemory {
       }
     }
     this.regions = sorted;
+    this.views = sorted.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
+  }
+
+  /**
+   * One DataView per region, made once: the ring and descriptor accessors below read and
+   * write through these, so a request's ring work allocates no view (a typed-array view
+   * costs more than the load it serves, on every ring access of every request).
+   */
+  private readonly views: DataView[];
+
+  /**
+   * The index of the region that holds [gpa, gpa+len) wholly, or -1 (also for an address
+   * or length that is not a non-negative safe integer). Guest-supplied addresses go through
+   * here or tryView.
+   */
+  regionOf(gpa: number, len: number): number {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(len) || gpa < 0 || len < 0) return -1;
+    const rs = this.regions;
+    for (let i = 0; i < rs.length; i++) {
+      const r = rs[i];
+      if (gpa >= r.gpa && gpa + len <= r.gpa + r.bytes.length) return i;
+    }
+    return -1;
+  }
+
+  /** Region `i`'s DataView (offsets within it are `gpa - regions[i].gpa`). */
+  viewOfRegion(i: number): DataView {
+    return this.views[i];
+  }
+
+  /** The little-endian u16 at `gpa`, or -1 if it is not inside RAM. */
+  u16(gpa: number): number {
+    const i = this.regionOf(gpa, 2);
+    return i < 0 ? -1 : this.views[i].getUint16(gpa - this.regions[i].gpa, true);
+  }
+
+  /** Stores a little-endian u16 at `gpa`; false (nothing stored) if it is not inside RAM. */
+  setU16(gpa: number, value: number): boolean {
+    const i = this.regionOf(gpa, 2);
+    if (i < 0) return false;
+    this.views[i].setUint16(gpa - this.regions[i].gpa, value, true);
+    return true;
+  }
+
+  /**
+   * Stores two little-endian u32s at `gpa` (a used-ring element: id, then len); false
+   * (nothing stored) if the 8 bytes are not inside RAM.
+   */
+  setU32Pair(gpa: number, first: number, second: number): boolean {
+    const i = this.regionOf(gpa, 8);
+    if (i < 0) return false;
+    const v = this.views[i];
+    const off = gpa - this.regions[i].gpa;
+    v.setUint32(off, first, true);
+    v.setUint32(off + 4, second, true);
+    return true;
   }
 
   /** Total bytes of RAM. */
@@ -38,16 +94,11 @@ export class GuestMemory {
    * Guest-supplied addresses go through here.
    */
   tryView(gpa: number, len: number): Uint8Array | undefined {
-    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(len) || gpa < 0 || len < 0) {
-      return undefined;
-    }
-    for (const r of this.regions) {
-      if (gpa >= r.gpa && gpa + len <= r.gpa + r.bytes.length) {
-        const off = gpa - r.gpa;
-        return r.bytes.subarray(off, off + len);
-      }
-    }
-    return undefined;
+    const i = this.regionOf(gpa, len);
+    if (i < 0) return undefined;
+    const r = this.regions[i];
+    const off = gpa - r.gpa;
+    return r.bytes.subarray(off, off + len);
   }
 
   /** Like tryView, but a range outside RAM throws (for VMM-chosen addresses). */

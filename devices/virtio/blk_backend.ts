@@ -12,6 +12,13 @@ export interface BlockBackend {
   read(bufs: Uint8Array[], offset: number): Promise<void>;
   /** Writes `bufs` at byte `offset`. */
   write(bufs: Uint8Array[], offset: number): Promise<void>;
+  /**
+   * Optional: moves the whole of `bufs` from or to byte `offset` before returning, if that
+   * needs no wait for a device (page cache, a memory file system). True: the transfer is
+   * complete. False: it must go through `read` or `write`; part of it may have moved already,
+   * which the full transfer then moves again (the same bytes to the same place).
+   */
+  transferNow?(write: boolean, bufs: Uint8Array[], offset: number): boolean;
   /** Makes written data durable. */
   flush(): Promise<void>;
   /** Deallocates a range (reads return zeros afterwards). */

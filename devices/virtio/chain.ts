@@ -60,57 +60,73 @@ export function walkChain(
   // (virtio 1.2 section 2.7.5.3.1), which bounds the work one notification can cause.
   let descriptors = 0;
 
-  const walk = (tableAddr: number, count: number, first: number, inIndirect: boolean) => {
-    const t = mem.tryView(tableAddr, count * DESC_SIZE);
-    if (!t) throw new ChainError(`descriptor table at 0x${tableAddr.toString(16)} is outside guest RAM`);
-    const dv = new DataView(t.buffer, t.byteOffset, t.byteLength);
-    let idx = first;
-    for (let steps = 0;; steps++) {
-      if (idx >= count) throw new ChainError(`descriptor index ${idx} >= ${count}`);
-      if (steps >= count) throw new ChainError(`descriptor chain longer than ${count} (a loop)`);
-      if (++descriptors > size) throw new ChainError(`descriptor chain longer than the queue size ${size}`);
-      const o = idx * DESC_SIZE;
-      const addr = Number(dv.getBigUint64(o, true));
-      const len = dv.getUint32(o + 8, true);
-      const flags = dv.getUint16(o + 12, true);
-      const next = dv.getUint16(o + 14, true);
-      if (flags & VIRTQ_DESC_F_INDIRECT) {
-        if (!indirectAllowed) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
-        if (inIndirect) throw new ChainError("nested indirect descriptor table");
-        if (flags & VIRTQ_DESC_F_NEXT) throw new ChainError("indirect descriptor with NEXT set");
-        if (len === 0 || len % DESC_SIZE !== 0) {
-          throw new ChainError(`indirect table length ${len} is not n*16`);
-        }
-        if (len / DESC_SIZE > size - descriptors + 1) {
-          throw new ChainError(
-            `indirect table of ${
-              len / DESC_SIZE
-            } descriptors: the chain is longer than the queue size ${size}`,
-          );
-        }
-        descriptors--; // the table's own descriptor is not part of the chain's buffers
-        walk(addr, len / DESC_SIZE, 0, true);
-        return;
-      }
-      const buf = mem.tryView(addr, len);
-      if (!buf) throw new ChainError(`buffer 0x${addr.toString(16)}+${len} is outside guest RAM`);
-      total += len;
-      if (total > MAX_CHAIN_BYTES) throw new ChainError("descriptor chain carries more than 4 GiB");
-      if (flags & VIRTQ_DESC_F_WRITE) {
-        seenWritable = true;
-        chain.writable.push(buf);
-        chain.writableLen += len;
-      } else {
-        if (seenWritable) throw new ChainError("device-readable descriptor after a device-writable one");
-        chain.readable.push(buf);
-        chain.readableLen += len;
-      }
-      if (!(flags & VIRTQ_DESC_F_NEXT)) return;
-      idx = next;
-    }
-  };
   if (head >= size) throw new ChainError(`head index ${head} >= queue size ${size}`);
-  walk(table, size, head, false);
+  // The table being walked: the queue's, then (after an indirect descriptor) that table.
+  let tableAddr = table;
+  let count = size;
+  let inIndirect = false;
+  let region = mem.regionOf(tableAddr, count * DESC_SIZE);
+  if (region < 0) {
+    throw new ChainError(`descriptor table at 0x${tableAddr.toString(16)} is outside guest RAM`);
+  }
+  // The region's own view: every offset read below is inside the table just checked.
+  let dv = mem.viewOfRegion(region);
+  let base = tableAddr - mem.regions[region].gpa;
+  let idx = head;
+  for (let steps = 0;; steps++) {
+    if (idx >= count) throw new ChainError(`descriptor index ${idx} >= ${count}`);
+    if (steps >= count) throw new ChainError(`descriptor chain longer than ${count} (a loop)`);
+    if (++descriptors > size) throw new ChainError(`descriptor chain longer than the queue size ${size}`);
+    const o = base + idx * DESC_SIZE;
+    // Two halves rather than a BigInt: an address of 2^53 or more is not a safe integer
+    // either way, and the checks below refuse it.
+    const addr = dv.getUint32(o, true) + dv.getUint32(o + 4, true) * 0x1_0000_0000;
+    const len = dv.getUint32(o + 8, true);
+    const flags = dv.getUint16(o + 12, true);
+    const next = dv.getUint16(o + 14, true);
+    if (flags & VIRTQ_DESC_F_INDIRECT) {
+      if (!indirectAllowed) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
+      if (inIndirect) throw new ChainError("nested indirect descriptor table");
+      if (flags & VIRTQ_DESC_F_NEXT) throw new ChainError("indirect descriptor with NEXT set");
+      if (len === 0 || len % DESC_SIZE !== 0) {
+        throw new ChainError(`indirect table length ${len} is not n*16`);
+      }
+      if (len / DESC_SIZE > size - descriptors + 1) {
+        throw new ChainError(
+          `indirect table of ${len / DESC_SIZE} descriptors: the chain is longer than the queue size ${size}`,
+        );
+      }
+      descriptors--; // the table's own descriptor is not part of the chain's buffers
+      // The chain goes on in the indirect table, from its first entry, and ends there.
+      tableAddr = addr;
+      count = len / DESC_SIZE;
+      inIndirect = true;
+      region = mem.regionOf(tableAddr, count * DESC_SIZE);
+      if (region < 0) {
+        throw new ChainError(`descriptor table at 0x${tableAddr.toString(16)} is outside guest RAM`);
+      }
+      dv = mem.viewOfRegion(region);
+      base = tableAddr - mem.regions[region].gpa;
+      idx = 0;
+      steps = -1;
+      continue;
+    }
+    const buf = mem.tryView(addr, len);
+    if (!buf) throw new ChainError(`buffer 0x${addr.toString(16)}+${len} is outside guest RAM`);
+    total += len;
+    if (total > MAX_CHAIN_BYTES) throw new ChainError("descriptor chain carries more than 4 GiB");
+    if (flags & VIRTQ_DESC_F_WRITE) {
+      seenWritable = true;
+      chain.writable.push(buf);
+      chain.writableLen += len;
+    } else {
+      if (seenWritable) throw new ChainError("device-readable descriptor after a device-writable one");
+      chain.readable.push(buf);
+      chain.readableLen += len;
+    }
+    if (!(flags & VIRTQ_DESC_F_NEXT)) break;
+    idx = next;
+  }
   return chain;
 }
 

@@ -79,16 +79,15 @@ export class SplitQueue {
   }
 
   private u16(mem: GuestMemory, addr: number): number {
-    const v = mem.tryView(addr, 2);
-    if (!v) throw new QueueError(`ring address 0x${addr.toString(16)} is outside guest RAM`);
-    return v[0] | (v[1] << 8);
+    const v = mem.u16(addr);
+    if (v < 0) throw new QueueError(`ring address 0x${addr.toString(16)} is outside guest RAM`);
+    return v;
   }
 
   private setU16(mem: GuestMemory, addr: number, val: number): void {
-    const v = mem.tryView(addr, 2);
-    if (!v) throw new QueueError(`ring address 0x${addr.toString(16)} is outside guest RAM`);
-    v[0] = val & 0xff;
-    v[1] = (val >> 8) & 0xff;
+    if (!mem.setU16(addr, val & 0xffff)) {
+      throw new QueueError(`ring address 0x${addr.toString(16)} is outside guest RAM`);
+    }
   }
 
   /** Entries the driver has made available and the device has not taken. */
@@ -128,11 +127,7 @@ export class SplitQueue {
   /** Puts a finished chain in the used ring. */
   pushUsed(mem: GuestMemory, head: number, len: number): void {
     const slot = this.usedAddr + 4 + 8 * (this.nextUsed % this.size);
-    const v = mem.tryView(slot, 8);
-    if (!v) throw new QueueError("used ring is outside guest RAM");
-    const dv = new DataView(v.buffer, v.byteOffset, 8);
-    dv.setUint32(0, head, true);
-    dv.setUint32(4, len >>> 0, true);
+    if (!mem.setU32Pair(slot, head, len >>> 0)) throw new QueueError("used ring is outside guest RAM");
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
     // The ring entry must be visible before the index: JS stores to shared memory are
     // in program order on x86 (TSO), which the spec's write barrier needs.

@@ -117,3 +117,63 @@ Deno.test("blk: a locked image is refused", async () => {
   assert.throws(() => FileBackend.open(vm.path, false), /locked by another process/);
   await vm.close();
 });
+
+/** Posts a read of `sectors` at `sector` (header, data, status); returns the data and status addresses. */
+function postRead(vm: Awaited<ReturnType<typeof blkVm>>, sector: number, sectors = 1) {
+  const hdr = vm.ram.alloc(16);
+  const dv = vm.ram.dv(hdr, 16);
+  dv.setUint32(0, BLK_T.IN, true);
+  dv.setBigUint64(8, BigInt(sector), true);
+  const buf = vm.ram.alloc(512 * sectors, 512);
+  const status = vm.ram.alloc(1);
+  vm.ram.view(status, 1)[0] = 0xee;
+  vm.q.add([{ addr: hdr, len: 16 }, { addr: buf, len: 512 * sectors, write: true }, {
+    addr: status,
+    len: 1,
+    write: true,
+  }]);
+  return { buf, status };
+}
+
+Deno.test("blk: reads the page cache or a memory file system holds complete within the doorbell, one interrupt for a batch", async () => {
+  for (const dir of [undefined, "/dev/shm"]) {
+    const vm = await blkVm({ size: MIB, dir });
+    try {
+      await Deno.readFile(vm.path); // in the page cache
+      const reqs = [3, 70, 1000, 5].map((s) => ({ s, ...postRead(vm, s) }));
+      const before = vm.irq.count;
+      vm.d.notify(0);
+      // Nothing awaited since the doorbell: the answers are already in the used ring.
+      const used = vm.q.takeUsed();
+      assert.equal(used.length, reqs.length, `${dir ?? "the temp dir"}: completed within the doorbell`);
+      assert.equal(vm.dev.pending, 0);
+      assert.equal(vm.irq.count - before, 1, "one interrupt for the four");
+      for (const r of reqs) {
+        assert.equal(vm.ram.view(r.status, 1)[0], BLK_S.OK);
+        assert.equal(vm.ram.view(r.buf, 1)[0], r.s & 0xff, `sector ${r.s} starts with its number`);
+      }
+      assert.match(vm.backend.describe(), /at_once=4 pool=0/);
+    } finally {
+      await vm.close();
+    }
+  }
+});
+
+Deno.test("blk: a read beyond the end of an image that shrank while open is zeros and OK", async () => {
+  const vm = await blkVm({ size: MIB });
+  try {
+    await Deno.truncate(vm.path, 4096); // sectors 0-7 remain
+    const a = postRead(vm, 6, 4); // half in the file, half past its end
+    vm.ram.view(a.buf, 2048).fill(0x77);
+    vm.d.notify(0);
+    for (let i = 0; i < 500 && vm.ram.view(a.status, 1)[0] === 0xee; i++) {
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    assert.equal(vm.ram.view(a.status, 1)[0], BLK_S.OK);
+    const got = vm.ram.view(a.buf, 2048);
+    assert.deepEqual([got[0], got[512]], [6, 7]);
+    assert.ok(got.subarray(1024).every((b) => b === 0), "past the end reads as zeros");
+  } finally {
+    await vm.close();
+  }
+});

@@ -3,6 +3,7 @@
 import assert from "node:assert/strict";
 import { DriverQueue, GuestRam } from "../harness/virtio_driver.ts";
 import { SplitQueue } from "../../devices/virtio/queue.ts";
+import { GuestMemory } from "../../vmm/memory.ts";
 import {
   ChainError,
   gather,
@@ -51,6 +52,35 @@ Deno.test("queue: indirect tables work with the feature", () => {
   assert.deepEqual([chain.readable.length, chain.writable.length, chain.writableLen], [1, 1, 512]);
 });
 
+Deno.test("queue: rings, tables and buffers in RAM above 4 GiB, beside RAM below it", () => {
+  const low = new GuestRam(1 << 20);
+  const high = new GuestRam(1 << 20, 0x1_0000_0000);
+  const mem = new GuestMemory([...low.mem.regions, ...high.mem.regions]);
+  const dq = new DriverQueue(high, 8);
+  const q = Object.assign(new SplitQueue(8), {
+    descAddr: dq.descAddr,
+    availAddr: dq.availAddr,
+    usedAddr: dq.usedAddr,
+    ready: true,
+    indirect: true,
+  });
+  assert.equal(q.validate(mem), undefined);
+  const a = high.alloc(16), b = low.alloc(64), c = high.alloc(512);
+  high.view(a, 16).set([7, 8, 9]);
+  const head = dq.add([{ addr: a, len: 16 }, { addr: b, len: 64, write: true }, {
+    addr: c,
+    len: 512,
+    write: true,
+  }], { indirect: true });
+  const chain = q.pop(mem)!;
+  assert.deepEqual(Array.from(gather(chain.readable, 0, 3)), [7, 8, 9]);
+  chain.writable[0][0] = 0xaa;
+  chain.writable[1][511] = 0xbb;
+  assert.deepEqual([low.view(b, 1)[0], high.view(c + 511, 1)[0]], [0xaa, 0xbb]);
+  q.pushUsed(mem, chain.head, 576);
+  assert.deepEqual(dq.takeUsed(), [[head, 576]]);
+});
+
 const hostile: Array<[string, (s: ReturnType<typeof setup>) => void, RegExp]> = [
   ["a descriptor loop", ({ dq, ram }) => {
     const a = ram.alloc(8);
@@ -78,6 +108,14 @@ const hostile: Array<[string, (s: ReturnType<typeof setup>) => void, RegExp]> = 
   }, /outside guest RAM/],
   ["a buffer whose address + length overflows", ({ dq }) => {
     dq.setDesc(0, 0xffff_ffff_ffff_fff0n, 0x100, 0, 0);
+    dq.publish(0);
+  }, /outside guest RAM/],
+  ["a buffer address with high bits set over an address inside RAM (no aliasing)", ({ dq, ram }) => {
+    dq.setDesc(0, (1n << 32n) + BigInt(ram.alloc(64)), 64, 0, 0);
+    dq.publish(0);
+  }, /buffer 0x1[0-9a-f]{8}\+64 is outside guest RAM/],
+  ["a buffer address of 2^53 and more, the low half inside RAM", ({ dq, ram }) => {
+    dq.setDesc(0, (1n << 53n) + BigInt(ram.alloc(64)), 64, 0, 0);
     dq.publish(0);
   }, /outside guest RAM/],
   ["a readable buffer after a writable one", ({ dq, ram }) => {
@@ -117,6 +155,10 @@ Deno.test("queue: hostile indirect tables — nested, bad length, outside RAM", 
       dq.setDesc(0, 0x7000_0000, 64, VIRTQ_DESC_F_INDIRECT, 0);
       dq.publish(0);
     }, /outside guest RAM/],
+    [({ dq, ram }) => {
+      dq.setDesc(0, (1n << 32n) + BigInt(ram.alloc(32)), 32, VIRTQ_DESC_F_INDIRECT, 0);
+      dq.publish(0);
+    }, /descriptor table at 0x1[0-9a-f]{8} is outside/],
     [({ dq, ram }) => {
       dq.setDesc(0, ram.alloc(32), 32, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 1);
       dq.publish(0);

@@ -21,6 +21,7 @@ Deno.test("fuzz: every device on every transport holds the oracle (bounded run)"
   assert.deepEqual(r.failures, [], summary(r));
   assert.ok(r.chains >= 1000 && r.hostileChains > 100 && r.registerAccesses > 100, summary(r));
   assert.ok(r.resetsInFlight > 0, "some resets found disk I/O in flight");
+  assert.ok(r.blkAtOnce > 100, `virtio-blk made ${r.blkAtOnce} transfers at once: both paths fuzzed`);
 });
 
 Deno.test("fuzz: GC-pressure mode (its own process, --expose-gc)", async () => {

@@ -72,6 +72,7 @@ while (total.episodes < episodes && (chains === 0 || total.chains < chains) && t
       "hostileChains",
       "registerAccesses",
       "resetsInFlight",
+      "blkAtOnce",
       "needsReset",
     ] as const
   ) {

@@ -21,6 +21,8 @@ export interface BlkVmOptions {
   features?: (offered: bigint) => bigint;
   /** Queue size the driver sets up (default 64). */
   queueSize?: number;
+  /** Directory of the image file (default: the temp directory). */
+  dir?: string;
   /** Wraps the file backend (a slow or counting one). */
   wrap?: (b: FileBackend) => BlockBackend;
 }
@@ -30,7 +32,7 @@ export interface BlkVmOptions {
  * a 64-entry queue set up and running.
  */
 export async function blkVm(opts: BlkVmOptions = {}): Promise<Vm> {
-  const path = await Deno.makeTempFile({ suffix: ".img" });
+  const path = await Deno.makeTempFile({ suffix: ".img", dir: opts.dir });
   const init = new Uint8Array(opts.size ?? MIB);
   for (let i = 0; i < init.length; i += 512) init[i] = (i / 512) & 0xff; // sector n starts with n
   await Deno.writeFile(path, init);

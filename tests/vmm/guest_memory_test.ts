@@ -1,0 +1,41 @@
+/** GuestMemory's bounds-checked accessors: whole inside one region, or refused with nothing touched. */
+
+import assert from "node:assert/strict";
+import { GuestMemory } from "../../vmm/memory.ts";
+
+function twoRegions() {
+  const low = new Uint8Array(0x1000);
+  const high = new Uint8Array(0x1000);
+  const mem = new GuestMemory([{ gpa: 0x1_0000_0000, bytes: high }, { gpa: 0, bytes: low }]);
+  return { low, high, mem };
+}
+
+Deno.test("guest memory: u16, setU16 and setU32Pair are little-endian, in the right region", () => {
+  const { low, high, mem } = twoRegions();
+  assert.equal(mem.setU16(0xffe, 0xbeef), true);
+  assert.deepEqual([low[0xffe], low[0xfff]], [0xef, 0xbe]);
+  assert.equal(mem.u16(0xffe), 0xbeef);
+  assert.equal(mem.setU32Pair(0x1_0000_0ff8, 0x11223344, 0xaabbccdd), true);
+  assert.deepEqual(Array.from(high.subarray(0xff8)), [0x44, 0x33, 0x22, 0x11, 0xdd, 0xcc, 0xbb, 0xaa]);
+  assert.equal(mem.regionOf(0x1_0000_0000, 0x1000), 1);
+  assert.equal(mem.viewOfRegion(1).getUint32(0xff8, true), 0x11223344);
+});
+
+Deno.test("guest memory: an access that leaves its region, or any RAM, is refused and stores nothing", () => {
+  const { low, high, mem } = twoRegions();
+  const before = [low.slice(), high.slice()];
+  assert.equal(mem.u16(0xfff), -1); // one byte past the end of the low region
+  assert.equal(mem.setU16(0xfff, 0xffff), false);
+  assert.equal(mem.setU32Pair(0xffc, 1, 2), false); // the second word is outside
+  assert.equal(mem.setU32Pair(0x1_0000_0ffc, 1, 2), false);
+  assert.equal(mem.u16(0x2000), -1); // in the hole between the regions
+  assert.equal(mem.u16(0x1000), -1);
+  for (const bad of [-2, 0.5, 2 ** 53, NaN, Infinity]) {
+    assert.equal(mem.u16(bad), -1, `u16(${bad})`);
+    assert.equal(mem.setU16(bad, 1), false, `setU16(${bad})`);
+    assert.equal(mem.regionOf(bad, 2), -1, `regionOf(${bad})`);
+  }
+  assert.equal(mem.regionOf(0, -1), -1);
+  assert.equal(mem.regionOf(0, 0x1001), -1);
+  assert.deepEqual([low, high], before);
+});
