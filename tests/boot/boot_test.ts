@@ -14,6 +14,7 @@ import {
   type L1Run,
   nestedUnavailable,
   runNested,
+  shareOut,
 } from "../nested/runner.ts";
 import { buildGuest } from "../../vmm/guest/build.ts";
 
@@ -37,6 +38,70 @@ function l1Failure(run: L1Run): string {
   return (run.l1Oops ? `${run.l1Oops}\n[...]\n` : "") + run.tail.slice(-1200);
 }
 
+/**
+ * How many L1s run the cases side by side (TSVMM_L1_SHARDS, 1-4, default 2). One L1 keeps about
+ * one of this machine kind's two cores busy (its L2 guest has one vCPU, and the cases run one
+ * at a time inside it), so two halve the wall time of the boot cases where the second core is
+ * free, as it is while this test runs (the test files run one after the other). Each L1 is a
+ * QEMU with 3 GiB of RAM.
+ */
+function l1Count(): number {
+  const n = Number(Deno.env.get("TSVMM_L1_SHARDS") ?? "2");
+  return Number.isInteger(n) && n >= 1 && n <= 4 ? n : 2;
+}
+
+const escape = (n: string) => n.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/**
+ * Runs the cases named in one L1, and the ones left without a result (an L1 frozen, given
+ * up, out of time or ended early) again in a fresh L1, at most twice: QEMU's emulated SVM
+ * sometimes freezes L1 itself, panics L1's kernel, or leaves an L2 vCPU that ignores its stop
+ * (README, Known problems). Two more, not one: on one machine two L1s in a row panicked in
+ * their own kernel.
+ */
+async function runShard(names: string[], tiny: boolean, echo: boolean, shard: number): Promise<L1Run> {
+  const SILENCE_MS = 3 * 60_000;
+  const L1_TIMEOUT_MS = 35 * 60_000;
+  const only = (ns: string[]) => `^(${ns.map(escape).join("|")})$`;
+  const run = await runNested({
+    timeoutMs: L1_TIMEOUT_MS,
+    silenceMs: SILENCE_MS,
+    tiny,
+    filter: only(names),
+    echo,
+  });
+  const done = new Set(run.results.map((r) => r.name));
+  let last = run;
+  for (let attempt = 2; attempt <= 3; attempt++) {
+    const redo = whyRedo(last, L1_TIMEOUT_MS);
+    if (!redo) break;
+    const left = names.filter((n) => !done.has(n));
+    if (!left.length) break;
+    console.warn(
+      `shard ${shard}: ${redo}, after ${done.size} result(s); ${left.length} case(s) run again in L1 #${attempt}`,
+    );
+    const again = await runNested({
+      timeoutMs: L1_TIMEOUT_MS,
+      silenceMs: SILENCE_MS,
+      tiny,
+      filter: only(left),
+      echo,
+    });
+    for (const r of again.results) {
+      if (done.has(r.name)) continue;
+      done.add(r.name);
+      run.results.push({
+        ...r,
+        retriedAfter: r.retriedAfter ?? `${redo}:\n${l1Failure(last)}`,
+      });
+    }
+    run.l1NetDevices ??= again.l1NetDevices;
+    run.tail += `\n--- L1 #${attempt} ---\n${again.tail}`;
+    last = again;
+  }
+  return run;
+}
+
 const tinyInL1 = !hostKvmUsable();
 
 Deno.test({
@@ -54,52 +119,26 @@ Deno.test({
     const why = nestedUnavailable();
     if (why) throw new Error(`the nested runner cannot run: ${why}`);
     const echo = Deno.env.get("TSVMM_ECHO_L1") === "1";
-    // QEMU's emulated SVM sometimes freezes L1 itself, panics L1's kernel, or leaves an L2 vCPU
-    // that ignores its stop (README, Known problems). A frozen L1 stops its heartbeat; an L1
-    // with such a vCPU is given up by its program. Either way, the cases left without a result
-    // run again in a fresh L1 (at most two more), as do those of an L1 that ran out of time or
-    // ended early.
-    const SILENCE_MS = 3 * 60_000;
-    const L1_TIMEOUT_MS = 35 * 60_000;
-    const run = await runNested({ timeoutMs: L1_TIMEOUT_MS, silenceMs: SILENCE_MS, tiny: tinyInL1, echo });
-    // Two more, not one: on one machine two L1s in a row panicked in their own kernel.
-    const done = new Set(run.results.map((r) => r.name));
-    let last = run;
-    for (let attempt = 2; attempt <= 3; attempt++) {
-      const redo = whyRedo(last, L1_TIMEOUT_MS);
-      if (!redo) break;
-      const left = [...(tinyInL1 ? TINY_CASES : []), ...BOOT_CASES].map((c) => c.name).filter((n) =>
-        !done.has(n)
-      );
-      if (!left.length) break;
-      const escape = (n: string) => n.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-      console.warn(
-        `${redo}, after ${done.size} result(s); ${left.length} case(s) run again in L1 #${attempt}`,
-      );
-      const again = await runNested({
-        timeoutMs: L1_TIMEOUT_MS,
-        silenceMs: SILENCE_MS,
-        tiny: tinyInL1,
-        filter: `^(${left.map(escape).join("|")})$`,
-        echo,
-      });
-      for (const r of again.results) {
-        if (done.has(r.name)) continue;
-        done.add(r.name);
-        run.results.push({
-          ...r,
-          retriedAfter: r.retriedAfter ?? `${redo}:\n${l1Failure(last)}`,
-        });
-      }
-      run.l1NetDevices ??= again.l1NetDevices;
-      run.tail += `\n--- L1 #${attempt} ---\n${again.tail}`;
-      last = again;
-    }
+    const all = [...(tinyInL1 ? TINY_CASES : []), ...BOOT_CASES];
+    const shards = shareOut(all, l1Count()).filter((names) => names.length > 0);
+    const runs = await Promise.all(shards.map((names, i) => runShard(names, tinyInL1, echo, i + 1)));
+    const run: L1Run = {
+      ...runs[0],
+      results: runs.flatMap((r) => r.results),
+      l1NetDevices: runs.find((r) => r.l1NetDevices !== undefined)?.l1NetDevices,
+      completed: runs.every((r) => r.completed),
+      ms: Math.max(...runs.map((r) => r.ms)),
+      tail: runs.map((r, i) => (runs.length > 1 ? `=== shard ${i + 1} ===\n` : "") + r.tail).join("\n"),
+    };
     // Where the suite's time goes: each case's time in L1 (boot included), slowest first.
     const times = [...run.results].sort((a, b) => b.ms - a.ms).map((r) =>
       `${(r.ms / 1000).toFixed(1).padStart(6)} s  ${r.name}${r.retriedAfter ? " (retried)" : ""}`
     );
-    console.log(`L1 case times (the first L1 ran ${(run.ms / 1000).toFixed(0)} s):\n${times.join("\n")}`);
+    console.log(
+      `L1 case times (${runs.length} L1s side by side; their first runs took ${
+        runs.map((r) => (r.ms / 1000).toFixed(0)).join(" and ")
+      } s):\n${times.join("\n")}`,
+    );
     await t.step("L1 has no network device (QEMU started with -nic none)", () => {
       if (run.l1NetDevices === undefined) {
         throw new Error(

@@ -27,6 +27,11 @@ export interface BootCase {
   name: string;
   /** Runs the case against the built guest. */
   run(guest: GuestAssets): Promise<void>;
+  /**
+   * Its time in the nested runner's L1 relative to a plain boot (about 20-35 s there), for
+   * sharing the cases out between L1s (tests/boot/boot_test.ts); 1 when not given.
+   */
+  cost?: number;
 }
 
 const CASE_TIMEOUT_MS = 240_000;
@@ -267,6 +272,7 @@ function virtioDevices(
   // The interface the driver binds: legacy for pci-legacy, and for transitional with force_legacy.
   const legacyDriver = transport === "pci-legacy" || transport === "mmio-legacy" || !!opts.forceLegacy;
   return {
+    cost: rngBytes >= STRESS_RNG_BYTES ? (transport.startsWith("mmio") ? 6 : 4) : 2.5,
     name: `virtio-${transport}${opts.nomsi ? " (pci=nomsi, INTx)" : ""}${
       opts.forceLegacy ? " (virtio_pci.force_legacy=1)" : ""
     } on ${line}: ${
@@ -369,6 +375,7 @@ function virtioDevices(
 
 function mkfsCase(): BootCase {
   return {
+    cost: 1,
     name: "virtio-blk: guest mkfs.ext4 + mount + write + umount; host e2fsck -fn is clean",
     run: async (g) => {
       const k = g.kernels["6.1"];
@@ -414,6 +421,7 @@ function mkfsCase(): BootCase {
 /** Many devices on one bus: 15 disks and an rng, all on virtio-pci. */
 function manyPci(line: "6.1" | "6.12"): BootCase {
   return {
+    cost: 4,
     name: `16 virtio-pci devices (15 disks and rng) on ${line}: all enumerated, bound and sized`,
     run: async (g) => {
       const k = g.kernels[line];
@@ -471,6 +479,7 @@ function manyPci(line: "6.1" | "6.12"): BootCase {
 function mixedTransports(line: "6.1" | "6.12"): BootCase {
   const kinds: TransportKind[] = ["pci", "pci-legacy", "pci-transitional", "mmio", "mmio-legacy"];
   return {
+    cost: 2,
     name: `virtio on all five transports in one VM on ${line}: every disk reads and writes`,
     run: async (g) => {
       const k = g.kernels[line];
@@ -603,6 +612,7 @@ function netTransports(line: "6.1" | "6.12", base: number): BootCase {
   const name = `virtio-net on all five transports in one VM on ${line}: link up, MAC, MTU, offloads, ` +
     `ping both ways, ${NET_MIB} MiB each way over TCP with matching md5`;
   return {
+    cost: 5.5,
     name,
     run: async (g) => {
       if (!inIsolatedNetns()) return await inOwnNetns(name);

@@ -403,6 +403,24 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   };
 }
 
+/**
+ * Splits the cases into `n` lists of about equal cost (BootCase.cost; tiny-guest cases cost
+ * little), longest first onto the least loaded, each list in the suite's order.
+ */
+export function shareOut(cases: Array<{ name: string; cost?: number }>, n: number): string[][] {
+  const load = new Array<number>(n).fill(0);
+  const owner = new Map<string, number>();
+  const byCost = cases.map((c, i) => ({ c, i })).sort((a, b) =>
+    (b.c.cost ?? 1) - (a.c.cost ?? 1) || a.i - b.i
+  );
+  for (const { c } of byCost) {
+    const k = load.indexOf(Math.min(...load));
+    owner.set(c.name, k);
+    load[k] += c.cost ?? 1;
+  }
+  return load.map((_, k) => cases.filter((c) => owner.get(c.name) === k).map((c) => c.name));
+}
+
 if (import.meta.main) {
   // TSVMM_L1_QEMU=1 puts QEMU into L1 too, TSVMM_L1_TOOLS=1 the tools disk and iperf3 (for experiments);
   // TSVMM_L1_TINY=1 runs the tiny-guest cases there as well.

@@ -5,7 +5,8 @@
  */
 
 import assert from "node:assert/strict";
-import { l1QemuArgs, nestedUnavailable, runNested } from "./runner.ts";
+import { l1QemuArgs, nestedUnavailable, runNested, shareOut } from "./runner.ts";
+import { BOOT_CASES } from "../boot/cases.ts";
 
 /**
  * L1 QEMU processes started by the runner in process `owner`: their parent is the runner's
@@ -34,6 +35,22 @@ Deno.test("nested runner: L1's QEMU gets no default devices and no network devic
   }
   assert.equal(args[args.indexOf("-nic") + 1], "none");
   assert.ok(!args.some((a) => /^-(netdev|net|device|drive|usb)/.test(a)), args.join(" "));
+});
+
+Deno.test("nested runner: the boot cases are shared out between L1s in about equal halves, each case once", () => {
+  const cost = (names: string[]) =>
+    names.reduce((s, n) => s + (BOOT_CASES.find((c) => c.name === n)!.cost ?? 1), 0);
+  const [a, b] = shareOut(BOOT_CASES, 2);
+  assert.deepEqual([...a, ...b].sort(), BOOT_CASES.map((c) => c.name).sort());
+  const total = cost(a) + cost(b);
+  assert.ok(Math.abs(cost(a) - cost(b)) <= 6, `shares of ${cost(a)} and ${cost(b)} out of ${total}`);
+  // Each share keeps the suite's order, so the boot cases still run first.
+  const order = (ns: string[]) => ns.map((n) => BOOT_CASES.findIndex((c) => c.name === n));
+  for (const s of [a, b]) assert.deepEqual(order(s), [...order(s)].sort((x, y) => x - y));
+  // One L1: everything, in order; more L1s than cases: empty shares, every case still once.
+  assert.deepEqual(shareOut(BOOT_CASES, 1), [BOOT_CASES.map((c) => c.name)]);
+  const few = shareOut([{ name: "x", cost: 3 }, { name: "y" }], 3);
+  assert.deepEqual(few, [["x"], ["y"], []]);
 });
 
 Deno.test("nested runner: L1's clock comes from the TSC only when asked", () => {
