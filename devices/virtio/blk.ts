@@ -171,6 +171,7 @@ export class VirtioBlk implements VirtioDevice {
     if (!ctx) return;
     const q = ctx.queues[0];
     if (!q?.ready) return;
+    const gen = this.generation;
     let doneNow = false;
     drainQueue(ctx, q, (chain) => {
       const req = parseBlkRequest(chain);
@@ -179,10 +180,13 @@ export class VirtioBlk implements VirtioDevice {
         return false;
       }
       if (this.start(req, chain.head)) doneNow = true;
-      return true;
+      // A request completed at once may have asked for a reset (its used entry outside RAM):
+      // the rings are not ours any more.
+      return gen === this.generation;
     });
-    // One interrupt for the requests completed at once in this pass, as for a batch.
-    if (doneNow) this.signalUsed(ctx, ctx.queues[0]);
+    // One interrupt for the requests completed at once in this pass, as for a batch; none once
+    // the device was reset meanwhile (a later chain in this pass was broken: NEEDS_RESET).
+    if (doneNow && gen === this.generation) this.signalUsed(ctx, q);
   }
 
   /**

@@ -120,6 +120,9 @@ Deno.test({
     if (why) throw new Error(`the nested runner cannot run: ${why}`);
     const echo = Deno.env.get("TSVMM_ECHO_L1") === "1";
     const all = [...(tinyInL1 ? TINY_CASES : []), ...BOOT_CASES];
+    // Built (or found in the cache) once here: the L1s' runners would otherwise both build an
+    // empty cache at once, into the same temporary directories.
+    await buildGuest({ quiet: true });
     const shards = shareOut(all, l1Count()).filter((names) => names.length > 0);
     const runs = await Promise.all(shards.map((names, i) => runShard(names, tinyInL1, echo, i + 1)));
     const run: L1Run = {

@@ -177,3 +177,19 @@ Deno.test("blk: a read beyond the end of an image that shrank while open is zero
     await vm.close();
   }
 });
+
+Deno.test("blk: a broken chain after a request completed at once: NEEDS_RESET, and no used-ring interrupt after it", async () => {
+  const vm = await blkVm();
+  try {
+    await Deno.readFile(vm.path); // in the page cache: the read completes at once
+    postRead(vm, 3);
+    vm.q.add([{ addr: vm.ram.alloc(16), len: 16 }]); // no status byte
+    vm.d.notify(0);
+    assert.ok(vm.d.status() & STATUS.DEVICE_NEEDS_RESET);
+    assert.match(vm.backend.describe(), /at_once=1 /);
+    // InterruptStatus: the configuration change that reports NEEDS_RESET, not a used buffer.
+    assert.equal(vm.d.r32(0x60), 2);
+  } finally {
+    await vm.close();
+  }
+});
