@@ -232,16 +232,17 @@ export class VirtioBlk implements VirtioDevice {
   private transferNow(req: BlkRequest): boolean {
     const b = this.backend;
     const write = req.type === BLK_T.OUT;
-    if (!b.transferNow || (!write && req.type !== BLK_T.IN)) return false;
-    if (write && (b.readonly || this.writeThrough)) return false;
-    if (req.dataLen === 0 || req.dataLen % SECTOR || !this.inRange(req.sector, req.dataLen)) return false;
-    if (!this.withinLimits(req)) return false;
-    return b.transferNow(write, req.data, req.sector * SECTOR);
+    if (!b.transferNow || (!write && req.type !== BLK_T.IN) || (write && this.writeThrough)) return false;
+    return this.validTransfer(req) && b.transferNow(write, req.data, req.sector * SECTOR);
   }
 
-  /** Whether a request's data keeps to the seg_max and size_max we advertise. */
-  private withinLimits(req: BlkRequest): boolean {
-    return req.data.length <= SEG_MAX && req.data.every((d) => d.length <= SIZE_MAX);
+  /**
+   * Whether an IN or OUT is whole sectors inside the disk and keeps to the seg_max and
+   * size_max we advertise (else it is answered IOERR).
+   */
+  private validTransfer(req: BlkRequest): boolean {
+    return req.dataLen % SECTOR === 0 && this.inRange(req.sector, req.dataLen) &&
+      req.data.length <= SEG_MAX && req.data.every((d) => d.length <= SIZE_MAX);
   }
 
   /** Runs one request; resolves with its status. Steps after a reset are not started. */
@@ -250,14 +251,11 @@ export class VirtioBlk implements VirtioDevice {
     const live = () => gen === this.generation;
     switch (req.type) {
       case BLK_T.IN:
-        if (req.dataLen % SECTOR || !this.inRange(req.sector, req.dataLen)) return BLK_S.IOERR;
-        if (!this.withinLimits(req)) return BLK_S.IOERR;
+        if (!this.validTransfer(req)) return BLK_S.IOERR;
         await b.read(req.data, req.sector * SECTOR);
         return BLK_S.OK;
       case BLK_T.OUT:
-        if (b.readonly) return BLK_S.IOERR;
-        if (req.dataLen % SECTOR || !this.inRange(req.sector, req.dataLen)) return BLK_S.IOERR;
-        if (!this.withinLimits(req)) return BLK_S.IOERR;
+        if (b.readonly || !this.validTransfer(req)) return BLK_S.IOERR;
         await b.write(req.data, req.sector * SECTOR);
         if (this.writeThrough && live()) await b.flush();
         return BLK_S.OK;

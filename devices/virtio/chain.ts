@@ -61,73 +61,69 @@ export function walkChain(
   let descriptors = 0;
 
   if (head >= size) throw new ChainError(`head index ${head} >= queue size ${size}`);
-  // The table being walked: the queue's, then (after an indirect descriptor) that table.
+  // One pass per table: the queue's, then (after an indirect descriptor) that table.
   let tableAddr = table;
   let count = size;
-  let inIndirect = false;
-  let region = mem.regionOf(tableAddr, count * DESC_SIZE);
-  if (region < 0) {
-    throw new ChainError(`descriptor table at 0x${tableAddr.toString(16)} is outside guest RAM`);
-  }
-  // The region's own view: every offset read below is inside the table just checked.
-  let dv = mem.viewOfRegion(region);
-  let base = tableAddr - mem.regions[region].gpa;
   let idx = head;
-  for (let steps = 0;; steps++) {
-    if (idx >= count) throw new ChainError(`descriptor index ${idx} >= ${count}`);
-    if (steps >= count) throw new ChainError(`descriptor chain longer than ${count} (a loop)`);
-    if (++descriptors > size) throw new ChainError(`descriptor chain longer than the queue size ${size}`);
-    const o = base + idx * DESC_SIZE;
-    // Two halves rather than a BigInt: an address of 2^53 or more is not a safe integer
-    // either way, and the checks below refuse it.
-    const addr = dv.getUint32(o, true) + dv.getUint32(o + 4, true) * 0x1_0000_0000;
-    const len = dv.getUint32(o + 8, true);
-    const flags = dv.getUint16(o + 12, true);
-    const next = dv.getUint16(o + 14, true);
-    if (flags & VIRTQ_DESC_F_INDIRECT) {
-      if (!indirectAllowed) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
-      if (inIndirect) throw new ChainError("nested indirect descriptor table");
-      if (flags & VIRTQ_DESC_F_NEXT) throw new ChainError("indirect descriptor with NEXT set");
-      if (len === 0 || len % DESC_SIZE !== 0) {
-        throw new ChainError(`indirect table length ${len} is not n*16`);
-      }
-      if (len / DESC_SIZE > size - descriptors + 1) {
-        throw new ChainError(
-          `indirect table of ${len / DESC_SIZE} descriptors: the chain is longer than the queue size ${size}`,
-        );
-      }
-      descriptors--; // the table's own descriptor is not part of the chain's buffers
-      // The chain goes on in the indirect table, from its first entry, and ends there.
-      tableAddr = addr;
-      count = len / DESC_SIZE;
-      inIndirect = true;
-      region = mem.regionOf(tableAddr, count * DESC_SIZE);
-      if (region < 0) {
-        throw new ChainError(`descriptor table at 0x${tableAddr.toString(16)} is outside guest RAM`);
-      }
-      dv = mem.viewOfRegion(region);
-      base = tableAddr - mem.regions[region].gpa;
-      idx = 0;
-      steps = -1;
-      continue;
+  let inIndirect = false;
+  for (;;) {
+    const region = mem.regionOf(tableAddr, count * DESC_SIZE);
+    if (region < 0) {
+      throw new ChainError(`descriptor table at 0x${tableAddr.toString(16)} is outside guest RAM`);
     }
-    const buf = mem.tryView(addr, len);
-    if (!buf) throw new ChainError(`buffer 0x${addr.toString(16)}+${len} is outside guest RAM`);
-    total += len;
-    if (total > MAX_CHAIN_BYTES) throw new ChainError("descriptor chain carries more than 4 GiB");
-    if (flags & VIRTQ_DESC_F_WRITE) {
-      seenWritable = true;
-      chain.writable.push(buf);
-      chain.writableLen += len;
-    } else {
-      if (seenWritable) throw new ChainError("device-readable descriptor after a device-writable one");
-      chain.readable.push(buf);
-      chain.readableLen += len;
+    // The region's own view: every offset read below is inside the table just checked.
+    const dv = mem.viewOfRegion(region);
+    const base = tableAddr - mem.regions[region].gpa;
+    for (let steps = 0;; steps++) {
+      if (idx >= count) throw new ChainError(`descriptor index ${idx} >= ${count}`);
+      if (steps >= count) throw new ChainError(`descriptor chain longer than ${count} (a loop)`);
+      if (++descriptors > size) throw new ChainError(`descriptor chain longer than the queue size ${size}`);
+      const o = base + idx * DESC_SIZE;
+      // Two halves rather than a BigInt: an address of 2^53 or more is not a safe integer
+      // either way, and the checks below refuse it.
+      const addr = dv.getUint32(o, true) + dv.getUint32(o + 4, true) * 0x1_0000_0000;
+      const len = dv.getUint32(o + 8, true);
+      const flags = dv.getUint16(o + 12, true);
+      const next = dv.getUint16(o + 14, true);
+      if (flags & VIRTQ_DESC_F_INDIRECT) {
+        if (!indirectAllowed) throw new ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC");
+        if (inIndirect) throw new ChainError("nested indirect descriptor table");
+        if (flags & VIRTQ_DESC_F_NEXT) throw new ChainError("indirect descriptor with NEXT set");
+        if (len === 0 || len % DESC_SIZE !== 0) {
+          throw new ChainError(`indirect table length ${len} is not n*16`);
+        }
+        if (len / DESC_SIZE > size - descriptors + 1) {
+          throw new ChainError(
+            `indirect table of ${
+              len / DESC_SIZE
+            } descriptors: the chain is longer than the queue size ${size}`,
+          );
+        }
+        descriptors--; // the table's own descriptor is not part of the chain's buffers
+        // The chain goes on in the indirect table, from its first entry, and ends there.
+        tableAddr = addr;
+        count = len / DESC_SIZE;
+        idx = 0;
+        inIndirect = true;
+        break;
+      }
+      const buf = mem.tryView(addr, len);
+      if (!buf) throw new ChainError(`buffer 0x${addr.toString(16)}+${len} is outside guest RAM`);
+      total += len;
+      if (total > MAX_CHAIN_BYTES) throw new ChainError("descriptor chain carries more than 4 GiB");
+      if (flags & VIRTQ_DESC_F_WRITE) {
+        seenWritable = true;
+        chain.writable.push(buf);
+        chain.writableLen += len;
+      } else {
+        if (seenWritable) throw new ChainError("device-readable descriptor after a device-writable one");
+        chain.readable.push(buf);
+        chain.readableLen += len;
+      }
+      if (!(flags & VIRTQ_DESC_F_NEXT)) return chain;
+      idx = next;
     }
-    if (!(flags & VIRTQ_DESC_F_NEXT)) break;
-    idx = next;
   }
-  return chain;
 }
 
 /** Copies up to `n` bytes out of a list of buffers, starting `skip` bytes in. */
