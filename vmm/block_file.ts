@@ -1,13 +1,17 @@
 /**
  * A raw disk image as a BlockBackend: preadv/pwritev straight between the file and
  * guest RAM (no copies), fdatasync for FLUSH, fallocate punch-hole / zero-range for
- * DISCARD / WRITE_ZEROES. The blocking calls run on Deno's blocking pool, so disk I/O
- * never stalls the vCPUs or the device thread. The image is locked (flock) while open.
+ * DISCARD / WRITE_ZEROES. A transfer that needs no wait is made at once on the calling
+ * thread (`transferNow`); the others go to the thread's io_uring where one is attached
+ * (`attach`, the device thread does it), else to Deno's blocking pool, so disk I/O never
+ * stalls the vCPUs or the device thread. The image is locked (flock) while open.
  */
 
 import type { BlockBackend } from "../devices/virtio/blk_backend.ts";
 import { errno, libc, pinnedCall, sysClose, SysError, sysOpen } from "./sys/libc.ts";
 import { IOV_MAX, Iovecs } from "./sys/iovec.ts";
+import { Uring } from "./sys/uring.ts";
+import type { EventLoop } from "./event_loop.ts";
 
 const O_RDONLY = 0;
 const O_RDWR = 2;
@@ -40,6 +44,8 @@ const MEMORY_FS = new Set([0x01021994, /* tmpfs */ 0x858458f6 /* ramfs */]);
 /** Largest transfer made on the device thread itself (a bigger copy goes to the pool). */
 const SYNC_MAX_BYTES = 1 << 20;
 const EAGAIN = 11;
+/** Operations one disk's io_uring keeps in flight (more wait for the pool). */
+const RING_ENTRIES = 64;
 
 /** An image that cannot be used; the message is one line for the user. */
 export class DiskError extends Error {
@@ -65,6 +71,11 @@ export class FileBackend implements BlockBackend {
   private idle: (() => void) | undefined;
   /** Whether close() closes the fd (false for a view another thread's backend owns). */
   private ownsFd = true;
+  /** The io_uring transfers and syncs go to (`attach`), and its watch in the loop. */
+  private ring: Uring | undefined;
+  private unwatchRing: (() => void) | undefined;
+  /** Why there is no ring, for the report ("not attached" until `attach`). */
+  private ringState = "not attached";
 
   private constructor(
     private readonly fd: number,
@@ -169,19 +180,25 @@ export class FileBackend implements BlockBackend {
       // once, with no trip through the blocking pool; what would wait goes to the pool.
       let n = total <= SYNC_MAX_BYTES ? this.tryNowait(write, this.sync.ptr, count, off) : -1;
       if (n < 0) {
-        this.poolCalls++;
-        // An array of its own: the pool call may still run while another request fills `sync`.
+        // An array of its own: the call may still run while another request fills `sync`.
         const iov = new Iovecs(count);
         iov.fill(batch);
-        n = Number(
-          await pinnedCall(
-            [iov.words, ...batch],
-            () =>
-              write
-                ? libc().pwritev_nb(this.fd, iov.ptr, count, BigInt(off))
-                : libc().preadv_nb(this.fd, iov.ptr, count, BigInt(off)),
-          ),
-        );
+        const viaRing = this.ring?.vectored(write, this.fd, iov, count, off, batch);
+        if (viaRing) {
+          this.ringCalls++;
+          n = await viaRing;
+        } else {
+          this.poolCalls++;
+          n = Number(
+            await pinnedCall(
+              [iov.words, ...batch],
+              () =>
+                write
+                  ? libc().pwritev_nb(this.fd, iov.ptr, count, BigInt(off))
+                  : libc().preadv_nb(this.fd, iov.ptr, count, BigInt(off)),
+            ),
+          );
+        }
       }
       let done = n;
       if (n <= 0) {
@@ -241,12 +258,53 @@ export class FileBackend implements BlockBackend {
 
   /** Transfers done at once with RWF_NOWAIT (for tests and the bench). */
   nowaitHits = 0;
-  /** Transfers and syncs that went to the blocking pool. */
+  /** Transfers that went to the blocking pool. */
   poolCalls = 0;
+  /** Transfers and syncs handed to the io_uring. */
+  ringCalls = 0;
 
   /** How transfers were made, for reports. */
   describe(): string {
-    return `at_once=${this.nowaitHits} pool=${this.poolCalls} memory_fs=${this.memoryFs} nowait_read=${this.nowait.read} nowait_write=${this.nowait.write}`;
+    return `at_once=${this.nowaitHits} uring=${this.ringCalls} pool=${this.poolCalls} memory_fs=${this.memoryFs} nowait_read=${this.nowait.read} nowait_write=${this.nowait.write} io_uring=${this.ringState}`;
+  }
+
+  /**
+   * Sends the transfers and syncs that cannot be made at once to an io_uring of this disk
+   * whose completions `loop` (the thread's own, which must keep running while any is in
+   * flight) takes, instead of Deno's blocking pool. Where the kernel refuses a ring, or
+   * `TSVMM_IO_URING=0`, the pool stays; `describe()` says which and why.
+   */
+  attach(loop: EventLoop): void {
+    if (this.ring || this.closing) return;
+    if (Deno.env.get("TSVMM_IO_URING") === "0") {
+      this.ringState = "off";
+      return;
+    }
+    const why: { reason?: string } = {};
+    const ring = Uring.open(RING_ENTRIES, why);
+    if (!ring) {
+      this.ringState = `refused(${why.reason?.replaceAll(" ", "_")})`;
+      return;
+    }
+    this.ring = ring;
+    this.ringState = "on";
+    // Edge-triggered: every completion the kernel posts after the last wake wakes the loop
+    // again, and reap() takes all that are there, so the eventfd's counter is never read.
+    this.unwatchRing = loop.add(ring.eventFd, () => ring.reap(), { edge: true });
+  }
+
+  /**
+   * Takes the ring out of the loop and closes it, first waiting (blocking) for what is in
+   * flight, then goes back to the pool. For teardown, after the devices were reset.
+   */
+  detach(): void {
+    const ring = this.ring;
+    if (!ring) return;
+    this.ring = undefined;
+    this.unwatchRing?.();
+    this.unwatchRing = undefined;
+    ring.close();
+    if (this.ringState === "on") this.ringState = "detached";
   }
 
   /**
@@ -284,9 +342,12 @@ export class FileBackend implements BlockBackend {
     }
     // Every call on the pool goes through pinnedCall, even with no buffer: pinnedCalls() is
     // how the device thread knows it must not block while one is in flight.
-    if ((await this.op(() => pinnedCall([], () => libc().fdatasync_nb(this.fd)))) < 0) {
-      throw new Error("fdatasync failed");
-    }
+    const r = await this.op(() => {
+      const viaRing = this.ring?.datasync(this.fd);
+      if (viaRing) this.ringCalls++;
+      return viaRing ?? pinnedCall([], () => libc().fdatasync_nb(this.fd));
+    });
+    if (r < 0) throw new Error("fdatasync failed");
   }
 
   /** fdatasync calls made so far. */
@@ -360,6 +421,7 @@ export class FileBackend implements BlockBackend {
   close(): Promise<void> {
     this.closing ??= new Promise<void>((resolve) => {
       const finish = () => {
+        this.detach();
         if (this.ownsFd) sysClose(this.fd);
         resolve();
       };

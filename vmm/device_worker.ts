@@ -181,10 +181,21 @@ function interruptFor(
   };
 }
 
-function build(s: DeviceSpec): VirtioDevice {
+/** The guests' disks on this thread: their io_uring rings close when the thread stops. */
+const disks: FileBackend[] = [];
+
+function build(s: DeviceSpec, twin: boolean): VirtioDevice {
   switch (s.kind) {
-    case "blk":
-      return new VirtioBlk(FileBackend.adopt(s.disk), { serial: s.serial });
+    case "blk": {
+      const disk = FileBackend.adopt(s.disk);
+      // What cannot be made at once goes to an io_uring this loop reaps, not to the pool (a
+      // rehearsal's reads of the image are always cached, so its twin needs no ring).
+      if (!twin) {
+        disk.attach(loop!);
+        disks.push(disk);
+      }
+      return new VirtioBlk(disk, { serial: s.serial });
+    }
     case "rng":
       return new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, s.opts);
     case "net": {
@@ -247,7 +258,7 @@ function addEntry(id: number, spec: DeviceSpec, route: InterruptRoute, notifyFds
   const split = new RequestSplit();
   const e: Entry = {
     kind: spec.kind,
-    device: build(spec),
+    device: build(spec, twin),
     irq: interruptFor(id, route, split, twin ? (why) => void endRehearsalOf(e, why) : undefined),
     active: false,
     queues: [],
@@ -446,7 +457,11 @@ function take(m: ToWorker): void {
     case "stop":
       void Promise.all([...rehearsals].map((r) => endRehearsal(r, "stopped")))
         .then(() => loop!.stop())
-        .then(() => post({ op: "done", seq: m.seq }));
+        .then(() => {
+          // Every device was reset before (so nothing is in flight); detach would wait.
+          for (const d of disks.splice(0)) d.detach();
+          post({ op: "done", seq: m.seq });
+        });
       return;
   }
 }

@@ -4,7 +4,11 @@
  * interrupt, N times, one at a time; the device runs on a device thread
  * (vmm/device_thread.ts) over mmapped RAM. `rng`: a 64-byte buffer (Linux's hwrng requests
  * are that size). `blk`: a 4 KiB read at a random sector of a 64 MiB image in the system's
- * temporary directory (sparse, so every read is made at once). Prints the
+ * temporary directory (sparse, so every read is made at once). `blk-write`: 4 KiB writes
+ * there instead (on a file system without buffered RWF_NOWAIT writes, such as ext4, each
+ * goes to the io_uring, or to the blocking pool with TSVMM_IO_URING=0). `blk-cold`: reads
+ * of a 1 GiB image of data whose pages are dropped from the page cache first (root), so
+ * most reads wait for the disk. `TMPDIR` chooses the directory. Prints the
  * wall time per request and each thread's CPU time per request from /proc/self/task (the
  * device thread is `worker-N`; `V8 DefaultWorker` threads are V8's helpers, serving both
  * sides' garbage collection).
@@ -22,9 +26,10 @@ import { privateCell } from "../../vmm/shared_regs.ts";
 import { mmapAnonymous, sysClose, sysEventfd, sysMunmap } from "../../vmm/sys/libc.ts";
 import { drainEventfd } from "../../vmm/event_loop.ts";
 
-const kind = Deno.args[0] === "blk" ? "blk" : "rng";
+const mode = ["blk", "blk-write", "blk-cold"].includes(Deno.args[0]) ? Deno.args[0] : "rng";
+const kind = mode === "rng" ? "rng" : "blk";
 const N = Number(Deno.args[1] ?? "20000");
-const IMAGE_BYTES = 64 << 20;
+const IMAGE_BYTES = mode === "blk-cold" ? 1 << 30 : 64 << 20;
 const RAM = 8 << 20;
 const ptr = mmapAnonymous(RAM);
 const ram = new GuestRam(RAM, 0, new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, RAM)));
@@ -37,6 +42,17 @@ let image: { path: string; backend: FileBackend } | undefined;
 if (kind === "blk") {
   const path = await Deno.makeTempFile({ suffix: ".img" });
   await Deno.truncate(path, IMAGE_BYTES); // sparse: every read is of the page cache's zeros
+  if (mode === "blk-cold") {
+    // Data on the disk, then out of the page cache.
+    const f = await Deno.open(path, { write: true });
+    const chunk = crypto.getRandomValues(new Uint8Array(1 << 16));
+    for (let at = 0; at < IMAGE_BYTES; at += 8 << 20) {
+      for (let i = 0; i < (8 << 20); i += chunk.length) await f.write(chunk);
+    }
+    await f.syncData();
+    f.close();
+    await Deno.writeTextFile("/proc/sys/vm/drop_caches", "1");
+  }
   image = { path, backend: FileBackend.open(path, false) };
 }
 const dev = image
@@ -53,7 +69,11 @@ dev.bind(notifyFds, {
   resampleFd,
 });
 const d = new MmioDriver(t);
-if (!d.negotiate(F.VERSION_1)) throw new Error("feature negotiation failed");
+// virtio-blk's FLUSH, as Linux negotiates it: writes complete once written, not synced.
+const BLK_FLUSH = 1n << 9n;
+if (!d.negotiate(F.VERSION_1 | (kind === "blk" ? BLK_FLUSH : 0n))) {
+  throw new Error("feature negotiation failed");
+}
 const q = new DriverQueue(ram, 64);
 d.setupQueue(0, q);
 d.driverOk();
@@ -69,9 +89,10 @@ function post(): void {
     q.add([{ addr: buf, len: 64, write: true }]);
     return;
   }
-  headerView.setUint32(0, 0, true); // VIRTIO_BLK_T_IN
+  const write = mode === "blk-write";
+  headerView.setUint32(0, write ? 1 : 0, true); // VIRTIO_BLK_T_OUT or _IN
   headerView.setBigUint64(8, BigInt(Math.floor(Math.random() * (IMAGE_BYTES / 4096)) * 8), true);
-  q.add([{ addr: header, len: 16 }, { addr: data, len: 4096, write: true }, {
+  q.add([{ addr: header, len: 16 }, { addr: data, len: 4096, write: !write }, {
     addr: status,
     len: 1,
     write: true,
@@ -107,11 +128,13 @@ for (let i = 0; i < N; i++) {
 }
 const wallUs = (performance.now() - t0) * 1000 / N;
 const after = threadCpu();
-console.log(`${N} ${kind} requests one at a time: ${wallUs.toFixed(1)} us each (wall)`);
+console.log(`${N} ${mode} requests one at a time: ${wallUs.toFixed(1)} us each (wall)`);
 for (const [k, v] of after) {
   const us = (v - (before.get(k) ?? 0)) * 1000 / N;
   if (us > 0) console.log(`  ${k.padEnd(28)} ${us.toFixed(1)} us CPU per request`);
 }
+await thread.refresh();
+console.log(`  device ${dev.describe()}`);
 await t.core.reset();
 await thread.stop();
 for (const fd of [lineFd, resampleFd, ...notifyFds]) sysClose(fd);

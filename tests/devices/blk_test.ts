@@ -152,7 +152,7 @@ Deno.test("blk: reads the page cache or a memory file system holds complete with
         assert.equal(vm.ram.view(r.status, 1)[0], BLK_S.OK);
         assert.equal(vm.ram.view(r.buf, 1)[0], r.s & 0xff, `sector ${r.s} starts with its number`);
       }
-      assert.match(vm.backend.describe(), /at_once=4 pool=0/);
+      assert.match(vm.backend.describe(), /at_once=4 uring=0 pool=0/);
     } finally {
       await vm.close();
     }

@@ -6,6 +6,7 @@
 
 import assert from "node:assert/strict";
 import { FileBackend } from "../../vmm/block_file.ts";
+import { EventLoop } from "../../vmm/event_loop.ts";
 
 Deno.test("block file: iovecs of queued preadv/pwritev survive a GC (warmed up, blocking pool full)", async () => {
   const probe = new URL("./iovec_gc_probe.ts", import.meta.url).pathname;
@@ -56,7 +57,7 @@ Deno.test("block file: an image on tmpfs is read, written and synced at once, ne
     const back = new Uint8Array(6000);
     await f.read([back.subarray(0, 3000), back.subarray(3000)], 512);
     assert.deepEqual(back, data);
-    assert.match(f.describe(), /at_once=2 pool=0 memory_fs=true/);
+    assert.match(f.describe(), /at_once=2 uring=0 pool=0 memory_fs=true/);
     // A transfer over 1 MiB is one copy too many for the device thread: the pool takes it.
     const big = new Uint8Array((1 << 20) + 4096);
     await Deno.truncate(path, big.length + 4096);
@@ -64,6 +65,78 @@ Deno.test("block file: an image on tmpfs is read, written and synced at once, ne
     assert.match(f.describe(), /pool=1 /);
   } finally {
     await f.close();
+    await Deno.remove(path);
+  }
+});
+
+/** Open fds of this process (to see a ring and its eventfd closed). */
+function openFds(): number {
+  return [...Deno.readDirSync("/proc/self/fd")].length;
+}
+
+Deno.test("block file: attached to a loop, what cannot be made at once goes to an io_uring, not the pool", async () => {
+  const path = await Deno.makeTempFile();
+  const data = Uint8Array.from({ length: 20000 }, (_, i) => (i * 11 + 3) & 0xff);
+  await Deno.writeFile(path, new Uint8Array(65536));
+  const fdsBefore = openFds();
+  const loop = new EventLoop();
+  loop.start();
+  const f = FileBackend.open(path, false, { nowait: false }); // no transfer made at once
+  try {
+    f.attach(loop);
+    assert.match(f.describe(), /io_uring=on/);
+    // Segments of odd sizes, several requests in flight at once, a flush among them.
+    const writes = [0, 1, 2, 3].map((k) =>
+      f.write(
+        [data.subarray(k * 5000, k * 5000 + 1000), data.subarray(k * 5000 + 1000, (k + 1) * 5000)],
+        512 + k * 5000,
+      )
+    );
+    await Promise.all([...writes, f.flush()]);
+    assert.deepEqual(
+      (await Deno.readFile(path)).subarray(512, 512 + 20000),
+      data,
+      "the writes are in the file",
+    );
+    const back = new Uint8Array(20000);
+    await Promise.all(
+      [0, 1].map((k) => f.read([back.subarray(k * 10000, (k + 1) * 10000)], 512 + k * 10000)),
+    );
+    assert.deepEqual(back, data);
+    // Past the end: a short read goes on where it stopped, and what is not there reads as zeros.
+    const tail = new Uint8Array(8192).fill(0xee);
+    await f.read([tail], 65536 - 4096);
+    assert.deepEqual(tail.subarray(4096), new Uint8Array(4096));
+    assert.match(
+      f.describe(),
+      /at_once=0 uring=9 pool=0 /,
+      "4 writes, the flush, 2 reads, the tail read twice",
+    );
+  } finally {
+    await f.close();
+    await loop.stop();
+    await Deno.remove(path);
+  }
+  assert.equal(openFds(), fdsBefore, "the ring, its eventfd, the image and the loop are closed");
+});
+
+Deno.test("block file: with TSVMM_IO_URING=0 the blocking pool stays", async () => {
+  const path = await Deno.makeTempFile();
+  await Deno.writeFile(path, new Uint8Array(8192).fill(7));
+  const loop = new EventLoop();
+  loop.start();
+  const f = FileBackend.open(path, false, { nowait: false });
+  Deno.env.set("TSVMM_IO_URING", "0");
+  try {
+    f.attach(loop);
+    const b = new Uint8Array(4096);
+    await f.read([b], 4096);
+    assert.deepEqual(b, new Uint8Array(4096).fill(7));
+    assert.match(f.describe(), /uring=0 pool=1 .* io_uring=off/);
+  } finally {
+    Deno.env.delete("TSVMM_IO_URING");
+    await f.close();
+    await loop.stop();
     await Deno.remove(path);
   }
 });

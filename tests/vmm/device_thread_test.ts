@@ -155,44 +155,61 @@ Deno.test("device thread: a broken chain on the Worker sets DEVICE_NEEDS_RESET; 
   }
 });
 
-Deno.test("device thread: virtio-blk through the blocking pool (write, read, discard, flush), served from the Worker", async () => {
-  const path = await Deno.makeTempFile({ suffix: ".img" });
-  await Deno.writeFile(path, new Uint8Array(1 << 20));
-  const backend = FileBackend.open(path, false, { nowait: false }); // every transfer through the pool
-  const local = new VirtioBlk(backend);
-  const all = F.VERSION_1 | F.EVENT_IDX | F.INDIRECT | (local.features & ~(F.EVENT_IDX | F.INDIRECT));
-  const vm = threaded(local, { kind: "blk", disk: backend.share() }, all);
-  try {
-    const h = { ...vm, dev: local, irq: undefined, backend, path, close: vm.close } as unknown as Parameters<
-      typeof request
-    >[0];
-    const data = new Uint8Array(4096).map((_, i) => (i * 7) & 0xff);
-    const w = await request(h, BLK_T.OUT, 8, { len: 4096, bytes: data });
-    assert.equal(w.status, BLK_S.OK);
-    const onDisk = (await Deno.readFile(path)).subarray(8 * 512, 8 * 512 + 4096);
-    assert.deepEqual(onDisk, data, "the write is in the image");
-    const r = await request(h, BLK_T.IN, 8, { len: 4096, write: true });
-    assert.equal(r.status, BLK_S.OK);
-    assert.deepEqual(vm.ram.view(r.buf, 4096), data);
-    // Steps on Deno's blocking pool (every transfer here, a discard, a flush): the device
-    // thread must not block in epoll_wait while one is in flight.
-    const seg = new Uint8Array(16);
-    new DataView(seg.buffer).setBigUint64(0, 8n, true);
-    new DataView(seg.buffer).setUint32(8, 8, true);
-    assert.equal((await request(h, BLK_T.DISCARD, 0, { len: 16, bytes: seg })).status, BLK_S.OK);
-    assert.equal((await request(h, BLK_T.FLUSH, 0, { len: 0 })).status, BLK_S.OK);
-    const img = await Deno.readFile(path);
-    assert.equal(img[8 * 512], 0, "discarded");
-    const out = await request(h, BLK_T.IN, 2048, { len: 512, write: true });
-    assert.equal(out.status, BLK_S.IOERR, "past the end");
-    await vm.thread.refresh();
-    assert.match(local.name, /virtio-blk/);
-  } finally {
-    await vm.close();
-    await backend.close();
-    await Deno.remove(path);
-  }
-});
+for (const via of ["io_uring", "the blocking pool"]) {
+  Deno.test(`device thread: virtio-blk through ${via} (write, read, discard, flush), served from the Worker`, async () => {
+    const path = await Deno.makeTempFile({ suffix: ".img" });
+    await Deno.writeFile(path, new Uint8Array(1 << 20));
+    const backend = FileBackend.open(path, false, { nowait: false }); // no transfer made at once
+    const local = new VirtioBlk(backend);
+    const all = F.VERSION_1 | F.EVENT_IDX | F.INDIRECT | (local.features & ~(F.EVENT_IDX | F.INDIRECT));
+    // The Worker reads the switch when it attaches the disk (the environment is the process's).
+    if (via === "the blocking pool") Deno.env.set("TSVMM_IO_URING", "0");
+    const vm = threaded(local, { kind: "blk", disk: backend.share() }, all);
+    try {
+      const h = {
+        ...vm,
+        dev: local,
+        irq: undefined,
+        backend,
+        path,
+        close: vm.close,
+      } as unknown as Parameters<
+        typeof request
+      >[0];
+      const data = new Uint8Array(4096).map((_, i) => (i * 7) & 0xff);
+      const w = await request(h, BLK_T.OUT, 8, { len: 4096, bytes: data });
+      assert.equal(w.status, BLK_S.OK);
+      const onDisk = (await Deno.readFile(path)).subarray(8 * 512, 8 * 512 + 4096);
+      assert.deepEqual(onDisk, data, "the write is in the image");
+      const r = await request(h, BLK_T.IN, 8, { len: 4096, write: true });
+      assert.equal(r.status, BLK_S.OK);
+      assert.deepEqual(vm.ram.view(r.buf, 4096), data);
+      // Steps on Deno's blocking pool (every transfer here, a discard, a flush): the device
+      // thread must not block in epoll_wait while one is in flight.
+      const seg = new Uint8Array(16);
+      new DataView(seg.buffer).setBigUint64(0, 8n, true);
+      new DataView(seg.buffer).setUint32(8, 8, true);
+      assert.equal((await request(h, BLK_T.DISCARD, 0, { len: 16, bytes: seg })).status, BLK_S.OK);
+      assert.equal((await request(h, BLK_T.FLUSH, 0, { len: 0 })).status, BLK_S.OK);
+      const img = await Deno.readFile(path);
+      assert.equal(img[8 * 512], 0, "discarded");
+      const out = await request(h, BLK_T.IN, 2048, { len: 512, write: true });
+      assert.equal(out.status, BLK_S.IOERR, "past the end");
+      await vm.thread.refresh();
+      assert.match(local.name, /virtio-blk/);
+      // The write, the read and the flush (each in one call); the discard always goes to the
+      // pool, and the pool's count is of transfers only.
+      const report = vm.dev.describe();
+      if (via === "io_uring") assert.match(report, / at_once=0 uring=3 pool=0 .* io_uring=on /, report);
+      else assert.match(report, / at_once=0 uring=0 pool=2 .* io_uring=off /, report);
+    } finally {
+      Deno.env.delete("TSVMM_IO_URING");
+      await vm.close();
+      await backend.close();
+      await Deno.remove(path);
+    }
+  });
+}
 
 /** The device thread's report lines once `ok` holds for them (refreshed every 5 ms). */
 async function reportsWhen(thread: DeviceThread, devs: RemoteDevice[], ok: (lines: string[]) => boolean) {
