@@ -8,12 +8,13 @@
  * there instead (on a file system without buffered RWF_NOWAIT writes, such as ext4, each
  * goes to the io_uring, or to the blocking pool with TSVMM_IO_URING=0). `blk-cold`: reads
  * of a 1 GiB image of data whose pages are dropped from the page cache first (root), so
- * most reads wait for the disk. `TMPDIR` chooses the directory. Prints the
+ * most reads wait for the disk. `TMPDIR` chooses the directory. A third argument keeps that
+ * many requests in flight (up to 32, each through an indirect table). Prints the
  * wall time per request and each thread's CPU time per request from /proc/self/task (the
  * device thread is `worker-N`; `V8 DefaultWorker` threads are V8's helpers, serving both
  * sides' garbage collection).
  *
- * Run: deno run -A tests/bench/device_thread_bench.ts rng|blk [N]
+ * Run: deno run -A tests/bench/device_thread_bench.ts rng|blk|blk-write|blk-cold [N] [depth]
  */
 
 import { DeviceThread } from "../../vmm/device_thread.ts";
@@ -21,7 +22,7 @@ import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { VirtioBlk } from "../../devices/virtio/blk.ts";
 import { FileBackend } from "../../vmm/block_file.ts";
 import { VirtioMmio } from "../../transports/mmio.ts";
-import { DriverQueue, F, GuestRam, MmioDriver } from "../harness/virtio_driver.ts";
+import { type Buf, DriverQueue, F, GuestRam, MmioDriver } from "../harness/virtio_driver.ts";
 import { privateCell } from "../../vmm/shared_regs.ts";
 import { mmapAnonymous, sysClose, sysEventfd, sysMunmap } from "../../vmm/sys/libc.ts";
 import { drainEventfd } from "../../vmm/event_loop.ts";
@@ -29,6 +30,8 @@ import { drainEventfd } from "../../vmm/event_loop.ts";
 const mode = ["blk", "blk-write", "blk-cold"].includes(Deno.args[0]) ? Deno.args[0] : "rng";
 const kind = mode === "rng" ? "rng" : "blk";
 const N = Number(Deno.args[1] ?? "20000");
+/** Requests kept in flight (the third argument, default 1: one at a time). */
+const DEPTH = Math.max(1, Math.min(32, Number(Deno.args[2] ?? "1")));
 const IMAGE_BYTES = mode === "blk-cold" ? 1 << 30 : 64 << 20;
 const RAM = 8 << 20;
 const ptr = mmapAnonymous(RAM);
@@ -71,32 +74,54 @@ dev.bind(notifyFds, {
 const d = new MmioDriver(t);
 // virtio-blk's FLUSH, as Linux negotiates it: writes complete once written, not synced.
 const BLK_FLUSH = 1n << 9n;
-if (!d.negotiate(F.VERSION_1 | (kind === "blk" ? BLK_FLUSH : 0n))) {
+if (!d.negotiate(F.VERSION_1 | (kind === "blk" ? BLK_FLUSH : 0n) | (DEPTH > 1 ? F.INDIRECT : 0n))) {
   throw new Error("feature negotiation failed");
 }
 const q = new DriverQueue(ram, 64);
 d.setupQueue(0, q);
 d.driverOk();
 await new Promise((r) => setTimeout(r, 200)); // the device thread has taken DRIVER_OK
-const buf = ram.alloc(64);
-const header = ram.alloc(16);
-const data = ram.alloc(4096);
-const status = ram.alloc(1);
-const headerView = new DataView(ram.view(header, 16).buffer, ram.view(header, 16).byteOffset, 16);
-/** Posts one request. */
-function post(): void {
-  if (kind === "rng") {
-    q.add([{ addr: buf, len: 64, write: true }]);
+/** Each request slot's buffers, and (with several in flight) its indirect table. */
+const slots = Array.from({ length: DEPTH }, () => {
+  const header = ram.alloc(16);
+  return {
+    buf: ram.alloc(64),
+    header,
+    headerView: new DataView(ram.view(header, 16).buffer, ram.view(header, 16).byteOffset, 16),
+    data: ram.alloc(4096),
+    status: ram.alloc(1),
+    table: ram.alloc(16 * 3, 16),
+  };
+});
+/** The slots in flight, by their chain's head (slot k's chain is descriptor k). */
+const slotOfHead = new Map<number, number>();
+/** Posts one request in slot `k`. */
+function post(k = 0): void {
+  const { buf, header, headerView, data, status, table } = slots[k];
+  let bufs: Buf[];
+  if (kind === "rng") bufs = [{ addr: buf, len: 64, write: true }];
+  else {
+    const write = mode === "blk-write";
+    headerView.setUint32(0, write ? 1 : 0, true); // VIRTIO_BLK_T_OUT or _IN
+    headerView.setBigUint64(8, BigInt(Math.floor(Math.random() * (IMAGE_BYTES / 4096)) * 8), true);
+    bufs = [{ addr: header, len: 16 }, { addr: data, len: 4096, write: !write }, {
+      addr: status,
+      len: 1,
+      write: true,
+    }];
+  }
+  if (DEPTH === 1) {
+    q.add(bufs);
     return;
   }
-  const write = mode === "blk-write";
-  headerView.setUint32(0, write ? 1 : 0, true); // VIRTIO_BLK_T_OUT or _IN
-  headerView.setBigUint64(8, BigInt(Math.floor(Math.random() * (IMAGE_BYTES / 4096)) * 8), true);
-  q.add([{ addr: header, len: 16 }, { addr: data, len: 4096, write: !write }, {
-    addr: status,
-    len: 1,
-    write: true,
-  }]);
+  // Completions come back in any order: each slot keeps its own head and table, so no chain
+  // in flight is ever overwritten by a newer one.
+  bufs.forEach((b, i) =>
+    q.setDesc(i, b.addr, b.len, (b.write ? 2 : 0) | (i < bufs.length - 1 ? 1 : 0), i + 1, table)
+  );
+  q.setDesc(k, table, 16 * bufs.length, 4, /* INDIRECT */ 0);
+  q.publish(k);
+  slotOfHead.set(k, k);
 }
 
 /** CPU time (ms) of each thread of this process, keyed by "tid:name". */
@@ -118,17 +143,46 @@ function threadCpu(): Map<string, number> {
 
 const before = threadCpu();
 const t0 = performance.now();
-for (let i = 0; i < N; i++) {
-  post();
+if (DEPTH === 1) {
+  for (let i = 0; i < N; i++) {
+    post();
+    d.notify(0);
+    while (Atomics.load(isr.array, isr.index) === 0) { /* the driver polls the ISR */ }
+    Atomics.store(isr.array, isr.index, 0);
+    drainEventfd(lineFd);
+    if (q.takeUsed().length !== 1) throw new Error(`request ${i}: no used entry`);
+  }
+} else {
+  // Keep DEPTH in flight: each completion's slot takes the next request.
+  let posted = 0;
+  let done = 0;
+  for (let k = 0; k < DEPTH && posted < N; k++, posted++) post(k);
   d.notify(0);
-  while (Atomics.load(isr.array, isr.index) === 0) { /* the driver polls the ISR */ }
-  Atomics.store(isr.array, isr.index, 0);
-  drainEventfd(lineFd);
-  if (q.takeUsed().length !== 1) throw new Error(`request ${i}: no used entry`);
+  while (done < N) {
+    while (Atomics.load(isr.array, isr.index) === 0) { /* the driver polls the ISR */ }
+    Atomics.store(isr.array, isr.index, 0);
+    drainEventfd(lineFd);
+    const used = q.takeUsed();
+    for (const [head] of used) {
+      const k = slotOfHead.get(head);
+      if (k === undefined) throw new Error(`a used entry for head ${head}, not in flight`);
+      slotOfHead.delete(head);
+      done++;
+      if (posted < N) {
+        post(k);
+        posted++;
+      }
+    }
+    if (used.length > 0 && posted > done) d.notify(0);
+  }
 }
 const wallUs = (performance.now() - t0) * 1000 / N;
 const after = threadCpu();
-console.log(`${N} ${mode} requests one at a time: ${wallUs.toFixed(1)} us each (wall)`);
+console.log(
+  `${N} ${mode} requests, ${DEPTH === 1 ? "one at a time" : `${DEPTH} in flight`}: ${
+    wallUs.toFixed(1)
+  } us each (wall)`,
+);
 for (const [k, v] of after) {
   const us = (v - (before.get(k) ?? 0)) * 1000 / N;
   if (us > 0) console.log(`  ${k.padEnd(28)} ${us.toFixed(1)} us CPU per request`);
