@@ -88,8 +88,9 @@ export class FileBackend implements BlockBackend {
   }
 
   /**
-   * Opens and locks `path`; throws DiskError with a clear message. `opts.nowait: false`
-   * sends every transfer through the blocking pool (tests of that path use it).
+   * Opens and locks `path`; throws DiskError with a clear message. `opts.nowait: false`, or
+   * `TSVMM_DISK_AT_ONCE=0` in the environment, makes no transfer at once: each goes to the
+   * io_uring or the blocking pool (tests of those paths use it, and comparisons).
    */
   static open(path: string, readonly: boolean, opts: { nowait?: boolean } = {}): FileBackend {
     let abs: string;
@@ -137,8 +138,9 @@ export class FileBackend implements BlockBackend {
       throw new DiskError(`Cannot use disk "${path}": it is smaller than one 512-byte sector`);
     }
     const b = new FileBackend(fd, size, abs, readonly);
-    if (opts.nowait === false) b.nowait = { read: false, write: false };
-    else if (st.isFile) {
+    if (opts.nowait === false || Deno.env.get("TSVMM_DISK_AT_ONCE") === "0") {
+      b.nowait = { read: false, write: false };
+    } else if (st.isFile) {
       const sfs = new BigInt64Array(16); // struct statfs: f_type first
       if (libc().fstatfs(fd, new Uint8Array(sfs.buffer)) === 0) b.memoryFs = MEMORY_FS.has(Number(sfs[0]));
     }

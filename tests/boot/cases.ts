@@ -373,13 +373,22 @@ function virtioDevices(
   };
 }
 
-function mkfsCase(): BootCase {
+/**
+ * The guest makes a file system, writes files, unmounts, mounts again and reads them back;
+ * the host checks the file system. `ring`: no transfer is made at once
+ * (`TSVMM_DISK_AT_ONCE=0`), so every read, write and flush goes through the disk's io_uring on
+ * the device thread (the nested runner's L1 keeps images on tmpfs, where all are made at once).
+ */
+function mkfsCase(ring = false): BootCase {
   return {
     cost: 1,
-    name: "virtio-blk: guest mkfs.ext4 + mount + write + umount; host e2fsck -fn is clean",
+    name: `virtio-blk${
+      ring ? " through io_uring" : ""
+    }: guest mkfs.ext4 + mount + write + umount + read back; host e2fsck -fn is clean`,
     run: async (g) => {
       const k = g.kernels["6.1"];
       const img = await makeImage(64 * MIB);
+      if (ring) Deno.env.set("TSVMM_DISK_AT_ONCE", "0");
       try {
         await bootTest({
           kernel: k.vmlinux,
@@ -391,15 +400,30 @@ function mkfsCase(): BootCase {
         }, async (vm) => {
           const m = await waitForConsole(
             vm,
-            /TSVMM-CHECK mkfs dev=vda ok=(\d)/,
+            /TSVMM-CHECK mkfs dev=vda ok=(\d) md5=(\S*) md5_again=(\S*)\r?\n/,
             CASE_TIMEOUT_MS,
             0,
             STALL_MS,
           );
           assert(m[1] === "1", "mkfs/mount/write/umount failed in the guest", vm.consoleTail());
+          assert(
+            /^[0-9a-f]{32}$/.test(m[2]) && m[3] === m[2],
+            `random.bin read back from the disk as ${m[3]}, written as ${m[2]}`,
+            vm.consoleTail(),
+          );
           const exit = await vm.wait();
           assert(exit.code === 0, `VM ended with ${exit.message}`, vm.consoleTail());
           assertCleanDmesg(vm.consoleText, vm.consoleTail());
+          // The device report (kept from the device thread's last one) says which way the
+          // transfers went.
+          const report = vm.consoleTail().match(/at_once=\d+ uring=\d+ pool=\d+ .* io_uring=\S+/)?.[0] ?? "";
+          if (ring) {
+            assert(
+              /at_once=0 uring=[1-9]\d* pool=0 .* io_uring=on/.test(report),
+              `not through io_uring: ${report}`,
+              "",
+            );
+          } else assert(/at_once=[1-9]/.test(report), `no transfer made at once: ${report}`, "");
         }, CASE_TIMEOUT_MS);
         const fsck = await new Deno.Command("e2fsck", {
           args: ["-fn", img],
@@ -412,6 +436,7 @@ function mkfsCase(): BootCase {
         // random.bin, dir, dir/sub, dir/sub/file.
         assert(/: 16\/\d+ files \(/.test(out), `e2fsck does not count the guest's 5 files:\n${out}`, "");
       } finally {
+        if (ring) Deno.env.delete("TSVMM_DISK_AT_ONCE");
         await Deno.remove(img);
       }
     },
@@ -785,6 +810,7 @@ export const BOOT_CASES: BootCase[] = [
   virtioDevices("mmio", "6.1"),
   virtioDevices("mmio-legacy", "6.1"),
   mkfsCase(),
+  mkfsCase(true),
   netTransports("6.1", 21),
   netTransports("6.12", 31),
 ];

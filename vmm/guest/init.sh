@@ -141,8 +141,13 @@ check_mkfs() {
     sync
     sum=$(md5sum /mnt/random.bin | cut -d' ' -f1)
     umount /mnt && ok=1
+    # Mounted again, the file's data comes back from the disk (umount dropped its pages).
+    if [ $ok = 1 ] && mount -t ext4 -o ro /dev/$d /mnt; then
+      again=$(md5sum /mnt/random.bin | cut -d' ' -f1)
+      umount /mnt || ok=0
+    fi
   fi
-  echo "TSVMM-CHECK mkfs dev=$d ok=$ok md5=$sum"
+  echo "TSVMM-CHECK mkfs dev=$d ok=$ok md5=$sum md5_again=$again"
 }
 
 # tsvmm.ddbench=vda[:MiB]: sequential read and write of the disk and a read of /dev/hwrng
