@@ -44,8 +44,12 @@ const MEMORY_FS = new Set([0x01021994, /* tmpfs */ 0x858458f6 /* ramfs */]);
 /** Largest transfer made on the device thread itself (a bigger copy goes to the pool). */
 const SYNC_MAX_BYTES = 1 << 20;
 const EAGAIN = 11;
-/** Operations one disk's io_uring keeps in flight (more wait for the pool). */
-const RING_ENTRIES = 64;
+/**
+ * Operations one disk's io_uring keeps in flight: as many as a virtio-blk queue holds requests
+ * (each request is one operation), so the ring is never full while the guest waits on it (an
+ * operation beyond would go to the pool).
+ */
+const RING_ENTRIES = 256;
 
 /** An image that cannot be used; the message is one line for the user. */
 export class DiskError extends Error {
@@ -267,7 +271,9 @@ export class FileBackend implements BlockBackend {
 
   /** How transfers were made, for reports. */
   describe(): string {
-    return `at_once=${this.nowaitHits} uring=${this.ringCalls} pool=${this.poolCalls} memory_fs=${this.memoryFs} nowait_read=${this.nowait.read} nowait_write=${this.nowait.write} io_uring=${this.ringState}`;
+    return `at_once=${this.nowaitHits} uring=${this.ringCalls} pool=${this.poolCalls} memory_fs=${this.memoryFs} nowait_read=${this.nowait.read} nowait_write=${this.nowait.write} io_uring=${
+      this.ring?.isClosed ? "off(submission_refused)" : this.ringState
+    }`;
   }
 
   /**
@@ -288,11 +294,18 @@ export class FileBackend implements BlockBackend {
       this.ringState = `refused(${why.reason?.replaceAll(" ", "_")})`;
       return;
     }
-    this.ring = ring;
-    this.ringState = "on";
     // Edge-triggered: every completion the kernel posts after the last wake wakes the loop
     // again, and reap() takes all that are there, so the eventfd's counter is never read.
-    this.unwatchRing = loop.add(ring.eventFd, () => ring.reap(), { edge: true });
+    // Watched before it is used: a ring nobody reaps would hold its transfers forever.
+    try {
+      this.unwatchRing = loop.add(ring.eventFd, () => ring.reap(), { edge: true });
+    } catch (e) {
+      ring.close();
+      this.ringState = `refused(${(e as Error).message.replaceAll(" ", "_")})`;
+      return;
+    }
+    this.ring = ring;
+    this.ringState = "on";
   }
 
   /**

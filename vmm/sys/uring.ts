@@ -128,7 +128,7 @@ export class Uring {
     const params = new Uint8Array(PARAMS_BYTES);
     const fd = Number(calls().setup(SYS_IO_URING_SETUP, BigInt(entries), params));
     if (fd < 0) {
-      why.reason = `io_uring_setup: ${new SysError("io_uring_setup", errno()).message}`;
+      why.reason = new SysError("io_uring_setup", errno()).message;
       return undefined;
     }
     const p = new DataView(params.buffer);
@@ -171,6 +171,11 @@ export class Uring {
   /** Whether another operation can be submitted now (else use another way, or wait). */
   get hasRoom(): boolean {
     return !this.closed && this.pending.size < this.entries;
+  }
+
+  /** Whether the ring takes no more operations (closed, or a submission was refused). */
+  get isClosed(): boolean {
+    return this.closed;
   }
 
   /**
@@ -249,6 +254,7 @@ export class Uring {
    * as promise jobs after the caller returns). Returns how many.
    */
   reap(): number {
+    if (this.maps.length === 0) return 0; // closed: the rings are unmapped
     let head = Atomics.load(this.cqHead, 0);
     const tail = Atomics.load(this.cqTail, 0);
     let n = 0;
@@ -280,8 +286,9 @@ export class Uring {
     }
   }
 
-  /** Waits for what is in flight, then unmaps the rings and closes the fds. */
+  /** Waits for what is in flight, then unmaps the rings and closes the fds (once). */
   close(): void {
+    if (this.maps.length === 0) return;
     this.closed = true;
     this.drain();
     for (const m of this.maps.splice(0)) libc().munmap(m.ptr, BigInt(m.size));
