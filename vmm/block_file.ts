@@ -370,19 +370,17 @@ export class FileBackend implements BlockBackend {
 
   /** Punches a hole (reads back zeros; the file keeps its size). */
   async discard(offset: number, len: number): Promise<void> {
-    const r = await this.op(() =>
-      pinnedCall(
-        [],
-        () =>
-          libc().fallocate_nb(
-            this.fd,
-            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-            BigInt(offset),
-            BigInt(len),
-          ),
-      )
-    );
+    const r = await this.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
     if (r < 0) throw new Error("fallocate(PUNCH_HOLE) failed");
+  }
+
+  /** fallocate on the ring, else on the pool: 0 or negative. */
+  private fallocate(mode: number, offset: number, len: number): Promise<number> {
+    return this.op(() => {
+      const viaRing = this.ring?.fallocate(this.fd, mode, offset, len);
+      if (viaRing) this.ringCalls++;
+      return viaRing ?? pinnedCall([], () => libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len)));
+    });
   }
 
   /** Zeroes a range: punch-hole when unmapping is allowed, else zero-range; plain writes if neither works. */
@@ -390,10 +388,7 @@ export class FileBackend implements BlockBackend {
     const mode = unmap
       ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
       : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-    const r = await this.op(() =>
-      pinnedCall([], () => libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len)))
-    );
-    if (r >= 0) return;
+    if ((await this.fallocate(mode, offset, len)) >= 0) return;
     const chunk = new Uint8Array(Math.min(len, 1 << 20));
     for (let at = 0; at < len; at += chunk.length) {
       await this.write([chunk.subarray(0, Math.min(chunk.length, len - at))], offset + at);

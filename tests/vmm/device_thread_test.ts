@@ -198,11 +198,11 @@ for (const via of ["io_uring", "the blocking pool"]) {
       assert.equal(out.status, BLK_S.IOERR, "past the end");
       await vm.thread.refresh();
       assert.match(local.name, /virtio-blk/);
-      // The write, the read and the flush (each in one call); the discard always goes to the
-      // pool, and the pool's count is of transfers only.
+      // The write, the read, the discard and the flush (each in one call); the pool's count is
+      // of transfers only.
       const report = vm.dev.describe();
       if (via === "io_uring" && !ioUringForbidden()) {
-        assert.match(report, / at_once=0 uring=3 pool=0 .* io_uring=on /, report);
+        assert.match(report, / at_once=0 uring=4 pool=0 .* io_uring=on /, report);
       } else if (via === "io_uring") {
         assert.match(report, / at_once=0 uring=0 pool=2 .* io_uring=refused\(/, report);
       } else assert.match(report, / at_once=0 uring=0 pool=2 .* io_uring=off /, report);

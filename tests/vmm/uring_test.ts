@@ -69,7 +69,20 @@ Deno.test({
       assert.deepEqual(back, data.subarray(0, 8192));
       const bad = iovOf([back]);
       assert.equal(await ring.vectored(false, 100000, bad.iov, bad.count, 0, [back]), -EBADF);
-      assert.equal(ring.completed, 8);
+      // Punch a hole (reads back zeros) and zero a range, as virtio-blk's DISCARD and WRITE_ZEROES do.
+      const PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01, ZERO_RANGE_KEEP_SIZE = 0x10 | 0x01;
+      assert.equal(await ring.fallocate(fd, PUNCH_HOLE_KEEP_SIZE, 4096, 4096), 0);
+      assert.equal(await ring.fallocate(fd, ZERO_RANGE_KEEP_SIZE, 12288, 4096), 0);
+      const img = await Deno.readFile(path);
+      assert.equal(img.length, 1 << 16, "the size is kept");
+      assert.deepEqual(img.subarray(4096, 8192), new Uint8Array(4096));
+      assert.deepEqual(img.subarray(12288, 16384), new Uint8Array(4096));
+      assert.deepEqual(
+        img.subarray(8192, 12288),
+        data.subarray(8192, 12288),
+        "the range between is untouched",
+      );
+      assert.equal(ring.completed, 10);
       assert.equal(ring.inFlight, 0);
     } finally {
       unwatch();
