@@ -183,8 +183,12 @@ export class FileBackend implements BlockBackend {
       const count = this.sync.fill(batch);
       const total = this.sync.bytes;
       // First on this thread with RWF_NOWAIT: data in the page cache (or room in it) moves at
-      // once, with no trip through the blocking pool; what would wait goes to the pool.
-      let n = total <= SYNC_MAX_BYTES ? this.tryNowait(write, this.sync.ptr, count, off) : -1;
+      // once, with no trip through the blocking pool; what would wait goes to the pool. Not
+      // where a ring takes it: the ring tries the same without waiting before it hands the
+      // transfer to a kernel worker, and a virtio-blk request has just been tried at once
+      // (`transferNow`), so a second try here would be a system call spent for nothing.
+      const tryFirst = total <= SYNC_MAX_BYTES && (this.memoryFs || !this.ring?.hasRoom);
+      let n = tryFirst ? this.tryNowait(write, this.sync.ptr, count, off) : -1;
       if (n < 0) {
         // An array of its own: the call may still run while another request fills `sync`.
         const iov = new Iovecs(count);

@@ -143,3 +143,27 @@ Deno.test("block file: with TSVMM_IO_URING=0 the blocking pool stays", async () 
     await Deno.remove(path);
   }
 });
+
+Deno.test("block file: with a ring, a transfer that was not made at once is not tried at once a second time", async () => {
+  const path = await Deno.makeTempFile();
+  await Deno.writeFile(path, new Uint8Array(8192).fill(5));
+  await Deno.readFile(path); // cached: RWF_NOWAIT would serve it
+  const loop = new EventLoop();
+  loop.start();
+  const f = FileBackend.open(path, true);
+  try {
+    f.attach(loop);
+    const b = new Uint8Array(4096);
+    // `read` is the way of what `transferNow` did not make at once; the ring tries without
+    // waiting itself. On tmpfs (or with no ring) the plain call at once is the way.
+    await f.read([b], 4096);
+    assert.deepEqual(b, new Uint8Array(4096).fill(5));
+    const r = f.describe();
+    if (/memory_fs=true/.test(r) || ioUringForbidden()) assert.match(r, /at_once=1 uring=0 /, r);
+    else assert.match(r, /at_once=0 uring=1 pool=0 /, r);
+  } finally {
+    await f.close();
+    await loop.stop();
+    await Deno.remove(path);
+  }
+});
