@@ -115,3 +115,18 @@ Deno.test({
     await Deno.remove(path);
   },
 });
+
+Deno.test({
+  ignore: forbidden !== undefined,
+  name: "io_uring: buffers of writes the kernel carries out later survive a GC (the ring holds them)",
+  fn: async () => {
+    const probe = new URL("./uring_gc_probe.ts", import.meta.url).pathname;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--v8-flags=--expose-gc", probe],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    assert.ok(out.success && /uring-probe ok/.test(text), `probe failed (exit ${out.code}):\n${text}`);
+  },
+});
