@@ -237,9 +237,9 @@ export function mmapAnonymous(size: number): Deno.PointerObject {
   return p;
 }
 
-/** Maps `size` bytes of a file descriptor shared (e.g. a vCPU's kvm_run). */
-export function mmapShared(fd: number, size: number): Deno.PointerObject {
-  const p = libc().mmap(null, BigInt(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0n);
+/** Maps `size` bytes of a file descriptor shared from `offset` (e.g. a vCPU's kvm_run, an io_uring's rings). */
+export function mmapShared(fd: number, size: number, offset = 0n): Deno.PointerObject {
+  const p = libc().mmap(null, BigInt(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
   checkMapped(p, `mmap of fd ${fd}`);
   return p;
 }

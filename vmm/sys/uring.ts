@@ -12,7 +12,7 @@
  * using the pool.
  */
 
-import { errno, libc, sysClose, SysError, sysEventfd } from "./libc.ts";
+import { errno, mmapShared, sysClose, SysError, sysEventfd, sysMunmap } from "./libc.ts";
 import type { Iovecs } from "./iovec.ts";
 
 // System call arguments are 64-bit (bigint) throughout: syscall(2) passes whole registers.
@@ -32,8 +32,6 @@ const IORING_FSYNC_DATASYNC = 1;
 const SQE_BYTES = 64;
 const CQE_BYTES = 16;
 const PARAMS_BYTES = 120;
-const PROT_READ_WRITE = 3;
-const MAP_SHARED_POPULATE = 0x01 | 0x8000;
 const EINTR = 4;
 
 const SYMBOLS = {
@@ -67,10 +65,7 @@ interface Mapped {
 }
 
 function mapRing(fd: number, size: number, offset: bigint): Mapped {
-  const ptr = libc().mmap(null, BigInt(size), PROT_READ_WRITE, MAP_SHARED_POPULATE, fd, offset);
-  if (ptr === null || Deno.UnsafePointer.value(ptr) === -1n) {
-    throw new SysError("mmap of an io_uring", errno());
-  }
+  const ptr = mmapShared(fd, size, offset);
   return { ptr, size, buf: Deno.UnsafePointerView.getArrayBuffer(ptr, size) };
 }
 
@@ -155,7 +150,7 @@ export class Uring {
         throw new SysError("io_uring_register(EVENTFD)", errno());
       }
     } catch (e) {
-      for (const m of maps) libc().munmap(m.ptr, BigInt(m.size));
+      for (const m of maps) sysMunmap(m.ptr, m.size);
       if (eventFd >= 0) sysClose(eventFd);
       sysClose(fd);
       why.reason = (e as Error).message;
@@ -302,7 +297,7 @@ export class Uring {
     if (this.maps.length === 0) return;
     this.closed = true;
     this.drain();
-    for (const m of this.maps.splice(0)) libc().munmap(m.ptr, BigInt(m.size));
+    for (const m of this.maps.splice(0)) sysMunmap(m.ptr, m.size);
     if (this.eventFd >= 0) sysClose(this.eventFd);
     sysClose(this.fd);
   }
