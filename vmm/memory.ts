@@ -27,6 +27,16 @@ export class GuestMemory {
     }
     this.regions = sorted;
     this.views = sorted.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
+    this.u16s = sorted.map((r) =>
+      r.bytes.byteOffset % 2 === 0
+        ? new Uint16Array(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength >> 1)
+        : undefined
+    );
+    this.u32s = sorted.map((r) =>
+      r.bytes.byteOffset % 4 === 0
+        ? new Uint32Array(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength >> 2)
+        : undefined
+    );
   }
 
   /**
@@ -35,6 +45,18 @@ export class GuestMemory {
    * costs more than the load it serves, on every ring access of every request).
    */
   private readonly views: DataView[];
+
+  /**
+   * The same regions as u16 and u32 arrays (undefined for a region not so aligned). The ring
+   * indices the driver and the device move under each other (avail.idx, used.idx, the event
+   * indices, the flags) are read and stored through these: an element access of a typed
+   * array is one load or store of its width, while V8's DataView accessors may move the
+   * bytes one at a time, so the other side could see half an index (the low byte new, the
+   * high byte old) and take a ring of stale entries for new ones. x86 is little-endian, as
+   * virtio's rings are.
+   */
+  private readonly u16s: Array<Uint16Array | undefined>;
+  private readonly u32s: Array<Uint32Array | undefined>;
 
   /**
    * The index of the region that holds [gpa, gpa+len) wholly, or -1 (also for an address
@@ -56,17 +78,29 @@ export class GuestMemory {
     return this.views[i];
   }
 
-  /** The little-endian u16 at `gpa`, or -1 if it is not inside RAM. */
+  /**
+   * The little-endian u16 at `gpa`, or -1 if it is not inside RAM: one 16-bit load where
+   * `gpa` is 2-aligned (as every ring index is), so a concurrent store is seen whole.
+   */
   u16(gpa: number): number {
     const i = this.regionOf(gpa, 2);
-    return i < 0 ? -1 : this.views[i].getUint16(gpa - this.regions[i].gpa, true);
+    if (i < 0) return -1;
+    const off = gpa - this.regions[i].gpa;
+    const a = this.u16s[i];
+    return a !== undefined && (off & 1) === 0 ? a[off >> 1] : this.views[i].getUint16(off, true);
   }
 
-  /** Stores a little-endian u16 at `gpa`; false (nothing stored) if it is not inside RAM. */
+  /**
+   * Stores a little-endian u16 at `gpa`; false (nothing stored) if it is not inside RAM.
+   * One 16-bit store where `gpa` is 2-aligned, so the driver never reads half of it.
+   */
   setU16(gpa: number, value: number): boolean {
     const i = this.regionOf(gpa, 2);
     if (i < 0) return false;
-    this.views[i].setUint16(gpa - this.regions[i].gpa, value, true);
+    const off = gpa - this.regions[i].gpa;
+    const a = this.u16s[i];
+    if (a !== undefined && (off & 1) === 0) a[off >> 1] = value;
+    else this.views[i].setUint16(off, value, true);
     return true;
   }
 
@@ -77,8 +111,14 @@ export class GuestMemory {
   setU32Pair(gpa: number, first: number, second: number): boolean {
     const i = this.regionOf(gpa, 8);
     if (i < 0) return false;
-    const v = this.views[i];
     const off = gpa - this.regions[i].gpa;
+    const a = this.u32s[i];
+    if (a !== undefined && (off & 3) === 0) {
+      a[off >> 2] = first;
+      a[(off >> 2) + 1] = second;
+      return true;
+    }
+    const v = this.views[i];
     v.setUint32(off, first, true);
     v.setUint32(off + 4, second, true);
     return true;

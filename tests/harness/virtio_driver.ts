@@ -92,27 +92,29 @@ export class DriverQueue {
     const dv = this.ram.dv(this.availAddr, 6 + 2 * this.size);
     dv.setUint16(4 + 2 * (this.availIdx % this.size), head, true);
     this.availIdx = (this.availIdx + 1) & 0xffff;
-    dv.setUint16(2, this.availIdx, true);
+    // The indices the device reads while we write them go through GuestMemory's u16
+    // accessors: one 16-bit store (a DataView may write the two bytes one at a time).
+    this.ram.mem.setU16(this.availAddr + 2, this.availIdx);
   }
 
   /** Sets avail.idx directly (hostile tests). */
   setAvailIdx(v: number): void {
-    this.ram.dv(this.availAddr + 2, 2).setUint16(0, v, true);
+    this.ram.mem.setU16(this.availAddr + 2, v);
   }
 
   /** Sets avail.flags (1 = no interrupt). */
   setAvailFlags(v: number): void {
-    this.ram.dv(this.availAddr, 2).setUint16(0, v, true);
+    this.ram.mem.setU16(this.availAddr, v);
   }
 
   /** Sets used_event (event index). */
   setUsedEvent(v: number): void {
-    this.ram.dv(this.availAddr + 4 + 2 * this.size, 2).setUint16(0, v, true);
+    this.ram.mem.setU16(this.availAddr + 4 + 2 * this.size, v);
   }
 
   /** avail_event as the device last wrote it. */
   availEvent(): number {
-    return this.ram.dv(this.usedAddr + 4 + 8 * this.size, 2).getUint16(0, true);
+    return this.ram.mem.u16(this.usedAddr + 4 + 8 * this.size);
   }
 
   /** Adds a chain of buffers (optionally through an indirect table) and publishes it. */
@@ -151,7 +153,7 @@ export class DriverQueue {
 
   /** used.idx. */
   usedIdx(): number {
-    return this.ram.dv(this.usedAddr + 2, 2).getUint16(0, true);
+    return this.ram.mem.u16(this.usedAddr + 2);
   }
 
   /** New used entries since the last call: [id, len][]. */

@@ -39,3 +39,35 @@ Deno.test("guest memory: an access that leaves its region, or any RAM, is refuse
   assert.equal(mem.regionOf(0, 0x1001), -1);
   assert.deepEqual([low, high], before);
 });
+
+Deno.test("guest memory: a ring index stored by one thread is never read half-old, half-new by another", async () => {
+  // Its own process, with V8's optimizing compilers off (--max-opt=1): the tiers a device
+  // thread's code runs in for its first thousands of requests, where a DataView stored and
+  // loaded a u16 one byte at a time (hundreds of torn reads a second here).
+  const probe = new URL("./ring_index_probe.ts", import.meta.url).pathname;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--v8-flags=--max-opt=1", probe, "1000"],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.ok(out.success && /ring-index-probe ok/.test(text), `probe failed (exit ${out.code}):\n${text}`);
+});
+
+Deno.test("guest memory: u16 and u32 pairs at any alignment, and in a region that starts on an odd byte", () => {
+  const backing = new Uint8Array(0x2001);
+  for (const bytes of [backing.subarray(0, 0x2000), backing.subarray(1)]) {
+    const mem = new GuestMemory([{ gpa: 0x4000, bytes }]);
+    for (const at of [0x4000, 0x4001, 0x4002, 0x4003]) {
+      assert.ok(mem.setU16(at, 0xbeef));
+      assert.equal(mem.u16(at), 0xbeef);
+      assert.deepEqual([...bytes.subarray(at - 0x4000, at - 0x4000 + 2)], [0xef, 0xbe], "little-endian");
+      assert.ok(mem.setU32Pair(at + 8, 0x11223344, 0xaabbccdd));
+      const dv = new DataView(bytes.buffer, bytes.byteOffset + at - 0x4000 + 8, 8);
+      assert.equal(dv.getUint32(0, true), 0x11223344);
+      assert.equal(dv.getUint32(4, true), 0xaabbccdd);
+    }
+    assert.equal(mem.u16(0x4000 + bytes.length - 1), -1, "straddles the end");
+    assert.equal(mem.setU16(0x4000 + bytes.length - 1, 1), false);
+  }
+});
