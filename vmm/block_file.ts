@@ -10,7 +10,7 @@
 import type { BlockBackend } from "../devices/virtio/blk_backend.ts";
 import { errno, libc, pinnedCall, sysClose, SysError, sysOpen } from "./sys/libc.ts";
 import { IOV_MAX, Iovecs } from "./sys/iovec.ts";
-import { Uring } from "./sys/uring.ts";
+import { RING_REFUSED, Uring } from "./sys/uring.ts";
 import type { EventLoop } from "./event_loop.ts";
 
 const O_RDONLY = 0;
@@ -78,6 +78,8 @@ export class FileBackend implements BlockBackend {
   /** The io_uring transfers and syncs go to (`attach`), and its watch in the loop. */
   private ring: Uring | undefined;
   private unwatchRing: (() => void) | undefined;
+  /** Takes the ring's flush out of the loop. */
+  private unflushRing: (() => void) | undefined;
   /** Why there is no ring, for the report ("not attached" until `attach`). */
   private ringState = "not attached";
 
@@ -194,9 +196,9 @@ export class FileBackend implements BlockBackend {
         const iov = new Iovecs(count);
         iov.fill(batch);
         const viaRing = this.ring?.vectored(write, this.fd, iov, count, off, batch);
-        if (viaRing) {
+        n = viaRing ? await viaRing : RING_REFUSED;
+        if (n !== RING_REFUSED) {
           this.ringCalls++;
-          n = await viaRing;
         } else {
           this.poolCalls++;
           n = Number(
@@ -272,12 +274,14 @@ export class FileBackend implements BlockBackend {
   poolCalls = 0;
   /** Transfers and syncs handed to the io_uring. */
   ringCalls = 0;
+  /** io_uring_enter calls of a ring since detached. */
+  private detachedEnters = 0;
 
   /** How transfers were made, for reports. */
   describe(): string {
     return `at_once=${this.nowaitHits} uring=${this.ringCalls} pool=${this.poolCalls} memory_fs=${this.memoryFs} nowait_read=${this.nowait.read} nowait_write=${this.nowait.write} io_uring=${
       this.ring?.isClosed ? "off(submission_refused)" : this.ringState
-    }`;
+    } uring_enters=${this.ring?.enters ?? this.detachedEnters}`;
   }
 
   /**
@@ -303,6 +307,9 @@ export class FileBackend implements BlockBackend {
     // Watched before it is used: a ring nobody reaps would hold its transfers forever.
     try {
       this.unwatchRing = loop.add(ring.eventFd, () => ring.reap(), { edge: true });
+      // The transfers one pass of the loop starts go to the kernel together, after the pass.
+      ring.deferred = true;
+      this.unflushRing = loop.addFlush(() => ring.flush());
     } catch (e) {
       ring.close();
       this.ringState = `refused(${(e as Error).message.replaceAll(" ", "_")})`;
@@ -322,7 +329,10 @@ export class FileBackend implements BlockBackend {
     this.ring = undefined;
     this.unwatchRing?.();
     this.unwatchRing = undefined;
+    this.unflushRing?.();
+    this.unflushRing = undefined;
     ring.close();
+    this.detachedEnters = ring.enters;
     if (this.ringState === "on") this.ringState = "detached";
   }
 
@@ -361,11 +371,9 @@ export class FileBackend implements BlockBackend {
     }
     // Every call on the pool goes through pinnedCall, even with no buffer: pinnedCalls() is
     // how the device thread knows it must not block while one is in flight.
-    const r = await this.op(() => {
-      const viaRing = this.ring?.datasync(this.fd);
-      if (viaRing) this.ringCalls++;
-      return viaRing ?? pinnedCall([], () => libc().fdatasync_nb(this.fd));
-    });
+    const r = await this.op(() =>
+      this.onRing(this.ring?.datasync(this.fd), () => pinnedCall([], () => libc().fdatasync_nb(this.fd)))
+    );
     if (r < 0) throw new Error("fdatasync failed");
   }
 
@@ -380,11 +388,20 @@ export class FileBackend implements BlockBackend {
 
   /** fallocate on the ring, else on the pool: 0 or negative. */
   private fallocate(mode: number, offset: number, len: number): Promise<number> {
-    return this.op(() => {
-      const viaRing = this.ring?.fallocate(this.fd, mode, offset, len);
-      if (viaRing) this.ringCalls++;
-      return viaRing ?? pinnedCall([], () => libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len)));
-    });
+    return this.op(() =>
+      this.onRing(
+        this.ring?.fallocate(this.fd, mode, offset, len),
+        () => pinnedCall([], () => libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(len))),
+      )
+    );
+  }
+
+  /** The ring's result, or the pool's where the ring did not take the call. */
+  private async onRing(viaRing: Promise<number> | undefined, pool: () => Promise<number>): Promise<number> {
+    const r = viaRing ? await viaRing : RING_REFUSED;
+    if (r === RING_REFUSED) return Number(await pool());
+    this.ringCalls++;
+    return r;
   }
 
   /** Zeroes a range: punch-hole when unmapping is allowed, else zero-range; plain writes if neither works. */

@@ -94,6 +94,7 @@ export class EventLoop {
   private readonly epfd: number;
   private readonly stopFd: number;
   private readonly handlers = new Map<number, { fd: number; fn: (events: number) => void }>();
+  private readonly flushes = new Set<() => void>();
   private nextToken = 1;
   private running: Promise<void> | undefined;
   private stopping = false;
@@ -157,6 +158,26 @@ export class EventLoop {
     return { set, close: () => set(0) };
   }
 
+  /**
+   * Calls `fn` after each pass over the ready fds and before each wait: for work the
+   * handlers queue to hand over together (an io_uring's submissions). Returns a remover.
+   */
+  addFlush(fn: () => void): () => void {
+    const f = () => fn();
+    this.flushes.add(f);
+    return () => this.flushes.delete(f);
+  }
+
+  private flush(): void {
+    for (const f of this.flushes) {
+      try {
+        f();
+      } catch (e) {
+        this.onError(e as Error);
+      }
+    }
+  }
+
   /** Starts dispatching. */
   start(): void {
     this.running ??= this.loop();
@@ -173,6 +194,8 @@ export class EventLoop {
     if (block) await nextTurn();
     while (!this.stopping) {
       let n: number;
+      // What the last pass's promise continuations queued goes out before the wait.
+      this.flush();
       if (block?.()) {
         n = libc().epoll_wait(this.epfd, at, MAX_EVENTS, -1);
       } else {
@@ -204,6 +227,7 @@ export class EventLoop {
           this.onError(e as Error);
         }
       }
+      this.flush();
       // A blocking wait must not start before the work the handlers queued (promise
       // continuations) has run: unless nothing is left to run, let the event loop turn.
       if (block && (waited || !settled?.())) await nextTurn();

@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { Uring } from "../../vmm/sys/uring.ts";
+import { RING_REFUSED, Uring } from "../../vmm/sys/uring.ts";
 import { Iovecs } from "../../vmm/sys/iovec.ts";
 import { EventLoop } from "../../vmm/event_loop.ts";
 import { sysClose, sysOpen } from "../../vmm/sys/libc.ts";
@@ -128,5 +128,80 @@ Deno.test({
     }).output();
     const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
     assert.ok(out.success && /uring-probe ok/.test(text), `probe failed (exit ${out.code}):\n${text}`);
+  },
+});
+
+Deno.test({
+  ignore: forbidden !== undefined,
+  name:
+    "io_uring: a deferred ring hands what was queued to the kernel in one enter, at flush or after the job",
+  fn: async () => {
+    const path = await Deno.makeTempFile();
+    const data = Uint8Array.from({ length: 1 << 16 }, (_, i) => (i * 11 + 3) & 0xff);
+    await Deno.writeFile(path, data);
+    const fd = sysOpen(path, O_RDWR);
+    const ring = Uring.open(8)!;
+    ring.deferred = true;
+    try {
+      const read = (k: number) => {
+        const b = new Uint8Array(4096);
+        const { iov, count } = iovOf([b]);
+        return ring.vectored(false, fd, iov, count, k * 4096, [b])!.then((n) => ({ n, b, k }));
+      };
+      const four = [0, 1, 2, 3].map(read);
+      assert.equal(ring.enters, 0, "queued, not yet submitted");
+      ring.flush();
+      assert.equal(ring.enters, 1, "four operations, one enter");
+      ring.drain();
+      for (const { n, b, k } of await Promise.all(four)) {
+        assert.equal(n, 4096);
+        assert.deepEqual(b, data.subarray(k * 4096, (k + 1) * 4096));
+      }
+      // Nobody flushes: the ring does once the queuing job is done, so a wait cannot hang.
+      const two = [4, 5].map(read);
+      assert.equal(ring.enters, 1);
+      await null;
+      assert.equal(ring.enters, 2, "submitted after the job that queued them");
+      ring.drain();
+      assert.deepEqual((await Promise.all(two)).map(({ n }) => n), [4096, 4096]);
+    } finally {
+      ring.close();
+      sysClose(fd);
+      await Deno.remove(path);
+    }
+  },
+});
+
+Deno.test({
+  ignore: forbidden !== undefined,
+  name:
+    "io_uring: operations the kernel does not take at flush resolve as refused, and the ring takes no more",
+  fn: async () => {
+    const path = await Deno.makeTempFile();
+    await Deno.writeFile(path, new Uint8Array(8192));
+    const fd = sysOpen(path, O_RDWR);
+    const ring = Uring.open(8)!;
+    ring.deferred = true;
+    // The ring's fd number now names /dev/null, whose io_uring_enter fails: nothing is taken.
+    const libc = Deno.dlopen("libc.so.6", { dup2: { parameters: ["i32", "i32"], result: "i32" } });
+    const ringFd = (ring as unknown as { fd: number }).fd;
+    const devNull = sysOpen("/dev/null", O_RDWR);
+    try {
+      const b = new Uint8Array(4096);
+      const { iov, count } = iovOf([b]);
+      const p = ring.vectored(false, fd, iov, count, 0, [b])!;
+      assert.equal(libc.symbols.dup2(devNull, ringFd), ringFd);
+      ring.flush();
+      assert.equal(await p, RING_REFUSED);
+      assert.equal(ring.isClosed, true);
+      assert.equal(ring.hasRoom, false);
+      assert.equal(ring.inFlight, 0);
+    } finally {
+      ring.close(); // closes the /dev/null duplicate and unmaps the rings
+      sysClose(devNull);
+      libc.close();
+      sysClose(fd);
+      await Deno.remove(path);
+    }
   },
 });

@@ -7,7 +7,10 @@
  *
  * The ring is small and private to one disk on one thread. At most `entries` operations are
  * in flight; the completion ring has twice as many slots (the kernel's default), so it can
- * never overflow. Where the kernel refuses a ring (no io_uring, a seccomp filter, the
+ * never overflow. With `deferred` set, operations are queued in the submission ring and handed
+ * to the kernel together by `flush()`: the device thread flushes once after each pass over
+ * its ready fds and before it blocks, so the requests one doorbell brings cost one
+ * io_uring_enter, not one each. Where the kernel refuses a ring (no io_uring, a seccomp filter, the
  * `kernel.io_uring_disabled` sysctl), `Uring.open` returns undefined and the caller keeps
  * using the pool.
  */
@@ -50,6 +53,12 @@ function calls(): Deno.DynamicLibrary<typeof SYMBOLS>["symbols"] {
   return sys;
 }
 
+/**
+ * What a deferred operation resolves with when the kernel refused its submission (no errno
+ * is this low): the caller makes the call another way. The ring takes no more operations.
+ */
+export const RING_REFUSED = -1_000_000;
+
 /** One operation in flight: how to settle it, and what its addresses point into. */
 interface Pending {
   resolve: (res: number) => void;
@@ -77,6 +86,15 @@ export class Uring {
   readonly entries: number;
   /** Operations completed (for reports and tests). */
   completed = 0;
+  /** io_uring_enter calls that submitted operations (for reports and tests). */
+  enters = 0;
+  /**
+   * Queue operations until `flush()` instead of submitting each at once. Whoever sets it
+   * must flush before waiting for a completion (`drain` and `close` flush themselves).
+   */
+  deferred = false;
+  /** Operations queued in the submission ring and not yet handed to the kernel. */
+  private queued = 0;
   private readonly sqHead: Uint32Array;
   private readonly sqTail: Uint32Array;
   private readonly sqMask: number;
@@ -177,7 +195,8 @@ export class Uring {
   /**
    * preadv/pwritev of `count` entries of `iov` at `offset`: resolves with the bytes moved or
    * a negative errno. Undefined when the ring cannot take it (full, closed, or the kernel
-   * refused the submission): the caller makes the transfer another way.
+   * refused the submission): the caller makes the transfer another way. A deferred ring
+   * learns of a refusal at `flush()`: the operation then resolves with RING_REFUSED.
    */
   vectored(
     write: boolean,
@@ -220,8 +239,8 @@ export class Uring {
   ): Promise<number> | undefined {
     if (!this.hasRoom) return undefined;
     const tail = Atomics.load(this.sqTail, 0);
-    // One operation per enter: the slot at the tail is free (the kernel consumed every
-    // earlier one during its enter), and slot i always holds SQE i.
+    // The slot at the tail is free: the kernel consumes every submitted entry during its
+    // enter, queued ones are fewer than the ring's slots (hasRoom), and slot i holds SQE i.
     const slot = tail & this.sqMask;
     const s = this.sqes;
     const at = slot * SQE_BYTES;
@@ -239,16 +258,42 @@ export class Uring {
     s.setUint32(at + 32, id, true);
     this.sqArray[slot] = slot;
     Atomics.store(this.sqTail, 0, (tail + 1) >>> 0);
-    const n = this.enter(1n, 0n, 0n);
-    if (n < 0 && errno() === EINTR) this.enter(1n, 0n, 0n);
-    if (Atomics.load(this.sqHead, 0) !== ((tail + 1) >>> 0)) {
-      // Not consumed (the kernel refused it: EAGAIN under memory pressure, say). Take it
-      // back and stop using the ring; what is in flight still completes.
-      Atomics.store(this.sqTail, 0, tail);
-      this.closed = true;
-      return undefined;
+    const done = new Promise<number>((resolve) => this.pending.set(id, { resolve, hold }));
+    if (this.queued++ === 0 && this.deferred) {
+      // Whoever queued it flushes at the end of its pass; this catches what a promise
+      // continuation queues while its thread awaits something else (a reset waiting for
+      // this very transfer, say), which no pass would flush.
+      queueMicrotask(() => this.flush());
     }
-    return new Promise<number>((resolve) => this.pending.set(id, { resolve, hold }));
+    if (this.deferred) return done;
+    this.flush();
+    // Refused: the caller makes the call another way at once.
+    return this.pending.has(id) ? done : undefined;
+  }
+
+  /**
+   * Hands every queued operation to the kernel in one io_uring_enter. Where the kernel
+   * does not take them all (EAGAIN under memory pressure, say), the rest are taken back
+   * and resolve with RING_REFUSED, and the ring takes no more; what it took still completes.
+   */
+  flush(): void {
+    const n = this.queued;
+    if (n === 0) return;
+    this.queued = 0;
+    const tail = Atomics.load(this.sqTail, 0);
+    this.enters++;
+    const r = this.enter(BigInt(n), 0n, 0n);
+    if (r < 0 && errno() === EINTR) this.enter(BigInt(n), 0n, 0n);
+    const head = Atomics.load(this.sqHead, 0);
+    if (head === tail) return;
+    Atomics.store(this.sqTail, 0, head);
+    this.closed = true;
+    for (let i = head; i !== tail; i = (i + 1) >>> 0) {
+      const id = this.sqes.getUint32((i & this.sqMask) * SQE_BYTES + 32, true);
+      const p = this.pending.get(id);
+      this.pending.delete(id);
+      p?.resolve(RING_REFUSED);
+    }
   }
 
   private enter(submit: bigint, wait: bigint, flags: bigint): number {
@@ -286,6 +331,7 @@ export class Uring {
    * this never waits for a guest.
    */
   drain(): void {
+    this.flush();
     while (this.pending.size > 0) {
       if (this.reap() > 0) continue;
       this.enter(0n, 1n, IORING_ENTER_GETEVENTS);
