@@ -29,12 +29,12 @@ export class GuestMemory {
     this.views = sorted.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
     this.u16s = sorted.map((r) =>
       r.bytes.byteOffset % 2 === 0
-        ? new Uint16Array(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength >> 1)
+        ? new Uint16Array(r.bytes.buffer, r.bytes.byteOffset, Math.floor(r.bytes.byteLength / 2))
         : undefined
     );
     this.u32s = sorted.map((r) =>
       r.bytes.byteOffset % 4 === 0
-        ? new Uint32Array(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength >> 2)
+        ? new Uint32Array(r.bytes.buffer, r.bytes.byteOffset, Math.floor(r.bytes.byteLength / 4))
         : undefined
     );
   }
@@ -87,7 +87,7 @@ export class GuestMemory {
     if (i < 0) return -1;
     const off = gpa - this.regions[i].gpa;
     const a = this.u16s[i];
-    return a !== undefined && (off & 1) === 0 ? a[off >> 1] : this.views[i].getUint16(off, true);
+    return a !== undefined && (off & 1) === 0 ? a[off / 2] : this.views[i].getUint16(off, true);
   }
 
   /**
@@ -99,7 +99,7 @@ export class GuestMemory {
     if (i < 0) return false;
     const off = gpa - this.regions[i].gpa;
     const a = this.u16s[i];
-    if (a !== undefined && (off & 1) === 0) a[off >> 1] = value;
+    if (a !== undefined && (off & 1) === 0) a[off / 2] = value;
     else this.views[i].setUint16(off, value, true);
     return true;
   }
@@ -114,8 +114,8 @@ export class GuestMemory {
     const off = gpa - this.regions[i].gpa;
     const a = this.u32s[i];
     if (a !== undefined && (off & 3) === 0) {
-      a[off >> 2] = first;
-      a[(off >> 2) + 1] = second;
+      a[off / 4] = first;
+      a[off / 4 + 1] = second;
       return true;
     }
     const v = this.views[i];

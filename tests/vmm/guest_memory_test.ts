@@ -71,3 +71,33 @@ Deno.test("guest memory: u16 and u32 pairs at any alignment, and in a region tha
     assert.equal(mem.setU16(0x4000 + bytes.length - 1, 1), false);
   }
 });
+
+Deno.test("guest memory: ring accessors past 2 GiB and 4 GiB into a region, and in a region that starts past 2 GiB", () => {
+  // One 5 GiB buffer (untouched pages cost nothing), split as the VMM splits guest RAM around
+  // the hole below 4 GiB: [0, 3 GiB) at 0 and [3 GiB, 5 GiB) at 4 GiB.
+  const GIB = 2 ** 30;
+  const host = new ArrayBuffer(5 * GIB);
+  const low = new Uint8Array(host, 0, 3 * GIB);
+  const high = new Uint8Array(host, 3 * GIB, 2 * GIB);
+  const mem = new GuestMemory([{ gpa: 0, bytes: low }, { gpa: 4 * GIB, bytes: high }]);
+  const dv = new DataView(host);
+  for (
+    const [gpa, hostOff] of [[2 * GIB + 6, 2 * GIB + 6], [3 * GIB - 8, 3 * GIB - 8], [
+      4 * GIB + 4,
+      3 * GIB + 4,
+    ], [
+      6 * GIB - 8,
+      5 * GIB - 8,
+    ]]
+  ) {
+    assert.ok(mem.setU16(gpa, 0x1234));
+    assert.equal(dv.getUint16(hostOff, true), 0x1234, `u16 at 0x${gpa.toString(16)}`);
+    dv.setUint16(hostOff, 0xabcd, true);
+    assert.equal(mem.u16(gpa), 0xabcd);
+    assert.ok(mem.setU32Pair(gpa, 0xdeadbeef, 7));
+    assert.equal(dv.getUint32(hostOff, true), 0xdeadbeef);
+    assert.equal(dv.getUint32(hostOff + 4, true), 7);
+  }
+  assert.equal(mem.u16(3 * GIB), -1, "the hole");
+  assert.equal(mem.setU32Pair(6 * GIB - 4, 1, 2), false, "past the end");
+});
