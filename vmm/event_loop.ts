@@ -94,7 +94,7 @@ export class EventLoop {
   private readonly epfd: number;
   private readonly stopFd: number;
   private readonly handlers = new Map<number, { fd: number; fn: (events: number) => void }>();
-  private readonly flushes = new Set<() => void>();
+  private readonly flushes = new Set<() => boolean>();
   private nextToken = 1;
   private running: Promise<void> | undefined;
   private stopping = false;
@@ -160,22 +160,27 @@ export class EventLoop {
 
   /**
    * Calls `fn` after each pass over the ready fds and before each wait: for work the
-   * handlers queue to hand over together (an io_uring's submissions). Returns a remover.
+   * handlers queue to hand over together (an io_uring's submissions). `fn` returns true when
+   * it left work to promise continuations (calls to make another way), which must run
+   * before the loop may block. Returns a remover.
    */
-  addFlush(fn: () => void): () => void {
-    const f = () => fn();
+  addFlush(fn: () => boolean | void): () => void {
+    const f = () => fn() === true;
     this.flushes.add(f);
     return () => this.flushes.delete(f);
   }
 
-  private flush(): void {
+  /** Runs every flush; true when one left work to promise continuations. */
+  private flush(): boolean {
+    let more = false;
     for (const f of this.flushes) {
       try {
-        f();
+        if (f()) more = true;
       } catch (e) {
         this.onError(e as Error);
       }
     }
+    return more;
   }
 
   /** Starts dispatching. */
@@ -194,8 +199,13 @@ export class EventLoop {
     if (block) await nextTurn();
     while (!this.stopping) {
       let n: number;
-      // What the last pass's promise continuations queued goes out before the wait.
-      this.flush();
+      // What the last pass's promise continuations queued goes out before the wait; what a
+      // flush refused is made another way by continuations, which must start (a pool call
+      // then keeps the loop from blocking) before the loop decides how to wait.
+      if (this.flush() && block) {
+        await nextTurn();
+        continue;
+      }
       if (block?.()) {
         n = libc().epoll_wait(this.epfd, at, MAX_EVENTS, -1);
       } else {
@@ -227,7 +237,7 @@ export class EventLoop {
           this.onError(e as Error);
         }
       }
-      this.flush();
+      if (this.flush()) waited = true;
       // A blocking wait must not start before the work the handlers queued (promise
       // continuations) has run: unless nothing is left to run, let the event loop turn.
       if (block && (waited || !settled?.())) await nextTurn();

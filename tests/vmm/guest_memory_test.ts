@@ -55,8 +55,16 @@ Deno.test("guest memory: a ring index stored by one thread is never read half-ol
 });
 
 Deno.test("guest memory: u16 and u32 pairs at any alignment, and in a region that starts on an odd byte", () => {
-  const backing = new Uint8Array(0x2001);
-  for (const bytes of [backing.subarray(0, 0x2000), backing.subarray(1)]) {
+  const backing = new Uint8Array(0x2003);
+  // Aligned, starting on an odd byte, starting 2 bytes past a 4-byte boundary, of odd length.
+  for (
+    const bytes of [
+      backing.subarray(0, 0x2000),
+      backing.subarray(1),
+      backing.subarray(2, 0x2002),
+      backing.subarray(0, 0x2003),
+    ]
+  ) {
     const mem = new GuestMemory([{ gpa: 0x4000, bytes }]);
     for (const at of [0x4000, 0x4001, 0x4002, 0x4003]) {
       assert.ok(mem.setU16(at, 0xbeef));
@@ -67,6 +75,16 @@ Deno.test("guest memory: u16 and u32 pairs at any alignment, and in a region tha
       assert.equal(dv.getUint32(0, true), 0x11223344);
       assert.equal(dv.getUint32(4, true), 0xaabbccdd);
     }
+    // The last whole u16 and u32 pair of the region.
+    const lastU16 = 0x4000 + bytes.length - 2 - ((bytes.byteOffset + bytes.length) % 2);
+    assert.ok(mem.setU16(lastU16, 0x5aa5));
+    assert.equal(mem.u16(lastU16), 0x5aa5);
+    const lastPair = 0x4000 + bytes.length - 8 - ((bytes.byteOffset + bytes.length) % 4);
+    assert.ok(mem.setU32Pair(lastPair, 1, 2));
+    assert.equal(
+      new DataView(bytes.buffer, bytes.byteOffset + lastPair - 0x4000 + 4, 4).getUint32(0, true),
+      2,
+    );
     assert.equal(mem.u16(0x4000 + bytes.length - 1), -1, "straddles the end");
     assert.equal(mem.setU16(0x4000 + bytes.length - 1, 1), false);
   }

@@ -12,11 +12,14 @@ import { GuestMemory } from "../../vmm/memory.ts";
 const MS = Number(Deno.args[0] ?? "1000");
 if (import.meta.main && !(globalThis as { WorkerGlobalScope?: unknown }).WorkerGlobalScope) {
   const sab = new SharedArrayBuffer(4096);
-  const stop = new Int32Array(new SharedArrayBuffer(4));
+  // [0]: stop, set by this thread; [1]: started, set by the Worker.
+  const stop = new Int32Array(new SharedArrayBuffer(8));
   const mem = new GuestMemory([{ gpa: 0x1000, bytes: new Uint8Array(sab) }]);
   mem.setU16(0x1002, 0x00ff);
   const w = new Worker(import.meta.url, { type: "module" });
   w.postMessage({ sab, stop: stop.buffer });
+  // Time only the overlap: from the Worker's first stores (it sets [1] when it starts).
+  while (Atomics.load(stop, 1) === 0) { /* the Worker is starting */ }
   let reads = 0;
   let torn = 0;
   const seen = new Set<number>();
@@ -44,6 +47,8 @@ if (import.meta.main && !(globalThis as { WorkerGlobalScope?: unknown }).WorkerG
     const mem = new GuestMemory([{ gpa: 0x1000, bytes: new Uint8Array(e.data.sab) }]);
     const stop = new Int32Array(e.data.stop);
     let n = 0;
+    for (let k = 0; k < 256; k++) mem.setU16(0x1002, (n++ & 1) ? 0x0100 : 0x00ff);
+    Atomics.store(stop, 1, 1);
     while (Atomics.load(stop, 0) === 0) {
       for (let k = 0; k < 256; k++) mem.setU16(0x1002, (n++ & 1) ? 0x0100 : 0x00ff);
     }

@@ -272,20 +272,28 @@ export class Uring {
   }
 
   /**
-   * Hands every queued operation to the kernel in one io_uring_enter. Where the kernel
-   * does not take them all (EAGAIN under memory pressure, say), the rest are taken back
-   * and resolve with RING_REFUSED, and the ring takes no more; what it took still completes.
+   * Hands every queued operation to the kernel in one io_uring_enter (more only where the
+   * kernel stopped early: it ends a batch at an entry that fails as it is submitted, which
+   * still completes with its error). Where an enter takes nothing (EAGAIN under memory
+   * pressure, say), the rest are taken back and resolve with RING_REFUSED, and the ring
+   * takes no more; what it took still completes. Returns whether any was refused (its
+   * caller then makes those calls another way, in promise continuations).
    */
-  flush(): void {
-    const n = this.queued;
-    if (n === 0) return;
+  flush(): boolean {
+    if (this.queued === 0) return false;
     this.queued = 0;
     const tail = Atomics.load(this.sqTail, 0);
-    this.enters++;
-    const r = this.enter(BigInt(n), 0n, 0n);
-    if (r < 0 && errno() === EINTR) this.enter(BigInt(n), 0n, 0n);
-    const head = Atomics.load(this.sqHead, 0);
-    if (head === tail) return;
+    let head = Atomics.load(this.sqHead, 0);
+    while (head !== tail) {
+      this.enters++;
+      const n = (tail - head) >>> 0;
+      const r = this.enter(BigInt(n), 0n, 0n);
+      if (r < 0 && errno() === EINTR) this.enter(BigInt(n), 0n, 0n);
+      const now = Atomics.load(this.sqHead, 0);
+      if (now === head) break; // no progress: refused
+      head = now;
+    }
+    if (head === tail) return false;
     Atomics.store(this.sqTail, 0, head);
     this.closed = true;
     for (let i = head; i !== tail; i = (i + 1) >>> 0) {
@@ -294,6 +302,7 @@ export class Uring {
       this.pending.delete(id);
       p?.resolve(RING_REFUSED);
     }
+    return true;
   }
 
   private enter(submit: bigint, wait: bigint, flags: bigint): number {
