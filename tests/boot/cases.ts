@@ -114,25 +114,26 @@ function assertCleanDmesg(text: string, tail: string): void {
 
 type Entry = "pvh" | "linux64" | "bzimage";
 
-function kernelBoot(line: "6.1" | "6.12", cpus: number, entry: Entry = "pvh"): BootCase {
+function kernelBoot(line: "6.1" | "6.12", cpus: number, entry: Entry = "pvh", memoryMiB = 256): BootCase {
   const how = entry === "pvh"
     ? ""
     : entry === "linux64"
     ? " (ELF, 64-bit Linux entry)"
     : " (bzImage, 64-bit entry)";
   return {
-    name: `Debian ${line} cloud kernel${how} boots to /init with ${cpus} vCPU${
-      cpus > 1 ? "s" : ""
+    name: `Debian ${line} cloud kernel${how} boots to /init with ${cpus} vCPU${cpus > 1 ? "s" : ""}${
+      memoryMiB > 2048 ? ` and ${memoryMiB} MiB (a RAM region past 2 GiB), more than 2 GiB of it seen,` : ""
     } and powers off`,
     run: async (g) => {
       const k = g.kernels[line];
+      const big = memoryMiB > 2048;
       await bootTest({
         kernel: entry === "bzimage" ? k.bzImage : k.vmlinux,
         bootProtocol: entry === "linux64" ? "linux64" : "auto",
         initrd: k.initramfs,
         cpus,
-        memoryMiB: 256,
-        cmdline: GUEST_CMDLINE.replace("tsvmm.shell=1", "tsvmm.checks=cpus,dmesg"),
+        memoryMiB,
+        cmdline: GUEST_CMDLINE.replace("tsvmm.shell=1", `tsvmm.checks=cpus,${big ? "mem," : ""}dmesg`),
       }, async (vm) => {
         const m = await waitForConsole(vm, /TSVMM-INIT-MARKER kernel=(\S+) cpus=(\d+)/, CASE_TIMEOUT_MS);
         assert(m[1] === k.release, `guest runs ${m[1]}, expected ${k.release}`, vm.consoleTail());
@@ -143,6 +144,16 @@ function kernelBoot(line: "6.1" | "6.12", cpus: number, entry: Entry = "pvh"): B
           `guest has ${c[2]} CPUs online (${c[1]}), expected ${cpus}`,
           vm.consoleTail(),
         );
+        if (big) {
+          // The kernel keeps some RAM for itself, so MemTotal is below what the VM has, but
+          // past 2 GiB: the guest runs in RAM beyond the first 2 GiB of the region.
+          const mem = await waitForConsole(vm, /TSVMM-CHECK mem total_kb=(\d+)\r?\n/, 60_000);
+          assert(
+            Number(mem[1]) > 2048 * 1024 && Number(mem[1]) <= memoryMiB * 1024,
+            `guest sees ${mem[1]} kB of RAM, expected more than 2 GiB and at most ${memoryMiB} MiB`,
+            vm.consoleTail(),
+          );
+        }
         const exit = await vm.wait();
         assert(
           exit.code === 0 && exit.reason === "poweroff",
@@ -799,6 +810,7 @@ export const BOOT_CASES: BootCase[] = [
   kernelBoot("6.12", 2),
   kernelBoot("6.1", 1, "bzimage"),
   kernelBoot("6.12", 2, "linux64"),
+  kernelBoot("6.1", 1, "pvh", 2560),
   virtioDevices("pci", "6.12", true, { rngBytes: STRESS_RNG_BYTES }),
   virtioDevices("pci", "6.1"),
   virtioDevices("pci", "6.1", true, { nomsi: true }),

@@ -66,6 +66,9 @@ ip link set lo up 2>/dev/null
 check_cpus() {
   echo "TSVMM-CHECK cpus online=$(cat /sys/devices/system/cpu/online) count=$(grep -c ^processor /proc/cpuinfo)"
 }
+check_mem() {
+  echo "TSVMM-CHECK mem total_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+}
 check_virtio() {
   for d in /sys/bus/virtio/devices/*; do
     [ -e "$d" ] || continue
@@ -299,6 +302,7 @@ check_dmesg() {
 for c in $(arg tsvmm.checks | tr ',' ' '); do
   case "$c" in
     cpus) check_cpus ;;
+    mem) check_mem ;;
     virtio) check_virtio ;;
     pci) check_pci ;;
     irqs) check_irqs ;;
