@@ -195,22 +195,17 @@ export class FileBackend implements BlockBackend {
         // An array of its own: the call may still run while another request fills `sync`.
         const iov = new Iovecs(count);
         iov.fill(batch);
-        const viaRing = this.ring?.vectored(write, this.fd, iov, count, off, batch);
-        n = viaRing ? await viaRing : RING_REFUSED;
-        if (n !== RING_REFUSED) {
-          this.ringCalls++;
-        } else {
+        n = await this.onRing(this.ring?.vectored(write, this.fd, iov, count, off, batch), () => {
           this.poolCalls++;
-          n = Number(
-            await pinnedCall(
-              [iov.words, ...batch],
-              () =>
-                write
-                  ? libc().pwritev_nb(this.fd, iov.ptr, count, BigInt(off))
-                  : libc().preadv_nb(this.fd, iov.ptr, count, BigInt(off)),
-            ),
+          // The iovec array and the buffers stay referenced until the pool's call settles.
+          return pinnedCall(
+            [iov.words, ...batch],
+            () =>
+              write
+                ? libc().pwritev_nb(this.fd, iov.ptr, count, BigInt(off))
+                : libc().preadv_nb(this.fd, iov.ptr, count, BigInt(off)),
           );
-        }
+        });
       }
       let done = n;
       if (n <= 0) {
@@ -397,7 +392,10 @@ export class FileBackend implements BlockBackend {
   }
 
   /** The ring's result, or the pool's where the ring did not take the call. */
-  private async onRing(viaRing: Promise<number> | undefined, pool: () => Promise<number>): Promise<number> {
+  private async onRing(
+    viaRing: Promise<number> | undefined,
+    pool: () => Promise<number | bigint>,
+  ): Promise<number> {
     const r = viaRing ? await viaRing : RING_REFUSED;
     if (r === RING_REFUSED) return Number(await pool());
     this.ringCalls++;
