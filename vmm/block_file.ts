@@ -8,7 +8,7 @@
  */
 
 import type { BlockBackend } from "../devices/virtio/blk_backend.ts";
-import { errno, libc, pinnedCall, sysClose, SysError, sysOpen } from "./sys/libc.ts";
+import { errno, libc, pinnedCall, sysClose, SysError, sysOpen, sysRetireFd } from "./sys/libc.ts";
 import { IOV_MAX, Iovecs } from "./sys/iovec.ts";
 import { RING_REFUSED, Uring } from "./sys/uring.ts";
 import type { EventLoop } from "./event_loop.ts";
@@ -445,13 +445,17 @@ export class FileBackend implements BlockBackend {
 
   /**
    * Refuses new calls, waits for the ones in flight, then closes (and so unlocks) the
-   * image. Resolves once the fd is closed.
+   * image. Resolves once the fd is closed. With `retire`, for when another thread's calls on
+   * this fd number may still be in flight (a device thread that died), the number is made
+   * to name /dev/null rather than closed (`sysRetireFd`; left open if even that fails), so
+   * none of those calls can reach a file opened later under the same number.
    */
-  close(): Promise<void> {
+  close(retire = false): Promise<void> {
     this.closing ??= new Promise<void>((resolve) => {
       const finish = () => {
         this.detach();
-        if (this.ownsFd) sysClose(this.fd);
+        if (this.ownsFd && !retire) sysClose(this.fd);
+        else if (this.ownsFd) sysRetireFd(this.fd);
         resolve();
       };
       if (this.inFlight === 0) finish();

@@ -10,7 +10,7 @@ import { GuestMemory } from "./memory.ts";
 import { Bus } from "./bus.ts";
 import { ConsoleHub } from "./console.ts";
 import { Machine } from "./machine.ts";
-import { mmapAnonymous, sysMunmap } from "./sys/libc.ts";
+import { mmapAnonymous, reserveInPlace, sysMunmap } from "./sys/libc.ts";
 import { CAP } from "./sys/kvm_abi.ts";
 import { type KernelImage, NotAKernelError, parseKernel } from "./boot/kernel_image.ts";
 import { unpackBzImage } from "./boot/unpack.ts";
@@ -86,8 +86,8 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
   const backends: FileBackend[] = [];
   const taps: Tap[] = [];
   // TAPs close after the disks' last calls settle; a TAP this VM created goes away with its fd.
-  const closeBackends = () =>
-    Promise.all(backends.map((b) => b.close())).finally(() => taps.forEach((t) => t.close()));
+  const closeBackends = (retire = false) =>
+    Promise.all(backends.map((b) => b.close(retire))).finally(() => taps.forEach((t) => t.close()));
   try {
     for (const d of cfg.disks) backends.push(FileBackend.open(d.path, d.readonly));
     // TAPs too: a missing permission or a busy TAP is a one-line error before KVM is opened.
@@ -128,10 +128,21 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
     await virtio?.close();
     await pci?.close();
     await thread?.stop();
-    await closeBackends();
+    // A device thread that died may have left transfers running (its io_uring, Deno's
+    // blocking pool) that write guest RAM and use the images' fd numbers: those numbers are
+    // kept (naming /dev/null) and RAM's addresses stay reserved, without memory, until the
+    // process exits, so nothing opened or mapped later can receive such a transfer.
+    const abandoned = thread?.died === true;
+    await closeBackends(abandoned);
     vm.close();
     kvm.close();
-    sysMunmap(ptr, cfg.memoryBytes);
+    if (!abandoned) sysMunmap(ptr, cfg.memoryBytes);
+    else if (reserveInPlace(ptr, cfg.memoryBytes)) {
+      console.error(
+        `device thread died: guest RAM's ${cfg.memoryBytes / 2 ** 20} MiB of addresses (no memory) and ` +
+          `the disks' fd numbers stay reserved until this process exits`,
+      );
+    } else console.error("device thread died: guest RAM stays mapped until this process exits");
   };
   try {
     vm.setTssAddr(L.KVM_TSS_ADDR);

@@ -133,7 +133,10 @@ export class DeviceThread {
   private readonly devices: RemoteDevice[] = [];
   private stopped: Promise<void> | undefined;
   private dead = false;
-  /** Worker errors, reported once each (the device thread goes on). */
+  /**
+   * Worker errors, reported once each: a device's (the thread goes on) or the worker's own
+   * death (see `died`).
+   */
   onError: (message: string) => void = (m) => console.error(`device thread: ${m}`);
 
   /**
@@ -188,6 +191,15 @@ export class DeviceThread {
         this.onError(m.message);
         break;
     }
+  }
+
+  /**
+   * Whether the worker died (an error nothing in it caught). Whatever it had started may
+   * still be running: transfers on its io_uring or on Deno's blocking pool, into guest RAM
+   * and on the images' fd numbers. Teardown then keeps both from being reused (builder.ts).
+   */
+  get died(): boolean {
+    return this.dead;
   }
 
   /** Posts `m` and wakes the worker to take it. */

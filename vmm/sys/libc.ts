@@ -9,6 +9,7 @@
 const SYMBOLS = {
   open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
+  dup3: { parameters: ["i32", "i32", "i32"], result: "i32" },
   ioctl: { name: "ioctl", parameters: ["i32", "u64", "buffer"], result: "i32" },
   ioctl_val: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
   mmap: {
@@ -195,6 +196,21 @@ export function sysOpen(path: string, flags: number): number {
   return fd;
 }
 
+/**
+ * Gives up an fd whose number calls still in flight on another thread may use (Deno's
+ * blocking pool of a device thread that died): the number is made to name /dev/null instead
+ * of closed, so a late call on it reads nothing and writes nowhere, and no file opened later
+ * can get that number. What the fd named is released as a close would (its lock too, once
+ * no call holds the file). Returns false if that could not be done (the fd is left open).
+ */
+export function sysRetireFd(fd: number): boolean {
+  const nul = libc().open(new TextEncoder().encode("/dev/null\0"), 2 | 0o2000000, 0);
+  if (nul < 0) return false;
+  const ok = libc().dup3(nul, fd, 0o2000000) === fd;
+  libc().close(nul);
+  return ok;
+}
+
 /** Closes a file descriptor, ignoring errors (used on teardown). */
 export function sysClose(fd: number): void {
   libc().close(fd);
@@ -242,6 +258,28 @@ export function mmapShared(fd: number, size: number, offset = 0n): Deno.PointerO
   const p = libc().mmap(null, BigInt(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
   checkMapped(p, `mmap of fd ${fd}`);
   return p;
+}
+
+const PROT_NONE = 0;
+const MAP_FIXED = 0x10;
+
+/**
+ * Gives up a mapping that a call still in flight may write into (guest RAM after its device
+ * thread died): its memory is released, but its addresses stay reserved, inaccessible, until
+ * the process exits, so such a call fails with EFAULT instead of landing in whatever mmap
+ * would place there next. Returns false if the kernel refused (the mapping is then left as
+ * it was, still readable and writable, and still reserved).
+ */
+export function reserveInPlace(p: Deno.PointerObject, size: number): boolean {
+  const r = libc().mmap(
+    p,
+    BigInt(size),
+    PROT_NONE,
+    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+    -1,
+    0n,
+  );
+  return r !== null && Deno.UnsafePointer.value(r) === Deno.UnsafePointer.value(p);
 }
 
 /** Unmaps a mapping made by the functions above. */
