@@ -205,3 +205,47 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  ignore: forbidden !== undefined,
+  name:
+    "io_uring: an entry that fails as it is submitted gets its error; the rest of its batch is submitted and the ring stays on",
+  fn: async () => {
+    const path = await Deno.makeTempFile();
+    const data = Uint8Array.from({ length: 3 * 4096 }, (_, i) => (i * 7 + 1) & 0xff);
+    await Deno.writeFile(path, data);
+    const fd = sysOpen(path, O_RDWR);
+    const ring = Uring.open(8)!;
+    ring.deferred = true;
+    try {
+      const read = (k: number, count?: number) => {
+        const b = new Uint8Array(4096);
+        const iov = iovOf([b]);
+        return ring.vectored(false, fd, iov.iov, count ?? iov.count, k * 4096, [b])!.then((n) => ({ n, b }));
+      };
+      // More iovec entries than a readv may have (UIO_MAXIOV, 1024): kernels that check it as
+      // the entry is submitted (6.10 and later) end the batch there, with the entry's error
+      // posted, and leave the third read in the submission ring.
+      const batch = [read(0), read(1, 2000), read(2)];
+      assert.equal(ring.flush(), false, "nothing refused");
+      ring.drain();
+      const [a, bad, c] = await Promise.all(batch);
+      assert.equal(a.n, 4096);
+      assert.deepEqual(a.b, data.subarray(0, 4096));
+      assert.equal(bad.n, -22, "EINVAL");
+      assert.equal(c.n, 4096, "the read after the failed entry was submitted and made");
+      assert.deepEqual(c.b, data.subarray(2 * 4096));
+      assert.equal(ring.isClosed, false);
+      assert.ok(ring.enters <= 2, `${ring.enters} enters`);
+      // Still on: the next read goes through it.
+      const d = read(1);
+      ring.flush();
+      ring.drain();
+      assert.equal((await d).n, 4096);
+    } finally {
+      ring.close();
+      sysClose(fd);
+      await Deno.remove(path);
+    }
+  },
+});
