@@ -454,8 +454,7 @@ export class FileBackend implements BlockBackend {
     this.closing ??= new Promise<void>((resolve) => {
       const finish = () => {
         this.detach();
-        if (this.ownsFd && !retire) sysClose(this.fd);
-        else if (this.ownsFd) sysRetireFd(this.fd);
+        if (this.ownsFd) retire ? sysRetireFd(this.fd) : sysClose(this.fd);
         resolve();
       };
       if (this.inFlight === 0) finish();

@@ -204,12 +204,19 @@ export function sysOpen(path: string, flags: number): number {
  * no call holds the file). Returns false if that could not be done (the fd is left open).
  */
 export function sysRetireFd(fd: number): boolean {
-  const nul = libc().open(new TextEncoder().encode("/dev/null\0"), 2 | 0o2000000, 0);
-  if (nul < 0) return false;
-  const ok = libc().dup3(nul, fd, 0o2000000) === fd;
-  libc().close(nul);
+  let nul: number;
+  try {
+    nul = sysOpen("/dev/null", O_RDWR | O_CLOEXEC);
+  } catch {
+    return false;
+  }
+  const ok = libc().dup3(nul, fd, O_CLOEXEC) === fd;
+  sysClose(nul);
   return ok;
 }
+
+const O_RDWR = 2;
+const O_CLOEXEC = 0o2000000;
 
 /** Closes a file descriptor, ignoring errors (used on teardown). */
 export function sysClose(fd: number): void {
