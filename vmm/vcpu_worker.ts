@@ -1,6 +1,6 @@
 /**
  * A vCPU thread: creates its vCPU, sets the boot state, and runs KVM_RUN synchronously.
- * Port I/O and MMIO exits go to the device thread through the shared mailbox, except the
+ * Port I/O and MMIO exits go to the main thread through the shared mailbox, except the
  * registers it answers itself (vmm/shared_regs.ts).
  */
 

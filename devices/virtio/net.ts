@@ -420,6 +420,9 @@ export class VirtioNet implements VirtioDevice {
       return true;
     }, () => done < BUDGET);
     if (!ok) return;
+    // A frame sent to the host's own stack is usually answered before the write returns (a
+    // ping, a TCP ACK): take the answer now, so its interrupt goes out with this pass's.
+    if (done && this.rxWatching) this.receive();
     if (done && q.needsInterrupt(mem)) ctx.interrupt.signalUsed(TX);
     if (done >= BUDGET) this.later(TX);
   }

@@ -24,6 +24,7 @@ const SCENARIOS: Array<[string, string]> = [
   ["flood", "a flooded TAP with no receive buffers costs no CPU and no memory"],
   ["toobig", "a frame larger than the posted buffers is dropped and counted, not truncated"],
   ["hostile", "hostile transmit chains are dropped and answered; receive and other devices go on"],
+  ["answer", "the host's answer to a sent frame reaches the guest in the same pass, unasked"],
   ["eagain", "transmit waits out a full TAP and loses nothing"],
   ["teardown", "the VMM's teardown order (loop stopped, device reset, TAP closed) goes through"],
   ["fd", "a TAP fd handed over by a parent is adopted and made nonblocking"],

@@ -47,9 +47,14 @@ async function until(what: string, cond: () => boolean, ms = 5000): Promise<void
   }
 }
 
-/** Wraps the real TAP, refusing the next `n` writes with EAGAIN (fault injection). */
+/**
+ * Wraps the real TAP, refusing the next `n` writes with EAGAIN (fault injection); with `deaf`
+ * set it never tells the device that a frame is waiting, so only the device's own reads get
+ * frames in.
+ */
 class EagainTap implements NetBackend {
   refuse = 0;
+  deaf = false;
   constructor(readonly tap: Tap) {}
   readFrame(b: Uint8Array[]): number {
     return this.tap.readFrame(b);
@@ -68,7 +73,7 @@ class EagainTap implements NetBackend {
     this.tap.setOffloads(o);
   }
   onReadable(fn: (() => void) | undefined): void {
-    this.tap.onReadable(fn);
+    this.tap.onReadable(this.deaf ? undefined : fn);
   }
   onWritable(fn: (() => void) | undefined): void {
     this.tap.onWritable(fn);
@@ -173,6 +178,30 @@ function udpFrame(r: Rig, payload: Uint8Array, opts: { offloadCsum?: boolean } =
     new DataView(pseudo.buffer).setUint16(10, 8 + payload.length);
     dv.setUint16(udp + 6, ipChecksum(pseudo));
   }
+  return f;
+}
+
+/** An Ethernet + IPv4 + ICMP echo request from the guest to the host, with its virtio-net header. */
+function echoFrame(r: Rig, id: number, seq: number): Uint8Array {
+  const f = new Uint8Array(r.hdr + 14 + 20 + 8);
+  const dv = new DataView(f.buffer);
+  const e = r.hdr;
+  f.set(r.hostMac, e);
+  f.set(GUEST_MAC, e + 6);
+  dv.setUint16(e + 12, 0x0800);
+  const ip = e + 14;
+  f[ip] = 0x45;
+  dv.setUint16(ip + 2, 28);
+  f[ip + 8] = 64;
+  f[ip + 9] = 1;
+  f.set([169, 254, 77, 2], ip + 12);
+  f.set([169, 254, 77, 1], ip + 16);
+  dv.setUint16(ip + 10, ~ipChecksum(f.subarray(ip, ip + 20)) & 0xffff);
+  const icmp = ip + 20;
+  f[icmp] = 8; // echo request
+  dv.setUint16(icmp + 4, id);
+  dv.setUint16(icmp + 6, seq);
+  dv.setUint16(icmp + 2, ~ipChecksum(f.subarray(icmp, icmp + 8)) & 0xffff);
   return f;
 }
 
@@ -578,6 +607,39 @@ const scenarios: Record<string, () => Promise<void>> = {
   },
 
   /** A TAP that is full (EAGAIN) holds transmit until it is writable again; nothing is lost. */
+  /**
+   * The host's stack answers a frame before the TAP write returns (an echo reply here). The
+   * device takes that answer in the pass that sent the frame, without waiting for the loop to
+   * report the TAP readable: the backend here never reports it.
+   */
+  async answer() {
+    const r = await rig(VERSION_1 | EVENT_IDX | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF));
+    try {
+      r.backend.deaf = true;
+      const addrs = postRx(r, 64, 2048);
+      const heads = headMap(r, addrs, 1, 0);
+      for (let seq = 1; seq <= 3; seq++) {
+        sendTx(r, echoFrame(r, 0x7a7a, seq));
+        // No await between the notify and this check: the reply came in with the transmit.
+        const got = takeRx(r, heads);
+        assert.equal(got.length, 1, `echo ${seq}: the reply is in the receive ring when the notify returns`);
+        const f = got[0].frame;
+        assert.deepEqual(f.subarray(0, 6), GUEST_MAC, "to our MAC");
+        assert.equal(f[14 + 9], 1, "an ICMP packet");
+        const icmp = 14 + (f[14] & 15) * 4;
+        assert.deepEqual([f[icmp], (f[icmp + 4] << 8) | f[icmp + 5], (f[icmp + 6] << 8) | f[icmp + 7]], [
+          0,
+          0x7a7a,
+          seq,
+        ], "the echo reply to this request");
+        assert.deepEqual(r.tx.takeUsed().map(([, len]) => len), [0], "the request's chain is used");
+      }
+      assert.equal(r.dev.stats.rxFrames, 3);
+    } finally {
+      await r.close();
+    }
+  },
+
   async eagain() {
     const r = await rig(VERSION_1 | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF));
     const { got, sock } = await hostSocket();
