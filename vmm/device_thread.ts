@@ -2,7 +2,7 @@
  * The device thread: virtio queue work on a Worker that blocks in epoll_wait itself, so a
  * doorbell (ioeventfd) wakes the thread that serves it and the answer leaves as an irqfd
  * write from there, with no hop through the main thread's V8 event loop or Deno's blocking
- * pool (README, Performance). The main thread keeps everything a vCPU exit reaches: the
+ * pool (docs/PERFORMANCE.md). The main thread keeps everything a vCPU exit reaches: the
  * register files, status, features, config space and queue setup. What crosses over is
  * what vhost gives a backend: at DRIVER_OK the negotiated features and each queue's
  * addresses; the queues' doorbell eventfds; and how to interrupt (the ISR cell and its line,

@@ -8,7 +8,7 @@
  * on a line routed to the IOAPIC: KVM injects such an irqfd from a kworker (only MSI routes
  * are injected in the writer's context), and the guest's EOI signals the resample eventfd,
  * which woke the device thread to check the ISR again. Measured inside the nested runner
- * (README, Performance): that kworker hop and the extra wake-up were most of a
+ * (docs/PERFORMANCE.md): that kworker hop and the extra wake-up were most of a
  * virtio-MMIO request's time there.
  *
  * Threads change the cell with atomics and then call `followIsr`, which sets the line to

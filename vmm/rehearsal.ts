@@ -3,7 +3,7 @@
  * code starts in the interpreter and is compiled by V8's optimizing tiers only after it
  * has run some hundreds to thousands of times, and on this machine kind a virtio-rng
  * request cost the device thread about 70 us of CPU over the first 64 requests, 40 us up
- * to 256 and 22 us up to 1,024, against 10 us once warm (README, Performance). A guest's
+ * to 256 and 22 us up to 1,024, against 10 us once warm (docs/PERFORMANCE.md). A guest's
  * first requests (its boot, a 16 KiB read of /dev/hwrng) would all pay that.
  *
  * So when a device of a kind is added, the device thread first serves a twin of it (same
