@@ -147,8 +147,13 @@ function ipChecksum(b: Uint8Array): number {
 }
 
 /** An Ethernet + IPv4 + UDP frame from the guest to the host, with its virtio-net header. */
-function udpFrame(r: Rig, payload: Uint8Array, opts: { offloadCsum?: boolean } = {}): Uint8Array {
-  const f = new Uint8Array(r.hdr + 14 + 20 + 8 + payload.length);
+/**
+ * A frame from the guest to the host with its virtio-net header: Ethernet, then an IPv4 header
+ * for protocol `proto` with `body` bytes after it (left zero). Returns the frame, a view of it
+ * and the IP header's offset.
+ */
+function ipv4Frame(r: Rig, proto: number, body: number): { f: Uint8Array; dv: DataView; ip: number } {
+  const f = new Uint8Array(r.hdr + 14 + 20 + body);
   const dv = new DataView(f.buffer);
   const e = r.hdr;
   f.set(r.hostMac, e);
@@ -156,12 +161,17 @@ function udpFrame(r: Rig, payload: Uint8Array, opts: { offloadCsum?: boolean } =
   dv.setUint16(e + 12, 0x0800);
   const ip = e + 14;
   f[ip] = 0x45;
-  dv.setUint16(ip + 2, 20 + 8 + payload.length);
+  dv.setUint16(ip + 2, 20 + body);
   f[ip + 8] = 64;
-  f[ip + 9] = 17;
+  f[ip + 9] = proto;
   f.set([169, 254, 77, 2], ip + 12);
   f.set([169, 254, 77, 1], ip + 16);
   dv.setUint16(ip + 10, ~ipChecksum(f.subarray(ip, ip + 20)) & 0xffff);
+  return { f, dv, ip };
+}
+
+function udpFrame(r: Rig, payload: Uint8Array, opts: { offloadCsum?: boolean } = {}): Uint8Array {
+  const { f, dv, ip } = ipv4Frame(r, 17, 8 + payload.length);
   const udp = ip + 20;
   dv.setUint16(udp, 40000);
   dv.setUint16(udp + 2, PORT);
@@ -183,20 +193,7 @@ function udpFrame(r: Rig, payload: Uint8Array, opts: { offloadCsum?: boolean } =
 
 /** An Ethernet + IPv4 + ICMP echo request from the guest to the host, with its virtio-net header. */
 function echoFrame(r: Rig, id: number, seq: number): Uint8Array {
-  const f = new Uint8Array(r.hdr + 14 + 20 + 8);
-  const dv = new DataView(f.buffer);
-  const e = r.hdr;
-  f.set(r.hostMac, e);
-  f.set(GUEST_MAC, e + 6);
-  dv.setUint16(e + 12, 0x0800);
-  const ip = e + 14;
-  f[ip] = 0x45;
-  dv.setUint16(ip + 2, 28);
-  f[ip + 8] = 64;
-  f[ip + 9] = 1;
-  f.set([169, 254, 77, 2], ip + 12);
-  f.set([169, 254, 77, 1], ip + 16);
-  dv.setUint16(ip + 10, ~ipChecksum(f.subarray(ip, ip + 20)) & 0xffff);
+  const { f, dv, ip } = ipv4Frame(r, 1, 8);
   const icmp = ip + 20;
   f[icmp] = 8; // echo request
   dv.setUint16(icmp + 4, id);
