@@ -222,11 +222,16 @@ check_net() {
     tx=$(sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p' /tmp/ping)
     rx=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping)
     rtt=$(sed -n 's#^round-trip min/avg/max = [0-9.]*/\([0-9.]*\)/.*#\1#p' /tmp/ping)
+    # Each reply's time, sorted: the smallest, the median and the largest.
+    sed -n 's/.* time=\([0-9.]*\) ms$/\1/p' /tmp/ping | sort -n > /tmp/rtts
+    nr=$(wc -l < /tmp/rtts)
+    med=$(sed -n "$(((nr + 1) / 2))p" /tmp/rtts); lo=$(head -n 1 /tmp/rtts); hi=$(tail -n 1 /tmp/rtts)
     echo "TSVMM-CHECK net if=$i mac=$(cat /sys/class/net/$i/address) addr=$addr" \
       "state=$(cat /sys/class/net/$i/operstate) carrier=$(cat /sys/class/net/$i/carrier 2>/dev/null)" \
       "mtu=$(cat /sys/class/net/$i/mtu) vdev=$(basename "$vdev")" \
       "driver=$(basename "$(readlink "$vdev/driver")") bus=$bus parent=$(basename "$parent") ids=$ids" \
-      "features=$(cat "$vdev/features") peer=$peer ping_tx=${tx:-0} ping_rx=${rx:-0} rtt_ms=${rtt:-none}"
+      "features=$(cat "$vdev/features") peer=$peer ping_tx=${tx:-0} ping_rx=${rx:-0} rtt_ms=${rtt:-none}" \
+      "rtt_min_ms=${lo:-none} rtt_median_ms=${med:-none} rtt_max_ms=${hi:-none}"
   done
   echo "TSVMM-CHECK net-done"
 }
