@@ -14,6 +14,7 @@ import { type BenchFigure, type BenchSink, FigureSet } from "./boot_bench.ts";
 import type { TransportKind } from "../../vmm/config.ts";
 import { ddScript, FIO_JOBS, fioScript, removeBenchInitrds } from "./bench_guest.ts";
 import { type BenchRun, type BenchVm, runOurs, runQemu } from "./bench_vms.ts";
+import type { PhaseCost } from "./vmm_cost.ts";
 
 /** The transports the device bench compares (TSVMM_BENCH_TRANSPORTS, comma-separated). */
 export const BENCH_TRANSPORTS: TransportKind[] =
@@ -68,10 +69,14 @@ function parseFio(text: string): Record<string, number> {
 const jobName = (j: string) => j.replace("_qd", " QD");
 /** Units of the cost figures (lower is better). */
 export const COST_UNITS: string[] = ["CPU s/GiB", "CPU s/10k I/Os", "MiB"];
-const CPU_KINDS = [["", (p: { cpu: number }) => p.cpu], [
-  ", less guest time",
-  (p: { cpuLessGuest: number }) => p.cpuLessGuest,
-]] as const;
+const CPU_KINDS: ReadonlyArray<readonly [string, (p: PhaseCost) => number]> = [
+  ["", (p) => p.cpu],
+  [", less guest time", (p) => p.cpuLessGuest],
+  // The same by kind of thread (tests/bench/vmm_cost.ts, ThreadCpu).
+  [", vCPU threads less guest time", (p) => p.threads.vcpu],
+  [", main thread", (p) => p.threads.main],
+  [", other threads", (p) => p.threads.rest],
+];
 const RSS_FIGURE = "VMM RSS beyond guest RAM (end of fio)";
 const RSS_LESS_FILES = "VMM RSS beyond guest RAM, less mapped files (end of fio)";
 

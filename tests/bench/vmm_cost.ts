@@ -27,6 +27,50 @@ export function cpuTimes(pid: number | "self"): CpuTimes {
   return { total: (at(14) + at(15)) / USER_HZ, guest: at(43) / USER_HZ };
 }
 
+/**
+ * Where a process's CPU time went by kind of thread, in seconds (user + system): its vCPU
+ * threads less their guest time, its main thread, and the rest (every other thread, those
+ * that have exited included: the process's total less the first two).
+ */
+export interface ThreadCpu {
+  /**
+   * Threads the kernel accounted guest time to (ours: the vCPU Workers) or named `CPU n/KVM`
+   * (QEMU's), less that guest time: KVM's exit handling and the VMM's own work on them.
+   */
+  vcpu: number;
+  /** The thread whose id is the process's (ours: the VMM's main thread; QEMU's: its main loop). */
+  main: number;
+  /**
+   * Every other thread (ours: the device thread, V8's helper threads, io_uring workers; QEMU's:
+   * its I/O thread pool and the rest).
+   */
+  rest: number;
+}
+
+/** CPU time of process `pid` by kind of thread (ThreadCpu), from /proc/PID/task/TID/stat. */
+export function threadCpu(pid: number | "self"): ThreadCpu {
+  const proc = cpuTimes(pid);
+  const own = pid === "self" ? Deno.pid : pid;
+  let vcpu = 0;
+  let main = 0;
+  for (const e of Deno.readDirSync(`/proc/${own}/task`)) {
+    let s: string;
+    try {
+      s = Deno.readTextFileSync(`/proc/${own}/task/${e.name}/stat`);
+    } catch {
+      continue; // the thread has exited: its time is in `rest`
+    }
+    const name = s.slice(s.indexOf("(") + 1, s.lastIndexOf(")"));
+    const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
+    const at = (field: number) => Number(f[field - 3]) / USER_HZ;
+    const cpu = at(14) + at(15);
+    const guest = at(43);
+    if (Number(e.name) === own) main += cpu - guest;
+    else if (guest > 0 || /^CPU \d+\/KVM$/.test(name)) vcpu += cpu - guest;
+  }
+  return { vcpu, main, rest: proc.total - proc.guest - vcpu - main };
+}
+
 /** Resident memory of a VMM, in MiB. */
 export interface VmmRss {
   /** Every mapping's Rss. */
@@ -92,6 +136,8 @@ export interface PhaseCost {
   cpu: number;
   /** The same without the time the kernel accounted as guest time. */
   cpuLessGuest: number;
+  /** `cpuLessGuest` by kind of thread. */
+  threads: ThreadCpu;
   /** Wall seconds between the host seeing the start and the end line. */
   wall: number;
   /** What the end line said after the phase's name (`ios=N` for fio jobs). */
@@ -109,7 +155,7 @@ export class PhaseMeter {
   readonly phases: Map<string, PhaseCost> = new Map();
   /** RSS at the last phase end, or why it could not be read. */
   rss?: VmmRss | string;
-  private readonly started = new Map<string, { cpu: CpuTimes; at: number }>();
+  private readonly started = new Map<string, { cpu: CpuTimes; threads: ThreadCpu; at: number }>();
   private readonly seen = new Set<string>();
 
   /** `pid`: the VMM's process ("self" for ours in this process); `memoryMiB`: guest RAM. */
@@ -122,14 +168,16 @@ export class PhaseMeter {
       if (this.seen.has(key)) continue;
       this.seen.add(key);
       let cpu: CpuTimes;
+      let threads: ThreadCpu;
       try {
         cpu = cpuTimes(this.pid);
+        threads = threadCpu(this.pid);
       } catch {
         continue; // the process is gone
       }
       const at = performance.now();
       if (m[1] === "start") {
-        this.started.set(m[2], { cpu, at });
+        this.started.set(m[2], { cpu, threads, at });
         continue;
       }
       const s = this.started.get(m[2]);
@@ -137,6 +185,11 @@ export class PhaseMeter {
       this.phases.set(m[2], {
         cpu: cpu.total - s.cpu.total,
         cpuLessGuest: cpu.total - cpu.guest - (s.cpu.total - s.cpu.guest),
+        threads: {
+          vcpu: threads.vcpu - s.threads.vcpu,
+          main: threads.main - s.threads.main,
+          rest: threads.rest - s.threads.rest,
+        },
         wall: (at - s.at) / 1000,
         note: m[3].trim(),
       });
