@@ -9,12 +9,14 @@
  * goes to the io_uring, or to the blocking pool with TSVMM_IO_URING=0). `blk-cold`: reads
  * of a 1 GiB image of data whose pages are dropped from the page cache first (root), so
  * most reads wait for the disk. `TMPDIR` chooses the directory. A third argument keeps that
- * many requests in flight (up to 32, each through an indirect table). Prints the
+ * many requests in flight (up to 32, each through an indirect table). `blk-seq-write`: 1016
+ * KiB writes at consecutive offsets, each in 254 descriptors of 4 KiB in an indirect table
+ * (what a guest's page-cache writeback sends). Prints the
  * wall time per request and each thread's CPU time per request from /proc/self/task (the
  * device thread is `worker-N`; `V8 DefaultWorker` threads are V8's helpers, serving both
  * sides' garbage collection).
  *
- * Run: deno run -A tests/bench/device_thread_bench.ts rng|blk|blk-write|blk-cold [N] [depth]
+ * Run: deno run -A tests/bench/device_thread_bench.ts rng|blk|blk-write|blk-cold|blk-seq-write [N] [depth]
  */
 
 import { DeviceThread } from "../../vmm/device_thread.ts";
@@ -27,13 +29,18 @@ import { privateCell } from "../../vmm/shared_regs.ts";
 import { mmapAnonymous, sysClose, sysEventfd, sysMunmap } from "../../vmm/sys/libc.ts";
 import { drainEventfd } from "../../vmm/event_loop.ts";
 
-const mode = ["blk", "blk-write", "blk-cold"].includes(Deno.args[0]) ? Deno.args[0] : "rng";
+const mode = ["blk", "blk-write", "blk-cold", "blk-seq-write"].includes(Deno.args[0]) ? Deno.args[0] : "rng";
+/**
+ * blk-seq-write: each request is 254 data descriptors of 4 KiB, not adjacent (virtio-blk's
+ * seg_max with a 256-entry queue: a chain may not be longer than its queue).
+ */
+const SEQ_PAGES = 254;
 const kind = mode === "rng" ? "rng" : "blk";
 const N = Number(Deno.args[1] ?? "20000");
 /** Requests kept in flight (the third argument, default 1: one at a time). */
 const DEPTH = Math.max(1, Math.min(32, Number(Deno.args[2] ?? "1")));
 const IMAGE_BYTES = mode === "blk-cold" ? 1 << 30 : 64 << 20;
-const RAM = 8 << 20;
+const RAM = 16 << 20;
 const ptr = mmapAnonymous(RAM);
 const ram = new GuestRam(RAM, 0, new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, RAM)));
 const thread = new DeviceThread({
@@ -74,10 +81,11 @@ dev.bind(notifyFds, {
 const d = new MmioDriver(t);
 // virtio-blk's FLUSH, as Linux negotiates it: writes complete once written, not synced.
 const BLK_FLUSH = 1n << 9n;
-if (!d.negotiate(F.VERSION_1 | (kind === "blk" ? BLK_FLUSH : 0n) | (DEPTH > 1 ? F.INDIRECT : 0n))) {
+const indirect = DEPTH > 1 || mode === "blk-seq-write";
+if (!d.negotiate(F.VERSION_1 | (kind === "blk" ? BLK_FLUSH : 0n) | (indirect ? F.INDIRECT : 0n))) {
   throw new Error("feature negotiation failed");
 }
-const q = new DriverQueue(ram, 64);
+const q = new DriverQueue(ram, mode === "blk-seq-write" ? 256 : 64);
 d.setupQueue(0, q);
 d.driverOk();
 await new Promise((r) => setTimeout(r, 200)); // the device thread has taken DRIVER_OK
@@ -89,18 +97,30 @@ const slots = Array.from({ length: DEPTH }, () => {
     header,
     headerView: new DataView(ram.view(header, 16).buffer, ram.view(header, 16).byteOffset, 16),
     data: ram.alloc(4096),
+    // blk-seq-write's pages: every other 4 KiB page of a 2 MiB area, so no two are adjacent.
+    pages: mode === "blk-seq-write" ? ram.alloc(SEQ_PAGES * 8192, 4096) : 0,
     status: ram.alloc(1),
-    table: ram.alloc(16 * 3, 16),
+    table: ram.alloc(16 * (SEQ_PAGES + 2), 16),
   };
 });
+let seqSector = 0;
 /** The slots in flight, by their chain's head (slot k's chain is descriptor k). */
 const slotOfHead = new Map<number, number>();
 /** Posts one request in slot `k`. */
 function post(k = 0): void {
-  const { buf, header, headerView, data, status, table } = slots[k];
+  const { buf, header, headerView, data, pages, status, table } = slots[k];
   let bufs: Buf[];
   if (kind === "rng") bufs = [{ addr: buf, len: 64, write: true }];
-  else {
+  else if (mode === "blk-seq-write") {
+    headerView.setUint32(0, 1, true); // VIRTIO_BLK_T_OUT
+    headerView.setBigUint64(8, BigInt(seqSector), true);
+    seqSector = (seqSector + SEQ_PAGES * 8) % (IMAGE_BYTES / 512);
+    bufs = [
+      { addr: header, len: 16 },
+      ...Array.from({ length: SEQ_PAGES }, (_, i) => ({ addr: pages + i * 8192, len: 4096 })),
+      { addr: status, len: 1, write: true },
+    ];
+  } else {
     const write = mode === "blk-write";
     headerView.setUint32(0, write ? 1 : 0, true); // VIRTIO_BLK_T_OUT or _IN
     headerView.setBigUint64(8, BigInt(Math.floor(Math.random() * (IMAGE_BYTES / 4096)) * 8), true);
@@ -110,7 +130,7 @@ function post(k = 0): void {
       write: true,
     }];
   }
-  if (DEPTH === 1) {
+  if (!indirect) {
     q.add(bufs);
     return;
   }
