@@ -73,7 +73,7 @@ function cmdline(n: number, mac: string): string {
 
 /**
  * Mbit/s both ways, and the pings' mean and median round trip, from the guest's lines (the
- * mean counts the first ping's ARP exchange, which the median leaves out).
+ * mean counts the few slow replies the median leaves out).
  */
 function parse(text: string): number[] {
   const ip = /TSVMM-CHECK iperf if=\S+ peer=\S+ tx_mbps=([\d.]+) rx_mbps=([\d.]+)/.exec(text);
