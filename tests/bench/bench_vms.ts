@@ -59,6 +59,34 @@ async function images(n: number): Promise<string[]> {
   return out;
 }
 
+/** The device report's lines, as a stopped VM of ours printed them at the end of its console. */
+export function deviceReport(vm: Vm): string[] {
+  return vm.consoleTail().split("\n[devices]\n")[1]?.split("\n") ?? [];
+}
+
+/** One request split of a device's report line (vmm/device_worker.ts), in us. */
+export interface ReportSpans {
+  /** Median of the latest 256. */
+  median: number;
+  /** How many there were in all. */
+  count: number;
+  /** 90th percentile of the latest 256. */
+  p90: number;
+  /** Mean of the latest 256. */
+  mean: number;
+}
+
+/**
+ * The spans `key` (`doorbell_to_irq_us`, `irq_to_doorbell_us`) of the device named `device`
+ * in `report`; throws naming both if the line has none.
+ */
+export function reportSpans(report: readonly string[], device: string, key: string): ReportSpans {
+  const line = report.find((l) => l.includes(device)) ?? "";
+  const m = new RegExp(`${key}=(\\d+) \\((\\d+)\\) p90=(\\d+) mean=(\\d+)`).exec(line);
+  if (!m) throw new Error(`no ${key} in the ${device} device's report: ${line}`);
+  return { median: Number(m[1]), count: Number(m[2]), p90: Number(m[3]), mean: Number(m[4]) };
+}
+
 /** Follows the console: the user-space moment and the phases, until the done line. */
 class Follower {
   readonly meter: PhaseMeter;
@@ -124,7 +152,7 @@ export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKi
         }
         await vm.wait();
         // The device report after the stop (the device thread's final counts).
-        devices = vm.consoleTail().split("\n[devices]\n")[1]?.split("\n") ?? [];
+        devices = deviceReport(vm);
         return vm.consoleText;
       },
       vmTimeoutMs(),

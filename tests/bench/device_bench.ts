@@ -13,7 +13,7 @@ import type { GuestAssets } from "../../vmm/guest/build.ts";
 import { type BenchFigure, type BenchSink, FigureSet } from "./boot_bench.ts";
 import type { TransportKind } from "../../vmm/config.ts";
 import { ddScript, FIO_JOBS, fioScript, removeBenchInitrds } from "./bench_guest.ts";
-import { type BenchRun, type BenchVm, runOurs, runQemu } from "./bench_vms.ts";
+import { type BenchRun, type BenchVm, reportSpans, runOurs, runQemu } from "./bench_vms.ts";
 import type { PhaseCost } from "./vmm_cost.ts";
 
 /** The transports the device bench compares (TSVMM_BENCH_TRANSPORTS, comma-separated). */
@@ -148,21 +148,16 @@ export async function deviceBench(g: GuestAssets, runs: number, sink: BenchSink)
     });
     if (who === "tsvmm") {
       // Where one rng request's time goes, from the device thread's side (vmm/device_worker.ts).
-      // The report's groups: 1 median, 2 count, 3 p90, 4 mean.
-      const split = (key: string, which: 1 | 3 | 4) => () => {
-        const line = r.devices?.find((l) => l.includes("virtio-rng")) ?? "";
-        const m = new RegExp(`${key}=(\\d+) \\((\\d+)\\) p90=(\\d+) mean=(\\d+)`).exec(line);
-        if (!m) throw new Error(`no ${key} in the rng device's report: ${line}`);
-        return Promise.resolve(Number(m[which]));
-      };
+      const split = (key: string, which: "median" | "p90" | "mean") => () =>
+        Promise.resolve(reportSpans(r.devices ?? [], "virtio-rng", key)[which]);
       const spans = [["doorbell_to_irq_us", "doorbell -> interrupt"], [
         "irq_to_doorbell_us",
         "interrupt -> next doorbell",
       ]];
       for (const [key, what] of spans) {
-        await set.measure(name(`rng request: ${what}`), "us", i, split(key, 1));
-        await set.measure(name(`rng request: ${what}, p90 of the last 256`), "us", i, split(key, 3));
-        await set.measure(name(`rng request: ${what}, mean of the last 256`), "us", i, split(key, 4));
+        await set.measure(name(`rng request: ${what}`), "us", i, split(key, "median"));
+        await set.measure(name(`rng request: ${what}, p90 of the last 256`), "us", i, split(key, "p90"));
+        await set.measure(name(`rng request: ${what}, mean of the last 256`), "us", i, split(key, "mean"));
       }
     }
     for (const rw of ["read", "write"]) {

@@ -16,7 +16,7 @@ import type { TransportKind } from "../../vmm/config.ts";
 import { createPersistentTap, removePersistentTap } from "../../vmm/tap.ts";
 import { type BenchFigure, type BenchSink, FigureSet, qemuMicrovmArgs, vmTimeoutMs } from "./boot_bench.ts";
 import { BENCH_TRANSPORTS } from "./device_bench.ts";
-import { qemuVirtioDevice, runPinnedQemu } from "./bench_vms.ts";
+import { deviceReport, qemuVirtioDevice, reportSpans, runPinnedQemu } from "./bench_vms.ts";
 import { addressTap, guestAddr, hostAddr, inIsolatedNetns } from "../boot/net_peer.ts";
 
 const IPERF_SECONDS = 5;
@@ -58,12 +58,9 @@ export function netFigureNames(): string[] {
 
 /** A median from the net device's line of the device report (see PING_SPLIT). */
 function pingSplit(report: string[], key: string): number {
-  const line = report.find((l) => l.includes("virtio-net")) ?? "";
-  const m = new RegExp(`${key}=(\\d+) \\((\\d+)\\)`).exec(line);
-  if (!m || Number(m[2]) < 256) {
-    throw new Error(`no ${key} over 256 pings in the net device's report: ${line}`);
-  }
-  return Number(m[1]);
+  const s = reportSpans(report, "virtio-net", key);
+  if (s.count < 256) throw new Error(`${key} covers ${s.count} spans, not the last 256 pings`);
+  return s.median;
 }
 
 function cmdline(n: number, mac: string): string {
@@ -108,7 +105,7 @@ async function ours(
       await waitForConsole(vm, /TSVMM-CHECKS-DONE/, vmTimeoutMs());
       await vm.wait();
       // The device report after the stop (the device thread's final counts).
-      return { text: vm.consoleText, report: vm.consoleTail().split("\n[devices]\n")[1]?.split("\n") ?? [] };
+      return { text: vm.consoleText, report: deviceReport(vm) };
     },
     vmTimeoutMs() + 30_000,
   );

@@ -18,13 +18,25 @@ export interface CpuTimes {
   guest: number;
 }
 
+/**
+ * The name and CPU times in seconds of a /proc stat line (a process's or a thread's): `cpu` is
+ * user + system, `guest` the part accounted as guest time.
+ */
+export function statTimes(line: string): { name: string; cpu: number; guest: number } {
+  // Fields after the command name, which is in parentheses and may hold spaces: state is field 3.
+  const f = line.slice(line.lastIndexOf(")") + 2).split(" ");
+  const at = (field: number) => Number(f[field - 3]) / USER_HZ;
+  return {
+    name: line.slice(line.indexOf("(") + 1, line.lastIndexOf(")")),
+    cpu: at(14) + at(15),
+    guest: at(43),
+  };
+}
+
 /** CPU times of process `pid` ("self": this process), from /proc/PID/stat. */
 export function cpuTimes(pid: number | "self"): CpuTimes {
-  const s = Deno.readTextFileSync(`/proc/${pid}/stat`);
-  // Fields after the command name, which is in parentheses and may hold spaces: state is field 3.
-  const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-  const at = (field: number) => Number(f[field - 3]);
-  return { total: (at(14) + at(15)) / USER_HZ, guest: at(43) / USER_HZ };
+  const t = statTimes(Deno.readTextFileSync(`/proc/${pid}/stat`));
+  return { total: t.cpu, guest: t.guest };
 }
 
 /**
@@ -47,26 +59,23 @@ export interface ThreadCpu {
   rest: number;
 }
 
-/** CPU time of process `pid` by kind of thread (ThreadCpu), from /proc/PID/task/TID/stat. */
-export function threadCpu(pid: number | "self"): ThreadCpu {
-  const proc = cpuTimes(pid);
+/**
+ * CPU time of process `pid` by kind of thread (ThreadCpu), from /proc/PID/task/TID/stat;
+ * `proc` is the process's own times, read just before.
+ */
+export function threadCpu(pid: number | "self", proc: CpuTimes): ThreadCpu {
   const own = pid === "self" ? Deno.pid : pid;
   let vcpu = 0;
   let main = 0;
   for (const e of Deno.readDirSync(`/proc/${own}/task`)) {
-    let s: string;
+    let t: ReturnType<typeof statTimes>;
     try {
-      s = Deno.readTextFileSync(`/proc/${own}/task/${e.name}/stat`);
+      t = statTimes(Deno.readTextFileSync(`/proc/${own}/task/${e.name}/stat`));
     } catch {
       continue; // the thread has exited: its time is in `rest`
     }
-    const name = s.slice(s.indexOf("(") + 1, s.lastIndexOf(")"));
-    const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-    const at = (field: number) => Number(f[field - 3]) / USER_HZ;
-    const cpu = at(14) + at(15);
-    const guest = at(43);
-    if (Number(e.name) === own) main += cpu - guest;
-    else if (guest > 0 || /^CPU \d+\/KVM$/.test(name)) vcpu += cpu - guest;
+    if (Number(e.name) === own) main += t.cpu - t.guest;
+    else if (t.guest > 0 || /^CPU \d+\/KVM$/.test(t.name)) vcpu += t.cpu - t.guest;
   }
   return { vcpu, main, rest: proc.total - proc.guest - vcpu - main };
 }
@@ -171,7 +180,7 @@ export class PhaseMeter {
       let threads: ThreadCpu;
       try {
         cpu = cpuTimes(this.pid);
-        threads = threadCpu(this.pid);
+        threads = threadCpu(this.pid, cpu);
       } catch {
         continue; // the process is gone
       }

@@ -1,11 +1,9 @@
 import { ok } from "node:assert/strict";
-import { cpuTimes, threadCpu } from "./vmm_cost.ts";
+import { cpuTimes, statTimes, threadCpu } from "./vmm_cost.ts";
 
-/** CPU seconds this thread has used so far (/proc/thread-self/stat: utime + stime). */
+/** CPU seconds this thread has used so far (/proc/thread-self/stat: user + system). */
 function ownCpu(): number {
-  const s = Deno.readTextFileSync("/proc/thread-self/stat");
-  const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-  return (Number(f[11]) + Number(f[12])) / 100;
+  return statTimes(Deno.readTextFileSync("/proc/thread-self/stat")).cpu;
 }
 
 // A Worker that burns `seconds` of its own CPU time, then says so.
@@ -32,7 +30,7 @@ async function measure(): Promise<{ main: number; rest: number; vcpu: number; to
   const url = URL.createObjectURL(new Blob([WORKER], { type: "text/javascript" }));
   const w = new Worker(url, { type: "module" });
   try {
-    const before = threadCpu("self");
+    const before = threadCpu("self", cpuTimes("self"));
     const total0 = cpuTimes("self").total;
     const done = new Promise((r) => (w.onmessage = r));
     w.postMessage(0.5);
@@ -40,7 +38,7 @@ async function measure(): Promise<{ main: number; rest: number; vcpu: number; to
     let x = 0;
     while (ownCpu() < end) for (let i = 0; i < 100000; i++) x += i;
     await done;
-    const after = threadCpu("self");
+    const after = threadCpu("self", cpuTimes("self"));
     return {
       main: after.main - before.main,
       rest: after.rest - before.rest,
