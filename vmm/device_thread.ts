@@ -22,7 +22,7 @@ import type { RngOptions } from "../devices/virtio/rng.ts";
 import type { IsrLine } from "./isr_line.ts";
 import { signalEventfd } from "./event_loop.ts";
 import { sysClose, sysEventfd } from "./sys/libc.ts";
-import { REHEARSAL_BUDGET_MS, rehearsalRequests } from "./rehearsal.ts";
+import { REHEARSAL_BUDGET_MS, REHEARSAL_IDLE_BUDGET_MS, rehearsalRequests } from "./rehearsal.ts";
 
 /** What the worker builds a device from (structured-cloneable). */
 export type DeviceSpec =
@@ -94,6 +94,7 @@ export type ToWorker =
     nice: number;
     rehearse: number;
     rehearseBudgetMs: number;
+    rehearseIdleBudgetMs: number;
   }
   | { op: "add"; id: number; spec: DeviceSpec; notifyFds: number[]; route: InterruptRoute }
   | { op: "activate"; id: number; features: bigint; queues: QueueState[] }
@@ -143,13 +144,14 @@ export class DeviceThread {
    * Starts the worker over guest RAM laid out as `memory`. The worker raises its own
    * priority to `nice` where the process may (see DEVICE_THREAD_NICE), and warms its code up
    * with `rehearse` requests per device kind (vmm/rehearsal.ts; 0: none), each kind's for at
-   * most `rehearseBudgetMs` milliseconds.
+   * most `rehearseBudgetMs` milliseconds, or `rehearseIdleBudgetMs` where it runs at nice 19.
    */
   constructor(
     memory: SharedMemoryLayout,
     nice: number = DEVICE_THREAD_NICE,
     rehearse: number = rehearsalRequests(),
     rehearseBudgetMs: number = REHEARSAL_BUDGET_MS,
+    rehearseIdleBudgetMs: number = REHEARSAL_IDLE_BUDGET_MS,
   ) {
     this.worker = new Worker(new URL("./device_worker.ts", import.meta.url), { type: "module" });
     this.worker.onmessage = (e: MessageEvent<FromWorker>) => this.receive(e.data);
@@ -170,6 +172,7 @@ export class DeviceThread {
       nice,
       rehearse,
       rehearseBudgetMs,
+      rehearseIdleBudgetMs,
     });
   }
 

@@ -222,6 +222,7 @@ function init(m: Extract<ToWorker, { op: "init" }>): void {
   }
   rehearsalRequests = m.rehearse;
   rehearsalBudgetMs = m.rehearseBudgetMs;
+  rehearsalIdleBudgetMs = m.rehearseIdleBudgetMs;
   control = new Int32Array(m.control);
   const host = Deno.UnsafePointerView.getArrayBuffer(
     Deno.UnsafePointer.create(m.memory.base)!,
@@ -317,8 +318,9 @@ interface Rehearsal {
 
 /** Requests each device kind is rehearsed with (0: none). */
 let rehearsalRequests = 0;
-/** The longest each rehearsal may run, in milliseconds. */
+/** The longest each rehearsal may run, in milliseconds: at the thread's priority, at nice 19. */
 let rehearsalBudgetMs = 0;
+let rehearsalIdleBudgetMs = 0;
 const rehearsals = new Set<Rehearsal>();
 /** Per device kind: how its rehearsal went, for the report. */
 const rehearsed = new Map<string, string>();
@@ -382,7 +384,8 @@ function rehearsalStep(r: Rehearsal): void {
   if (n < 0) return void endRehearsal(r, "a request came back wrong");
   r.served += n;
   if (r.served >= rehearsalRequests) return void endRehearsal(r);
-  if (performance.now() - r.startedAt > rehearsalBudgetMs) return void endRehearsal(r, "out of time");
+  const budget = quieted ? rehearsalIdleBudgetMs : rehearsalBudgetMs;
+  if (performance.now() - r.startedAt > budget) return void endRehearsal(r, "out of time");
   if (r.driver.inFlight > 0) return;
   Atomics.store(r.plan, 0, r.served & 1 ? PLAN.MSIX : PLAN.LINE);
   r.driver.post();

@@ -29,7 +29,12 @@ while read -r m; do
 done < /etc/tsvmm/modules.order
 sleep 0.2 2>/dev/null || sleep 1
 phase() { echo "TSVMM-PHASE $1 $2"; }
-up() { cut -d' ' -f1 /proc/uptime; }
+# Seconds since boot to the microsecond: the kernel's monotonic clock, which /proc/timer_list
+# gives in ns on its "now at" line; else /proc/uptime (10 ms steps).
+up() {
+  t=$(sed -n '/^now at /{s/^now at \\([0-9]*\\) nsecs.*/\\1/p;q;}' /proc/timer_list 2>/dev/null)
+  if [ -n "$t" ]; then echo "$t" | awk '{printf "%.6f\\n", $1 / 1e9}'; else cut -d' ' -f1 /proc/uptime; fi
+}
 # The read-only tools disk (fio) is the one that mounts with /tools/fio on it, whatever order
 # the VMM gives the disks; every other virtio disk is a data disk ($data, in order).
 find_disks() {

@@ -30,7 +30,7 @@ const RW_MIB = 32;
 /** The 64 KiB rng read that follows the first 16 KiB (the device's code warm by then). */
 const RNG_WARM = "rng MB/s (/dev/hwrng, 64 KiB after the first 16)";
 
-/** MB/s from the guest's ddbench line (seconds measured in the guest with /proc/uptime). */
+/** MB/s from the guest's ddbench line (seconds measured in the guest by its monotonic clock, to the us). */
 function parse(text: string): { read: number; write: number; rng: number } {
   const m = /TSVMM-CHECK ddbench mb=(\d+) read_s=([\d.]+) write_s=([\d.]+) rng_kib=(\d+) rng_s=([\d.]+)/.exec(
     text,

@@ -270,6 +270,7 @@ Deno.test("device thread: each device kind is rehearsed first on memory of its o
     DEVICE_THREAD_NICE,
     300,
     60_000, // time enough on a loaded host: this test wants every request served
+    60_000,
   );
   const fds: number[] = [];
   const eventfd = () => {
@@ -339,6 +340,7 @@ Deno.test("device thread: the guest's first doorbell ends a rehearsal still runn
     DEVICE_THREAD_NICE,
     1e9, // far more than it can serve before the guest comes
     60_000,
+    60_000,
   );
   const notify = sysEventfd();
   const line = sysEventfd();
@@ -361,13 +363,14 @@ Deno.test("device thread: the guest's first doorbell ends a rehearsal still runn
   }
 });
 
-Deno.test("device thread: a rehearsal ends at its time budget, whatever it has served", async () => {
+Deno.test("device thread: a rehearsal ends at its time budget, whatever it has served; at nice 19 the longer one", async () => {
   const ptr = mmapAnonymous(RAM);
   const thread = new DeviceThread(
     { base: BigInt(Deno.UnsafePointer.value(ptr)), size: RAM, regions: [{ gpa: 0, offset: 0, size: RAM }] },
     DEVICE_THREAD_NICE,
     1e9,
     100,
+    600,
   );
   const fds = [sysEventfd(), sysEventfd()];
   try {
@@ -375,7 +378,15 @@ Deno.test("device thread: a rehearsal ends at its time budget, whatever it has s
     const [report] = await reportsWhen(thread, [dev], ([l]) => /warmup=\d/.test(l));
     const m = /warmup=(\d+)\/1000000000,(\d+)ms,out_of_time( |$)/.exec(report);
     assert.ok(m, report);
-    assert.ok(Number(m[2]) >= 100, `ended after ${m[2]} ms, before its budget`);
+    // Where the thread could raise its priority (root here), it rehearsed at nice 19 and may
+    // come back: the longer budget; else the shorter one.
+    const niced = DEVICE_THREAD_NICE < 0 && /nice=-\d/.test(report);
+    const budget = niced ? 600 : 100;
+    assert.ok(
+      Number(m[2]) >= budget,
+      `ended after ${m[2]} ms, before its budget of ${budget} ms (${report})`,
+    );
+    if (niced) assert.ok(Number(m[2]) < 5000, `ended after ${m[2]} ms`);
   } finally {
     await thread.stop();
     for (const fd of fds) sysClose(fd);
@@ -396,7 +407,7 @@ Deno.test("device thread: a rehearsal still running when the thread stops ends w
   for (let i = 0; i < 2; i++) await new DeviceThread(layout, DEVICE_THREAD_NICE, 0).stop();
   await new Promise((r) => setTimeout(r, 300));
   const before = openFds();
-  const thread = new DeviceThread(layout, DEVICE_THREAD_NICE, 1e9, 60_000);
+  const thread = new DeviceThread(layout, DEVICE_THREAD_NICE, 1e9, 60_000, 60_000);
   const fds = [sysEventfd(), sysEventfd()];
   try {
     const { dev } = rngOn(thread, fds[0], fds[1]);

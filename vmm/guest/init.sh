@@ -18,6 +18,12 @@ while read -r m; do
 done < /etc/tsvmm/modules.order
 
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
+# Seconds since boot to the microsecond: the kernel's monotonic clock, which /proc/timer_list
+# gives in ns on its "now at" line; else /proc/uptime (10 ms steps).
+up() {
+  t=$(sed -n '/^now at /{s/^now at \([0-9]*\) nsecs.*/\1/p;q;}' /proc/timer_list 2>/dev/null)
+  if [ -n "$t" ]; then echo "$t" | awk '{printf "%.6f\n", $1 / 1e9}'; else cut -d' ' -f1 /proc/uptime; fi
+}
 # Let the virtio drivers finish probing before the checks look.
 sleep 0.2 2>/dev/null || sleep 1
 
@@ -154,10 +160,9 @@ check_mkfs() {
 }
 
 # tsvmm.ddbench=vda[:MiB]: sequential read and write of the disk and a read of /dev/hwrng
-# with dd, each timed with /proc/uptime (10 ms resolution; busybox dd prints no rate).
+# with dd, each timed with up() (busybox dd prints no rate).
 check_ddbench() {
   spec=$(arg tsvmm.ddbench); d=${spec%%:*}; mb=${spec#*:}; [ "$mb" = "$spec" ] && mb=32
-  up() { cut -d' ' -f1 /proc/uptime; }
   a=$(up); dd if=/dev/$d of=/dev/null bs=1048576 count=$mb 2>/dev/null; b=$(up)
   dd if=/dev/zero of=/dev/$d bs=1048576 count=$mb conv=fsync 2>/dev/null; c=$(up)
   dd if=/dev/hwrng of=/dev/null bs=4096 count=4 iflag=fullblock 2>/dev/null; e=$(up)
@@ -238,11 +243,10 @@ check_net() {
 # tsvmm.xfer=PORT[:MiB]: per interface, receive MiB (default 64) from its peer's PORT (the host
 # sends, then closes) and print the md5 of what arrived; then send a file of MiB from
 # /dev/urandom, made once, to the peer's PORT+1 (the host closes once it has it all) and print
-# that file's md5. Times are seconds from /proc/uptime (10 ms resolution); a transfer still going
+# that file's md5. Times are seconds from up(); a transfer still going
 # after 120 s is cut (nc's exit code then says so).
 check_xfer() {
   spec=$(arg tsvmm.xfer); port=${spec%%:*}; mb=${spec#*:}; [ "$mb" = "$spec" ] && mb=64
-  up() { cut -d' ' -f1 /proc/uptime; }
   dd if=/dev/urandom of=/tmp/tx bs=1048576 count=$mb 2>/dev/null
   txmd5=$(md5sum /tmp/tx | cut -d' ' -f1); txbytes=$(wc -c < /tmp/tx)
   k=0
