@@ -20,7 +20,7 @@ import { VirtioNet } from "../devices/virtio/net.ts";
 import { INT_USED_RING } from "../transports/virtio_core.ts";
 import { PLAN, VIRTIO_MSI_NO_VECTOR } from "../transports/pci.ts";
 import { followIsr } from "./isr_line.ts";
-import { RehearsalDriver, rehearsalSpec, SCRATCH_BYTES } from "./rehearsal.ts";
+import { LoopbackNet, RehearsalDriver, rehearsalSpec, SCRATCH_BYTES } from "./rehearsal.ts";
 
 // Timers set here (a rate limit's wait, a queue's next pass) need the V8 event loop: while
 // any is pending the loop waits through the blocking pool instead of blocking this thread.
@@ -199,6 +199,8 @@ function build(s: DeviceSpec, twin: boolean): VirtioDevice {
     case "rng":
       return new VirtioRng({ fill: (b) => crypto.getRandomValues(b) }, s.opts);
     case "net": {
+      // A twin's frames come back to it from memory: none reaches the guest's TAP.
+      if (twin) return new VirtioNet(new LoopbackNet(), { mac: s.mac, mtu: s.mtu });
       const tap = Tap.open({ fd: s.tapFd });
       tap.attach(loop!);
       return new VirtioNet(tap, { mac: s.mac, mtu: s.mtu });
@@ -307,7 +309,8 @@ function activateEntry(
 interface Rehearsal {
   entry: Entry;
   driver: RehearsalDriver;
-  doorbell: number;
+  /** One doorbell per queue. */
+  doorbells: number[];
   irqFd: number;
   isr: Int32Array;
   plan: Int32Array;
@@ -348,32 +351,42 @@ function startRehearsal(spec: DeviceSpec): void {
   const twin = rehearsalSpec(spec);
   if (!twin) return;
   rehearsed.set(spec.kind, "running");
-  const doorbell = sysEventfd();
+  const doorbells = twin.kind === "net" ? [sysEventfd(), sysEventfd()] : [sysEventfd()];
   const irqFd = sysEventfd();
   const isr = new Int32Array(new SharedArrayBuffer(4));
-  // Interrupts alternate between the line's way and an MSI-X vector's, so both are warm.
-  const plan = new Int32Array(new SharedArrayBuffer(4 * 2));
+  // Interrupts alternate between the line's way and an MSI-X vector's, so both are warm: the
+  // plan's mode, then each queue's vector (all 0, the one vector).
+  const plan = new Int32Array(new SharedArrayBuffer(4 * (1 + doorbells.length)));
   const route: InterruptRoute = {
     isr: { buffer: isr.buffer as SharedArrayBuffer, index: 0 },
     lineFd: irqFd,
     msix: { plan: plan.buffer as SharedArrayBuffer, vectorFds: [irqFd] },
   };
-  const entry = addEntry(-1, twin, route, [doorbell]);
+  const entry = addEntry(-1, twin, route, doorbells);
   const features = entry.device.features | (1n << VIRTIO_F_VERSION_1);
-  const driver = new RehearsalDriver(twin, new Uint8Array(SCRATCH_BYTES), features);
-  driver.queueMax = entry.device.queueMaxSizes[0];
-  const r: Rehearsal = { entry, driver, doorbell, irqFd, isr, plan, served: 0, startedAt: performance.now() };
+  const driver = new RehearsalDriver(
+    twin,
+    new Uint8Array(SCRATCH_BYTES),
+    features,
+    entry.device.queueMaxSizes,
+  );
+  const r: Rehearsal = {
+    entry,
+    driver,
+    doorbells,
+    irqFd,
+    isr,
+    plan,
+    served: 0,
+    startedAt: performance.now(),
+  };
   rehearsals.add(r);
   entry.unwatch.push(loop!.add(irqFd, () => rehearsalStep(r)));
-  const queues = entry.device.queueMaxSizes.map((max, i) => {
-    const q = driver.queue(max);
-    return i === 0 ? q : { ...q, ready: false };
-  });
+  const queues = entry.device.queueMaxSizes.map((max, i) => driver.queue(i, max));
   const why = activateEntry(entry, features, queues, driver.memory);
   if (why) return void endRehearsal(r, why);
   quiet();
-  driver.post();
-  signalEventfd(doorbell);
+  for (const q of driver.post()) signalEventfd(doorbells[q]);
 }
 
 /** The twin interrupted: take its answer and post the next request, or end. */
@@ -388,8 +401,7 @@ function rehearsalStep(r: Rehearsal): void {
   if (performance.now() - r.startedAt > budget) return void endRehearsal(r, "out of time");
   if (r.driver.inFlight > 0) return;
   Atomics.store(r.plan, 0, r.served & 1 ? PLAN.MSIX : PLAN.LINE);
-  r.driver.post();
-  signalEventfd(r.doorbell);
+  for (const q of r.driver.post()) signalEventfd(r.doorbells[q]);
 }
 
 function endRehearsalOf(e: Entry, why: string): Promise<void> {
@@ -407,7 +419,7 @@ function endRehearsal(r: Rehearsal, why?: string): Promise<void> {
     for (const u of r.entry.unwatch) u();
     r.entry.active = false;
     await r.entry.device.reset();
-    sysClose(r.doorbell);
+    for (const fd of r.doorbells) sysClose(fd);
     sysClose(r.irqFd);
     rehearsals.delete(r);
     rehearsed.set(

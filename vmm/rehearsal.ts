@@ -15,7 +15,9 @@
  * doorbell rings, whichever comes first. Nothing of the guest's is
  * touched: the scratch memory is a private ArrayBuffer, the eventfds are private, and a
  * virtio-blk twin reads the first sectors of the same image through a read-only backend
- * (it never writes). virtio-net is not rehearsed (its backend is the TAP).
+ * (it never writes). A virtio-net twin's backend is a loopback in memory (LoopbackNet): each
+ * frame the driver queues for transmit comes back on the twin's receive queue, so both
+ * queues' code runs and nothing reaches the guest's TAP.
  */
 
 import type { DeviceSpec, QueueState } from "./device_thread.ts";
@@ -23,6 +25,7 @@ import { GuestMemory } from "./memory.ts";
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/chain.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "../devices/virtio/queue.ts";
 import { BLK_S, BLK_T } from "../devices/virtio/blk_request.ts";
+import type { NetBackend } from "../devices/virtio/net.ts";
 
 /**
  * Requests each device kind is rehearsed with: TSVMM_REHEARSE as this process has it now (a
@@ -50,7 +53,7 @@ export const REHEARSAL_BUDGET_MS = 250;
  */
 export const REHEARSAL_IDLE_BUDGET_MS = 5000;
 
-/** Queue size of the scratch ring. */
+/** Queue size of the scratch rings. */
 const QSIZE = 16;
 /**
  * Where the scratch memory sits in the twin's address space: above 4 GiB, so the address
@@ -58,21 +61,32 @@ const QSIZE = 16;
  * the compiled code serves any guest address without being thrown away.
  */
 export const SCRATCH_GPA = 0x1_0000_0000;
-const DESC = 0x0;
-const AVAIL = 0x400;
-const USED = 0x800;
+/** Queue 0's ring (rng, blk, net's receive queue). */
+const RING0 = { desc: 0x0, avail: 0x400, used: 0x800 };
 const TABLE = 0x1000; // an indirect table
 const HEADER = 0x1100;
 const STATUS = 0x1200;
 const DATA = 0x2000;
 const DATA_MAX = 4096;
+/** Queue 1's ring (net's transmit queue). */
+const RING1 = { desc: 0x3000, avail: 0x3400, used: 0x3800 };
+/**
+ * net's receive buffers, one per descriptor of queue 0: with every offload a frame may need
+ * 64 KiB of them, and the twin reads only when that much is posted (as a guest posts it), so
+ * one used buffer still leaves enough.
+ */
+const RX_BUFS = 0x4000;
+const RX_BUF = 0x2000;
+/** The net header (with num_buffers: mergeable buffers or VERSION_1) and an Ethernet frame. */
+const NET_HDR = 12;
+const FRAME = 98;
 /** Bytes of scratch memory one rehearsal uses. */
-export const SCRATCH_BYTES = DATA + DATA_MAX;
+export const SCRATCH_BYTES = RX_BUFS + QSIZE * RX_BUF;
 
 /**
  * The spec of the twin a device of `spec` is rehearsed with, or undefined if that kind is
  * not rehearsed: an rng without a rate limit (the rehearsal must not wait on timers), a
- * blk over the same image read-only.
+ * blk over the same image read-only, a net over a loopback (`tapFd` -1).
  */
 export function rehearsalSpec(spec: DeviceSpec): DeviceSpec | undefined {
   switch (spec.kind) {
@@ -84,50 +98,168 @@ export function rehearsalSpec(spec: DeviceSpec): DeviceSpec | undefined {
     case "blk":
       return spec.disk.size >= 512 ? { kind: "blk", disk: { ...spec.disk, readonly: true } } : undefined;
     case "net":
-      return undefined;
+      return { kind: "net", tapFd: -1, mac: spec.mac, mtu: spec.mtu };
   }
 }
 
 /**
- * A driver of one split queue in scratch memory, one request at a time: an rng request is
- * one 64-byte device-writable buffer; a blk request a read of the image's first sectors
- * (up to 4 KiB) through an indirect table of three descriptors, as Linux's virtio-blk
- * sends them.
+ * A net backend that hands each frame written to it back to the next read: a virtio-net
+ * twin's TAP. It holds one frame; a write while one waits is refused with EAGAIN (and the
+ * writer called back once it is read). It never calls the readable callback: the device
+ * reads back after each transmit pass by itself (devices/virtio/net.ts), and a driver's
+ * receive notify reads what is left.
+ */
+export class LoopbackNet implements NetBackend {
+  private readonly frame = new Uint8Array(65536 + 14 + 4 + NET_HDR);
+  private len = -1;
+  private writable: (() => void) | undefined;
+
+  /** Copies the waiting frame into `bufs`; its length, or -11 (EAGAIN) if none waits. */
+  readFrame(bufs: Uint8Array[]): number {
+    if (this.len < 0) return -11;
+    const n = this.len;
+    let at = 0;
+    for (const b of bufs) {
+      if (at >= n) break;
+      const k = Math.min(b.length, n - at);
+      b.set(this.frame.subarray(at, at + k));
+      at += k;
+    }
+    this.len = -1;
+    const w = this.writable;
+    if (w) setTimeout(w, 0);
+    return n;
+  }
+
+  /** Keeps the frame made of `bufs` for the next read; -11 (EAGAIN) while one waits. */
+  writeFrame(bufs: Uint8Array[]): number {
+    if (this.len >= 0) return -11;
+    let n = 0;
+    for (const b of bufs) {
+      if (n + b.length > this.frame.length) return -22; // EINVAL: larger than any frame
+      this.frame.set(b, n);
+      n += b.length;
+    }
+    this.len = n;
+    return n;
+  }
+
+  /** Nothing to tell: frames are handed back as they were written. */
+  setHeaderSize(): void {}
+
+  /** Nothing to tell: frames are handed back as they were written. */
+  setOffloads(): void {}
+
+  /** Not called back (see the class). */
+  onReadable(): void {}
+
+  /** Calls `fn` (once, later) when the waiting frame has been read. */
+  onWritable(fn: (() => void) | undefined): void {
+    this.writable = fn;
+  }
+}
+
+/** One split ring in scratch memory, from its driver's side. */
+class ScratchRing {
+  posted = 0;
+  taken = 0;
+  /** The length of the used entry `next` returned last. */
+  len = 0;
+  constructor(
+    private readonly dv: DataView,
+    readonly at: { desc: number; avail: number; used: number },
+    readonly size: number,
+  ) {}
+
+  /** Puts chain `head` in the available ring (the caller rings the doorbell). */
+  offer(head: number): void {
+    const { dv, size } = this;
+    const avail = this.at.avail;
+    dv.setUint16(avail + 4 + 2 * (this.posted % size), head, true);
+    // Event index: interrupt as soon as the next entry is used.
+    dv.setUint16(avail + 4 + 2 * size, this.taken & 0xffff, true);
+    dv.setUint16(avail, 0, true); // flags: interrupts wanted
+    this.posted++;
+    dv.setUint16(avail + 2, this.posted & 0xffff, true);
+  }
+
+  /** The next used entry's head (its length in `len`), or -1 if there is none. */
+  next(): number {
+    const used = this.at.used;
+    if ((this.taken & 0xffff) === this.dv.getUint16(used + 2, true)) return -1;
+    const at = used + 4 + 8 * (this.taken % this.size);
+    this.taken++;
+    this.len = this.dv.getUint32(at + 4, true);
+    return this.dv.getUint32(at, true);
+  }
+}
+
+const RING_0: readonly number[] = [0];
+const RINGS_0_1: readonly number[] = [0, 1];
+const RING_1: readonly number[] = [1];
+
+/**
+ * The driver of a twin's queues in scratch memory, one request at a time: an rng request is
+ * one 64-byte device-writable buffer; a blk request a read of the image's first sectors (up
+ * to 4 KiB) through an indirect table of three descriptors, as Linux's virtio-blk sends
+ * them; a net request one frame on the transmit queue (in one descriptor and in a table of
+ * two, alternately), taken back from the receive queue, where 16 buffers stay posted.
  */
 export class RehearsalDriver {
   /** The twin's guest memory: the scratch buffer at SCRATCH_GPA. */
   readonly memory: GuestMemory;
   private readonly bytes: Uint8Array;
   private readonly dv: DataView;
-  private posted = 0;
-  private taken = 0;
+  private readonly rings: ScratchRing[];
   private readonly dataLen: number;
+  /** net: frames taken back, and receive buffers used and not yet posted again. */
+  private frames = 0;
+  private readonly repost: number[] = [];
 
   /**
    * A driver for a twin of `spec` (from rehearsalSpec) over `scratch` (SCRATCH_BYTES) that
-   * negotiated `features` (indirect descriptors and event index as offered).
+   * negotiated `features` (indirect descriptors and event index as offered), whose queues
+   * are at most `queueMaxSizes` long.
    */
-  constructor(readonly spec: DeviceSpec, scratch: Uint8Array, private readonly features: bigint) {
+  constructor(
+    readonly spec: DeviceSpec,
+    scratch: Uint8Array,
+    private readonly features: bigint,
+    queueMaxSizes: readonly number[],
+  ) {
     if (scratch.length < SCRATCH_BYTES) throw new RangeError("scratch memory too small");
     this.bytes = scratch;
     this.dv = new DataView(scratch.buffer, scratch.byteOffset, scratch.length);
     this.memory = new GuestMemory([{ gpa: SCRATCH_GPA, bytes: scratch }]);
     this.dataLen = spec.kind === "blk" ? Math.min(DATA_MAX, Math.floor(spec.disk.size / 512) * 512) : 64;
+    const used = spec.kind === "net" ? 2 : 1;
+    this.rings = [RING0, RING1].slice(0, used).map((at, i) =>
+      new ScratchRing(this.dv, at, Math.min(QSIZE, queueMaxSizes[i]))
+    );
+    if (spec.kind === "net") {
+      const rx = this.rings[0];
+      for (let i = 0; i < rx.size; i++) {
+        this.desc(RING0.desc + 16 * i, RX_BUFS + RX_BUF * i, RX_BUF, VIRTQ_DESC_F_WRITE, 0);
+        this.repost.push(i);
+      }
+    }
   }
 
   private has(bit: bigint): boolean {
     return (this.features & (1n << bit)) !== 0n;
   }
 
-  /** The queue as the transport would hand it over at DRIVER_OK. */
-  queue(maxSize: number): QueueState {
+  /** Queue `index` as the transport would hand it over at DRIVER_OK (not ready if unused). */
+  queue(index: number, maxSize: number): QueueState {
+    const ring = this.rings[index];
+    const at = ring?.at ?? RING0;
     return {
       maxSize,
       size: Math.min(QSIZE, maxSize),
-      ready: true,
-      descAddr: SCRATCH_GPA + DESC,
-      availAddr: SCRATCH_GPA + AVAIL,
-      usedAddr: SCRATCH_GPA + USED,
+      ready: ring !== undefined,
+      descAddr: SCRATCH_GPA + at.desc,
+      availAddr: SCRATCH_GPA + at.avail,
+      usedAddr: SCRATCH_GPA + at.used,
       nextAvail: 0,
       nextUsed: 0,
       indirect: this.has(VIRTIO_F_INDIRECT_DESC),
@@ -143,63 +275,104 @@ export class RehearsalDriver {
     dv.setUint16(at + 14, next, true);
   }
 
-  /** Puts the next request in the available ring (the caller rings the doorbell). */
-  post(): void {
-    const size = Math.min(QSIZE, this.queueMax);
-    const dv = this.dv;
-    if (this.spec.kind === "blk") {
-      dv.setUint32(HEADER, BLK_T.IN, true);
-      dv.setUint32(HEADER + 4, 0, true);
-      dv.setBigUint64(HEADER + 8, 0n, true);
-      this.bytes[STATUS] = 0xff;
-      const parts: Array<[number, number, number]> = [
-        [HEADER, 16, 0],
-        [DATA, this.dataLen, VIRTQ_DESC_F_WRITE],
-        [STATUS, 1, VIRTQ_DESC_F_WRITE],
-      ];
-      if (this.has(VIRTIO_F_INDIRECT_DESC)) {
-        parts.forEach(([a, l, f], i) =>
-          this.desc(TABLE + 16 * i, a, l, f | (i < 2 ? VIRTQ_DESC_F_NEXT : 0), i + 1)
-        );
-        this.desc(DESC, TABLE, 16 * parts.length, VIRTQ_DESC_F_INDIRECT, 0);
-      } else {
-        parts.forEach(([a, l, f], i) =>
-          this.desc(DESC + 16 * i, a, l, f | (i < 2 ? VIRTQ_DESC_F_NEXT : 0), i + 1)
-        );
-      }
+  /** Descriptors `parts` as one chain at head 0 of `ring` (through a table if offered). */
+  private chain(ring: ScratchRing, parts: Array<[number, number, number]>): void {
+    const last = parts.length - 1;
+    if (parts.length > 1 && this.has(VIRTIO_F_INDIRECT_DESC)) {
+      parts.forEach(([a, l, f], i) =>
+        this.desc(TABLE + 16 * i, a, l, f | (i < last ? VIRTQ_DESC_F_NEXT : 0), i + 1)
+      );
+      this.desc(ring.at.desc, TABLE, 16 * parts.length, VIRTQ_DESC_F_INDIRECT, 0);
     } else {
-      this.desc(DESC, DATA, this.dataLen, VIRTQ_DESC_F_WRITE, 0);
+      parts.forEach(([a, l, f], i) =>
+        this.desc(ring.at.desc + 16 * i, a, l, f | (i < last ? VIRTQ_DESC_F_NEXT : 0), i + 1)
+      );
     }
-    dv.setUint16(AVAIL + 4 + 2 * (this.posted % size), 0, true); // head 0: one request at a time
-    // Event index: interrupt as soon as this request is used.
-    dv.setUint16(AVAIL + 4 + 2 * size, this.posted & 0xffff, true);
-    dv.setUint16(AVAIL, 0, true); // flags: interrupts wanted
-    this.posted++;
-    dv.setUint16(AVAIL + 2, this.posted & 0xffff, true);
+    ring.offer(0);
   }
 
-  /** The largest queue size the twin offers (set before the first post). */
-  queueMax = QSIZE;
+  /** The byte at `i` of frame number `k`: an Ethernet header, then a pattern of k. */
+  private static frameByte(k: number, i: number): number {
+    if (i < 12) return i < 6 ? 0xff : 0x02; // broadcast, from a local address
+    if (i === 12) return 0x08; // IPv4
+    if (i === 13) return 0x00;
+    return (i * 7 + k) & 0xff;
+  }
+
+  /**
+   * Puts the next request in the available ring(s); returns the queues whose doorbells the
+   * caller rings, in order.
+   */
+  post(): readonly number[] {
+    const dv = this.dv;
+    const ring = this.rings[0];
+    switch (this.spec.kind) {
+      case "blk":
+        dv.setUint32(HEADER, BLK_T.IN, true);
+        dv.setUint32(HEADER + 4, 0, true);
+        dv.setBigUint64(HEADER + 8, 0n, true);
+        this.bytes[STATUS] = 0xff;
+        this.chain(ring, [[HEADER, 16, 0], [DATA, this.dataLen, VIRTQ_DESC_F_WRITE], [
+          STATUS,
+          1,
+          VIRTQ_DESC_F_WRITE,
+        ]]);
+        return RING_0;
+      case "rng":
+        this.chain(ring, [[DATA, this.dataLen, VIRTQ_DESC_F_WRITE]]);
+        return RING_0;
+      case "net": {
+        const reposted = this.repost.length > 0;
+        for (const head of this.repost) ring.offer(head);
+        this.repost.length = 0;
+        const tx = this.rings[1];
+        const k = tx.posted;
+        this.bytes.fill(0, DATA, DATA + NET_HDR); // no checksum or segmentation to do
+        for (let i = 0; i < FRAME; i++) this.bytes[DATA + NET_HDR + i] = RehearsalDriver.frameByte(k, i);
+        this.chain(
+          tx,
+          k & 1 ? [[DATA, NET_HDR, 0], [DATA + NET_HDR, FRAME, 0]] : [[DATA, NET_HDR + FRAME, 0]],
+        );
+        return reposted ? RINGS_0_1 : RING_1;
+      }
+    }
+  }
 
   /**
    * Takes what the twin has used since the last call; returns how many requests finished,
-   * or -1 if one came back wrong (a blk status other than OK, a short rng answer).
+   * or -1 if one came back wrong (a blk status other than OK, a short rng answer, a net
+   * frame other than the one sent).
    */
   takeUsed(): number {
-    const size = Math.min(QSIZE, this.queueMax);
-    const idx = this.dv.getUint16(USED + 2, true);
+    const ring = this.rings[0];
     let n = 0;
-    while ((this.taken & 0xffff) !== idx) {
-      const len = this.dv.getUint32(USED + 4 + 8 * (this.taken % size) + 4, true);
-      this.taken++;
+    if (this.spec.kind !== "net") {
+      while (ring.next() >= 0) {
+        n++;
+        if (this.spec.kind === "blk" ? this.bytes[STATUS] !== BLK_S.OK : ring.len !== this.dataLen) return -1;
+      }
+      return n;
+    }
+    while (this.rings[1].next() >= 0) if (this.rings[1].len !== 0) return -1;
+    for (let head; (head = ring.next()) >= 0;) {
+      if (head >= ring.size || ring.len !== NET_HDR + FRAME) return -1;
+      const at = RX_BUFS + RX_BUF * head;
+      if (this.dv.getUint16(at + 10, true) !== 1) return -1; // num_buffers
+      for (let i = 0; i < FRAME; i++) {
+        if (this.bytes[at + NET_HDR + i] !== RehearsalDriver.frameByte(this.frames, i)) return -1;
+      }
+      this.frames++;
+      this.repost.push(head);
       n++;
-      if (this.spec.kind === "blk" ? this.bytes[STATUS] !== BLK_S.OK : len !== this.dataLen) return -1;
     }
     return n;
   }
 
   /** Requests posted and not yet taken back. */
   get inFlight(): number {
-    return this.posted - this.taken;
+    const first = this.rings[0];
+    if (this.spec.kind !== "net") return first.posted - first.taken;
+    const tx = this.rings[1];
+    return tx.posted - Math.min(tx.taken, this.frames);
   }
 }

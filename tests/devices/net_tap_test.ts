@@ -28,6 +28,7 @@ const SCENARIOS: Array<[string, string]> = [
   ["eagain", "transmit waits out a full TAP and loses nothing"],
   ["teardown", "the VMM's teardown order (loop stopped, device reset, TAP closed) goes through"],
   ["fd", "a TAP fd handed over by a parent is adopted and made nonblocking"],
+  ["warmup", "on a device thread, the device is rehearsed over a loopback first; nothing reaches the TAP"],
   ["fuzz", "a hostile driver on both queues: no crash, nothing written outside its buffers, then works"],
 ];
 

@@ -16,7 +16,9 @@ import { NET_F, type NetBackend, type NetOffloads, VirtioNet } from "../../devic
 import { VirtioRng } from "../../devices/virtio/rng.ts";
 import { Tap } from "../../vmm/tap.ts";
 import { EventLoop } from "../../vmm/event_loop.ts";
-import { libc, sysOpen } from "../../vmm/sys/libc.ts";
+import { libc, mmapAnonymous, sysClose, sysEventfd, sysMunmap, sysOpen } from "../../vmm/sys/libc.ts";
+import { DEVICE_THREAD_NICE, DeviceThread } from "../../vmm/device_thread.ts";
+import { privateCell } from "../../vmm/shared_regs.ts";
 import { Prng } from "../fuzz/fuzzer.ts";
 
 const TAP = "tsvmm-h0";
@@ -600,6 +602,88 @@ const scenarios: Record<string, () => Promise<void>> = {
     } finally {
       sock.close();
       await r.close();
+    }
+  },
+
+  /**
+   * On a device thread the device is rehearsed before the guest uses it (vmm/rehearsal.ts),
+   * over a loopback: every rehearsed frame came back, none reached the TAP, and the guest's
+   * own device then gets its ping answered.
+   */
+  async warmup() {
+    const RAM = 8 << 20;
+    const ptr = mmapAnonymous(RAM);
+    const ram = new GuestRam(RAM, 0, new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, RAM)));
+    const thread = new DeviceThread(
+      { base: BigInt(Deno.UnsafePointer.value(ptr)), size: RAM, regions: [{ gpa: 0, offset: 0, size: RAM }] },
+      DEVICE_THREAD_NICE,
+      500,
+      60_000, // time enough on a loaded host: every frame is to be rehearsed
+      60_000,
+    );
+    const tap = Tap.open({ name: TAP });
+    const fds = [sysEventfd(), sysEventfd(), sysEventfd()];
+    const isr = privateCell();
+    // The frames the VMM wrote into the TAP: what its interface received, from /proc/net/dev.
+    const written = () => {
+      const line = Deno.readTextFileSync("/proc/self/net/dev").split("\n").find((l) =>
+        l.trim().startsWith(TAP + ":")
+      );
+      return Number(line!.split(":")[1].trim().split(/\s+/)[1]);
+    };
+    try {
+      await sh(
+        `ip addr add ${HOST_IP}/24 dev ${TAP} && ip link set ${TAP} up && ` +
+          `ip neigh replace ${GUEST_IP} lladdr 52:54:00:77:00:02 dev ${TAP} nud permanent`,
+      );
+      const ether = /link\/ether ([0-9a-f:]{17})/.exec(await sh(`ip link show dev ${TAP}`))![1];
+      const dev = thread.remote(new VirtioNet(tap, { mac: GUEST_MAC }), {
+        kind: "net",
+        tapFd: tap.fd,
+        mac: GUEST_MAC,
+      });
+      dev.bind(fds.slice(0, 2), {
+        isr: { buffer: isr.array.buffer as SharedArrayBuffer, index: isr.index },
+        lineFd: fds[2],
+      });
+      let report = "";
+      for (let i = 0; i < 2000 && !/warmup=\d/.test(report); i++) {
+        await thread.refresh();
+        report = dev.describe();
+        await sleep(5);
+      }
+      assert.match(report, /warmup=500\/500,\d+ms( |$)/, "every rehearsed frame came back");
+      assert.equal(written(), 0, "no rehearsed frame reached the TAP");
+      const drv = new MmioDriver(new VirtioMmio(dev, ram.mem, { trigger() {} }, isr));
+      assert.ok(drv.negotiate(VERSION_1 | EVENT_IDX | INDIRECT | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF)));
+      const rx = new DriverQueue(ram, 256);
+      const tx = new DriverQueue(ram, 256);
+      drv.setupQueue(0, rx);
+      drv.setupQueue(1, tx);
+      drv.driverOk();
+      const r = {
+        ram,
+        drv,
+        rx,
+        tx,
+        hdr: 12,
+        hostMac: new Uint8Array(ether.split(":").map((x) => parseInt(x, 16))),
+      };
+      const heads = headMap(r as Rig, postRx(r as Rig, 16, 2048), 1, 0);
+      sendTx(r as Rig, echoFrame(r as Rig, 0x5757, 1));
+      const [reply] = await receiveFrames(r as Rig, heads, 1, "the echo reply");
+      const icmp = 14 + (reply.frame[14] & 15) * 4;
+      assert.deepEqual([reply.frame[icmp], (reply.frame[icmp + 4] << 8) | reply.frame[icmp + 5]], [
+        0,
+        0x5757,
+      ]);
+      assert.equal(written(), 1, "the guest's request, and only it, went to the TAP");
+      await drv.w32(0x070, 0);
+    } finally {
+      await thread.stop();
+      tap.close();
+      for (const fd of fds) sysClose(fd);
+      sysMunmap(ptr, RAM);
     }
   },
 
