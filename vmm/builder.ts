@@ -35,30 +35,29 @@ import { VirtioBlk } from "../devices/virtio/blk.ts";
 import { VirtioRng } from "../devices/virtio/rng.ts";
 import { VirtioNet } from "../devices/virtio/net.ts";
 import { macForName, Tap, TapError } from "./tap.ts";
-
-async function readUserFile(path: string, what: string): Promise<Uint8Array> {
-  try {
-    return await Deno.readFile(path);
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) {
-      throw new ConfigError(`Cannot read ${what} "${path}": no such file`);
-    }
-    if (e instanceof Deno.errors.PermissionDenied) {
-      throw new ConfigError(`Cannot read ${what} "${path}": permission denied`);
-    }
-    if (e instanceof Deno.errors.IsADirectory) {
-      throw new ConfigError(`Cannot read ${what} "${path}": it is a directory`);
-    }
-    throw new ConfigError(`Cannot read ${what} "${path}": ${(e as Error).message}`);
-  }
-}
+import { readUserFile, type UserFile } from "./user_file.ts";
 
 /** Builds a VM from a config; call `start()` on the result to run it. */
 export async function buildMachine(config: VmConfig): Promise<Machine> {
+  // The kernel and initrd as read: given back once the guest has its copy, or on failure.
+  const files: UserFile[] = [];
+  try {
+    return await build(config, files);
+  } finally {
+    for (const f of files) f.release();
+  }
+}
+
+async function build(config: VmConfig, files: UserFile[]): Promise<Machine> {
+  const read = async (path: string, what: string) => {
+    const f = await readUserFile(path, what);
+    files.push(f);
+    return f.bytes;
+  };
   const cfg = resolveConfig(config);
   let kernel: KernelImage | undefined;
   if (!cfg.program) {
-    const kernelFile = await readUserFile(cfg.kernel, "kernel");
+    const kernelFile = await read(cfg.kernel, "kernel");
     try {
       kernel = parseKernel(kernelFile, cfg.kernel);
       if (kernel.kind === "bzimage" && cfg.unpackKernel) {
@@ -69,7 +68,7 @@ export async function buildMachine(config: VmConfig): Promise<Machine> {
       throw e;
     }
   }
-  const initrd = cfg.initrd ? await readUserFile(cfg.initrd, "initrd") : undefined;
+  const initrd = cfg.initrd ? await read(cfg.initrd, "initrd") : undefined;
   // Command line, memory and initrd against the kernel's needs, before KVM is opened: a bad
   // config gets its own error whether or not this host has KVM.
   if (kernel) {

@@ -3,12 +3,13 @@
  * (tests/bench/bench_guest.ts) on the default kernel and initramfs, `disks` fresh data disks
  * and optionally the read-only tools disk and virtio-rng, all on one transport, and both VMMs
  * pinned the same way: the vCPUs on CPUs of their own (vCPU i on the (i mod (n - 1))-th of the
- * CPUs after the first), every other thread of the VMM on the first CPU. While the guest runs,
- * its console is followed: the moment it reached user space, and the VMM's CPU time and RSS
- * across each phase it marks (tests/bench/vmm_cost.ts).
+ * CPUs after the first), every other thread of the VMM on the first CPU. Each VMM runs in a
+ * process of its own (ours: tests/bench/ours_vm.ts), so what is read for it is its own. While
+ * the guest runs, its console is followed: the moment it reached user space, and the VMM's CPU
+ * time and RSS across each phase it marks (tests/bench/vmm_cost.ts).
  */
 
-import { bootTest, type Vm } from "../../mod.ts";
+import type { Vm, VmConfig } from "../../mod.ts";
 import type { GuestAssets } from "../../vmm/guest/build.ts";
 import type { TransportKind } from "../../vmm/config.ts";
 import { sysGetAffinity, sysSetAffinity } from "../../vmm/sys/libc.ts";
@@ -45,7 +46,7 @@ export interface BenchRun {
   meter: PhaseMeter;
   /** Ours only: the device report lines at the end of the run. */
   devices?: string[];
-  /** ms from creating the VM (ours) or spawning QEMU to the guest's first user-space line. */
+  /** ms from spawning the VMM's process (ours_vm.ts, or QEMU) to the guest's first user-space line. */
   userspaceMs: number;
 }
 
@@ -59,9 +60,12 @@ async function images(n: number): Promise<string[]> {
   return out;
 }
 
+/** The line before the device report in a VM's console tail (and in ours_vm.ts's output). */
+export const REPORT_MARK = "\n[devices]\n";
+
 /** The device report's lines, as a stopped VM of ours printed them at the end of its console. */
 export function deviceReport(vm: Vm): string[] {
-  return vm.consoleTail().split("\n[devices]\n")[1]?.split("\n") ?? [];
+  return vm.consoleTail().split(REPORT_MARK)[1]?.split("\n") ?? [];
 }
 
 /** One request split of a device's report line (vmm/device_worker.ts), in us. */
@@ -92,7 +96,7 @@ class Follower {
   readonly meter: PhaseMeter;
   userspaceMs = -1;
   constructor(
-    private readonly pid: number | "self",
+    private readonly pid: number,
     memoryMiB: number,
     private readonly t0: number,
     private readonly watch?: (text: string, pid: number) => void,
@@ -100,7 +104,7 @@ class Follower {
     this.meter = new PhaseMeter(pid, memoryMiB);
   }
   feed(text: string): boolean {
-    this.watch?.(text, this.pid === "self" ? Deno.pid : this.pid);
+    this.watch?.(text, this.pid);
     if (this.userspaceMs < 0 && text.includes(USERSPACE_MARKER)) {
       this.userspaceMs = performance.now() - this.t0;
     }
@@ -109,9 +113,12 @@ class Follower {
   }
 }
 
+const OURS_VM = new URL("./ours_vm.ts", import.meta.url).pathname;
+
 /**
- * Boots tsvmm in this process with `b`; resolves once the guest powered off. A run that
- * hangs rejects after vmTimeoutMs() with the console tail and the hung-guest report.
+ * Boots tsvmm with `b` in a process of its own (ours_vm.ts), measured by its pid as QEMU is;
+ * resolves once the guest powered off. A run that hangs rejects after vmTimeoutMs() with the
+ * console tail and the hung-guest report.
  */
 export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKind): Promise<BenchRun> {
   const data = await images(b.disks ?? 1);
@@ -122,42 +129,50 @@ export async function runOurs(g: GuestAssets, b: BenchVm, transport: TransportKi
       ...(b.tools ? [{ path: b.tools, readonly: true, transport }] : []),
     ];
     const initrd = await benchInitrd(k.initramfs, b.script);
+    const config: VmConfig = {
+      kernel: k.vmlinux,
+      initrd,
+      memoryMiB: b.memoryMiB,
+      cpus: b.cpus ?? 1,
+      disks,
+      rng: b.rng ? { transport } : undefined,
+      cmdline: benchCmdline(),
+      // A vCPU sharing its CPU with the VMM's threads is what makes long interrupt-heavy
+      // runs fail under the nested runner (README, Known problems).
+      pinVcpus: true,
+      // TSVMM_DEVICE_THREAD=0: the queues on the main thread (the before of README's breakdown).
+      deviceThread: Deno.env.get("TSVMM_DEVICE_THREAD") !== "0",
+      // TSVMM_MMIO_REGISTER_PAGES=0: every virtio-MMIO register read exits (the before).
+      mmioRegisterPages: Deno.env.get("TSVMM_MMIO_REGISTER_PAGES") !== "0",
+    };
     const t0 = performance.now();
-    const f = new Follower("self", b.memoryMiB, t0, b.watch);
-    let devices: string[] = [];
-    const text = await bootTest(
-      {
-        kernel: k.vmlinux,
-        initrd,
-        memoryMiB: b.memoryMiB,
-        cpus: b.cpus ?? 1,
-        disks,
-        rng: b.rng ? { transport } : undefined,
-        cmdline: benchCmdline(),
-        // A vCPU sharing its CPU with the VMM's threads is what makes long interrupt-heavy
-        // runs fail under the nested runner (README, Known problems).
-        pinVcpus: true,
-        // TSVMM_DEVICE_THREAD=0: the queues on the main thread (the before of README's breakdown).
-        deviceThread: Deno.env.get("TSVMM_DEVICE_THREAD") !== "0",
-        // TSVMM_MMIO_REGISTER_PAGES=0: every virtio-MMIO register read exits (the before).
-        mmioRegisterPages: Deno.env.get("TSVMM_MMIO_REGISTER_PAGES") !== "0",
-      },
-      async (vm: Vm) => {
-        let ended = false;
-        const end = vm.wait().then(() => ended = true);
-        while (!f.feed(vm.consoleText)) {
-          if (ended) throw new Error(`the VM ended before ${DONE_MARKER}\n${vm.consoleTail()}`);
-          // bootTest's own timeout (below) ends a run that never gets there.
-          await Promise.race([vm.nextOutput(), end, new Promise((r) => setTimeout(r, 1000))]);
-        }
-        await vm.wait();
-        // The device report after the stop (the device thread's final counts).
-        devices = deviceReport(vm);
-        return vm.consoleText;
-      },
-      vmTimeoutMs(),
-    );
-    return { text, meter: f.meter, userspaceMs: f.userspaceMs, devices };
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", OURS_VM, JSON.stringify({ config, timeoutMs: vmTimeoutMs() })],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    // The child ends a hung VM itself (bootTest's timeout); this is for a child that cannot.
+    const timer = setTimeout(() => child.kill("SIGKILL"), vmTimeoutMs() + 60_000);
+    const stderr = new Response(child.stderr).text();
+    const f = new Follower(child.pid, b.memoryMiB, t0, b.watch);
+    let out = "";
+    const dec = new TextDecoder();
+    for await (const chunk of child.stdout) {
+      out += dec.decode(chunk, { stream: true });
+      f.feed(out.split(REPORT_MARK)[0]);
+    }
+    const st = await child.status;
+    clearTimeout(timer);
+    const [text, report] = out.split(REPORT_MARK);
+    if (!st.success || !DONE_MARKER.test(text)) {
+      throw new Error(
+        `the VM ended (exit ${st.code}) before ${DONE_MARKER}\n${text.slice(-2000)}\n${
+          (await stderr).slice(-4000)
+        }`,
+      );
+    }
+    return { text, meter: f.meter, userspaceMs: f.userspaceMs, devices: report?.trimEnd().split("\n") ?? [] };
   } finally {
     for (const p of data) await Deno.remove(p);
   }

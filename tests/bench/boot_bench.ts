@@ -59,13 +59,17 @@ export class FigureSet {
     this.sink.value(name, v, unit);
   }
 
-  /** The medians of everything measured at least once. */
+  /**
+   * The medians of everything measured at least once, to 4 significant digits (so a rate of
+   * 0.0x MB/s keeps its own digits and is not rounded to a few steps).
+   */
   figures(): BenchFigure[] {
+    const round = (x: number) => Number(x.toPrecision(4));
     return [...this.runs].map(([name, { unit, v }]) => ({
       name,
       unit,
-      runs: v.map((x) => Math.round(x * 100) / 100),
-      median: Math.round(median(v) * 100) / 100,
+      runs: v.map(round),
+      median: round(median(v)),
     }));
   }
 }
