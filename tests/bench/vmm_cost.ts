@@ -3,8 +3,9 @@
  * thread, user and system, from /proc/PID/stat) across phases the guest marks on its console
  * (`TSVMM-PHASE start NAME` ... `TSVMM-PHASE end NAME ...`, tests/bench/bench_guest.ts), and
  * its resident memory beyond guest RAM (/proc/PID/smaps: every mapping's Rss minus that of
- * the anonymous mapping of exactly the guest's RAM size). The same reading for ours (the
- * bench's own Deno process, where bootTest runs the VM) and for QEMU (its process).
+ * the anonymous mapping of exactly the guest's RAM size). The same reading for ours (a Deno
+ * process of its own per VM, tests/bench/ours_vm.ts) and for QEMU (its process); "self" reads
+ * this process (the tests).
  */
 
 /** Clock ticks per second of /proc/PID/stat's times (USER_HZ, 100 on x86-64 Linux). */
@@ -167,7 +168,7 @@ export class PhaseMeter {
   private readonly started = new Map<string, { cpu: CpuTimes; threads: ThreadCpu; at: number }>();
   private readonly seen = new Set<string>();
 
-  /** `pid`: the VMM's process ("self" for ours in this process); `memoryMiB`: guest RAM. */
+  /** `pid`: the VMM's process ("self": this process); `memoryMiB`: guest RAM. */
   constructor(private readonly pid: number | "self", private readonly memoryMiB: number) {}
 
   /** Looks at the console text so far (all of it, or at least every line not yet seen). */
