@@ -20,7 +20,7 @@ import { VirtioNet } from "../devices/virtio/net.ts";
 import { INT_USED_RING } from "../transports/virtio_core.ts";
 import { PLAN, VIRTIO_MSI_NO_VECTOR } from "../transports/pci.ts";
 import { followIsr } from "./isr_line.ts";
-import { LoopbackNet, RehearsalDriver, rehearsalSpec, SCRATCH_BYTES } from "./rehearsal.ts";
+import { LoopbackNet, RehearsalDriver, rehearsalSpec, rehearsedQueues, SCRATCH_BYTES } from "./rehearsal.ts";
 
 // Timers set here (a rate limit's wait, a queue's next pass) need the V8 event loop: while
 // any is pending the loop waits through the blocking pool instead of blocking this thread.
@@ -351,7 +351,7 @@ function startRehearsal(spec: DeviceSpec): void {
   const twin = rehearsalSpec(spec);
   if (!twin) return;
   rehearsed.set(spec.kind, "running");
-  const doorbells = twin.kind === "net" ? [sysEventfd(), sysEventfd()] : [sysEventfd()];
+  const doorbells = Array.from({ length: rehearsedQueues(twin) }, () => sysEventfd());
   const irqFd = sysEventfd();
   const isr = new Int32Array(new SharedArrayBuffer(4));
   // Interrupts alternate between the line's way and an MSI-X vector's, so both are warm: the

@@ -22,10 +22,15 @@
 
 import type { DeviceSpec, QueueState } from "./device_thread.ts";
 import { GuestMemory } from "./memory.ts";
-import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/chain.ts";
+import {
+  scatter,
+  VIRTQ_DESC_F_INDIRECT,
+  VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE,
+} from "../devices/virtio/chain.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC } from "../devices/virtio/queue.ts";
 import { BLK_S, BLK_T } from "../devices/virtio/blk_request.ts";
-import type { NetBackend } from "../devices/virtio/net.ts";
+import { MAX_GSO_FRAME, type NetBackend } from "../devices/virtio/net.ts";
 
 /**
  * Requests each device kind is rehearsed with: TSVMM_REHEARSE as this process has it now (a
@@ -102,6 +107,11 @@ export function rehearsalSpec(spec: DeviceSpec): DeviceSpec | undefined {
   }
 }
 
+/** How many of a twin's queues its rehearsal drives (each with a doorbell of its own). */
+export function rehearsedQueues(spec: DeviceSpec): number {
+  return spec.kind === "net" ? 2 : 1;
+}
+
 /**
  * A net backend that hands each frame written to it back to the next read: a virtio-net
  * twin's TAP. It holds one frame; a write while one waits is refused with EAGAIN (and the
@@ -110,7 +120,7 @@ export function rehearsalSpec(spec: DeviceSpec): DeviceSpec | undefined {
  * receive notify reads what is left.
  */
 export class LoopbackNet implements NetBackend {
-  private readonly frame = new Uint8Array(65536 + 14 + 4 + NET_HDR);
+  private readonly frame = new Uint8Array(MAX_GSO_FRAME + NET_HDR);
   private len = -1;
   private writable: (() => void) | undefined;
 
@@ -118,13 +128,7 @@ export class LoopbackNet implements NetBackend {
   readFrame(bufs: Uint8Array[]): number {
     if (this.len < 0) return -11;
     const n = this.len;
-    let at = 0;
-    for (const b of bufs) {
-      if (at >= n) break;
-      const k = Math.min(b.length, n - at);
-      b.set(this.frame.subarray(at, at + k));
-      at += k;
-    }
+    scatter(bufs, 0, this.frame.subarray(0, n));
     this.len = -1;
     const w = this.writable;
     if (w) setTimeout(w, 0);
@@ -232,8 +236,7 @@ export class RehearsalDriver {
     this.dv = new DataView(scratch.buffer, scratch.byteOffset, scratch.length);
     this.memory = new GuestMemory([{ gpa: SCRATCH_GPA, bytes: scratch }]);
     this.dataLen = spec.kind === "blk" ? Math.min(DATA_MAX, Math.floor(spec.disk.size / 512) * 512) : 64;
-    const used = spec.kind === "net" ? 2 : 1;
-    this.rings = [RING0, RING1].slice(0, used).map((at, i) =>
+    this.rings = [RING0, RING1].slice(0, rehearsedQueues(spec)).map((at, i) =>
       new ScratchRing(this.dv, at, Math.min(QSIZE, queueMaxSizes[i]))
     );
     if (spec.kind === "net") {

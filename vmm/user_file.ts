@@ -33,10 +33,16 @@ export async function readUserFile(path: string, what: string): Promise<UserFile
   }
   let ptr: Deno.PointerObject | undefined;
   let size = 0;
+  let open = true;
   try {
     const st = await file.stat();
     if (st.isDirectory) throw fail("it is a directory");
-    if (!st.isFile) throw fail("not a regular file");
+    if (!st.isFile) {
+      // A pipe or a device (`--initrd <(...)`) has no size to map ahead: read it to its end as
+      // a stream (which closes it), into memory V8 frees.
+      open = false;
+      return { bytes: new Uint8Array(await new Response(file.readable).arrayBuffer()), release() {} };
+    }
     size = st.size;
     if (size === 0) return { bytes: new Uint8Array(0), release() {} };
     ptr = mmapAnonymous(size);
@@ -63,6 +69,6 @@ export async function readUserFile(path: string, what: string): Promise<UserFile
     throw fail((e as Error).message);
   } finally {
     if (ptr) sysMunmap(ptr, size);
-    file.close();
+    if (open) file.close();
   }
 }

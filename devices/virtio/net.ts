@@ -111,7 +111,7 @@ const TX = 1;
 const QUEUE_SIZE = 256;
 const EAGAIN = 11;
 /** Largest Ethernet frame after GSO: a 64 KiB IP packet, the Ethernet header and a VLAN tag. */
-const MAX_GSO_FRAME = 65536 + 14 + 4;
+export const MAX_GSO_FRAME: number = 65536 + 14 + 4;
 /** Ethernet and VLAN header on top of the MTU. */
 const ETH_OVERHEAD = 14 + 4;
 /** Frames handled per pass before the device yields to the event loop. */

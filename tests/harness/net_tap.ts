@@ -18,7 +18,8 @@ import { Tap } from "../../vmm/tap.ts";
 import { EventLoop } from "../../vmm/event_loop.ts";
 import { libc, mmapAnonymous, sysClose, sysEventfd, sysMunmap, sysOpen } from "../../vmm/sys/libc.ts";
 import { DEVICE_THREAD_NICE, DeviceThread } from "../../vmm/device_thread.ts";
-import { privateCell } from "../../vmm/shared_regs.ts";
+import { privateCell, type SharedCell } from "../../vmm/shared_regs.ts";
+import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { Prng } from "../fuzz/fuzzer.ts";
 
 const TAP = "tsvmm-h0";
@@ -82,18 +83,48 @@ class EagainTap implements NetBackend {
   }
 }
 
-interface Rig {
+/** The driver's side of a net device: what the frame helpers below need. */
+interface Guest {
   ram: GuestRam;
-  dev: VirtioNet;
   drv: MmioDriver;
   rx: DriverQueue;
   tx: DriverQueue;
+  hdr: number;
+  hostMac: Uint8Array;
+}
+
+interface Rig extends Guest {
+  dev: VirtioNet;
   tap: Tap;
   backend: EagainTap;
   loop: EventLoop;
-  hdr: number;
-  hostMac: Uint8Array;
   close(): Promise<void>;
+}
+
+/**
+ * The driver of `dev` behind virtio-MMIO over `ram` (with `isr` as its ISR cell, if given):
+ * `features` negotiated, both queues set up (256 entries), DRIVER_OK.
+ */
+function netDriver(dev: VirtioDevice, ram: GuestRam, features: bigint, isr?: SharedCell) {
+  const drv = new MmioDriver(new VirtioMmio(dev, ram.mem, { trigger() {} }, isr));
+  assert.ok(drv.negotiate(features), "FEATURES_OK accepted");
+  const rx = new DriverQueue(ram, 256);
+  const tx = new DriverQueue(ram, 256);
+  drv.setupQueue(0, rx);
+  drv.setupQueue(1, tx);
+  drv.driverOk();
+  return { drv, rx, tx, hdr: (features & (VERSION_1 | bitOf(NET_F.MRG_RXBUF))) ? 12 : 10 };
+}
+
+/** The host's side of the TAP: its address, the guest as a permanent neighbour; its MAC. */
+async function hostSide(): Promise<Uint8Array> {
+  await sh(
+    `ip addr add ${HOST_IP}/24 dev ${TAP} && ip link set ${TAP} up && ` +
+      `ip neigh replace ${GUEST_IP} lladdr 52:54:00:77:00:02 dev ${TAP} nud permanent`,
+  );
+  // (sysfs shows the namespace it was mounted in, so ask ip.)
+  const ether = /link\/ether ([0-9a-f:]{17})/.exec(await sh(`ip link show dev ${TAP}`))![1];
+  return new Uint8Array(ether.split(":").map((x) => parseInt(x, 16)));
 }
 
 async function rig(
@@ -106,22 +137,9 @@ async function rig(
   const backend = new EagainTap(tap);
   const ram = opts.ram ?? new GuestRam(8 << 20);
   const dev = new VirtioNet(backend, { mac: GUEST_MAC, mtu: opts.mtu });
-  const drv = new MmioDriver(new VirtioMmio(dev, ram.mem, { trigger() {} }));
-  assert.ok(drv.negotiate(features), "FEATURES_OK accepted");
-  const rx = new DriverQueue(ram, 256);
-  const tx = new DriverQueue(ram, 256);
-  drv.setupQueue(0, rx);
-  drv.setupQueue(1, tx);
-  drv.driverOk();
+  const { drv, rx, tx, hdr } = netDriver(dev, ram, features);
   loop.start();
-  await sh(
-    `ip addr add ${HOST_IP}/24 dev ${TAP} && ip link set ${TAP} up && ` +
-      `ip neigh replace ${GUEST_IP} lladdr 52:54:00:77:00:02 dev ${TAP} nud permanent`,
-  );
-  // (sysfs shows the namespace it was mounted in, so ask ip.)
-  const ether = /link\/ether ([0-9a-f:]{17})/.exec(await sh(`ip link show dev ${TAP}`))![1];
-  const hostMac = new Uint8Array(ether.split(":").map((x) => parseInt(x, 16)));
-  const hdr = (features & (VERSION_1 | bitOf(NET_F.MRG_RXBUF))) ? 12 : 10;
+  const hostMac = await hostSide();
   return {
     ram,
     dev,
@@ -154,7 +172,7 @@ function ipChecksum(b: Uint8Array): number {
  * for protocol `proto` with `body` bytes after it (left zero). Returns the frame, a view of it
  * and the IP header's offset.
  */
-function ipv4Frame(r: Rig, proto: number, body: number): { f: Uint8Array; dv: DataView; ip: number } {
+function ipv4Frame(r: Guest, proto: number, body: number): { f: Uint8Array; dv: DataView; ip: number } {
   const f = new Uint8Array(r.hdr + 14 + 20 + body);
   const dv = new DataView(f.buffer);
   const e = r.hdr;
@@ -172,7 +190,7 @@ function ipv4Frame(r: Rig, proto: number, body: number): { f: Uint8Array; dv: Da
   return { f, dv, ip };
 }
 
-function udpFrame(r: Rig, payload: Uint8Array, opts: { offloadCsum?: boolean } = {}): Uint8Array {
+function udpFrame(r: Guest, payload: Uint8Array, opts: { offloadCsum?: boolean } = {}): Uint8Array {
   const { f, dv, ip } = ipv4Frame(r, 17, 8 + payload.length);
   const udp = ip + 20;
   dv.setUint16(udp, 40000);
@@ -194,7 +212,7 @@ function udpFrame(r: Rig, payload: Uint8Array, opts: { offloadCsum?: boolean } =
 }
 
 /** An Ethernet + IPv4 + ICMP echo request from the guest to the host, with its virtio-net header. */
-function echoFrame(r: Rig, id: number, seq: number): Uint8Array {
+function echoFrame(r: Guest, id: number, seq: number): Uint8Array {
   const { f, dv, ip } = ipv4Frame(r, 1, 8);
   const icmp = ip + 20;
   f[icmp] = 8; // echo request
@@ -205,7 +223,7 @@ function echoFrame(r: Rig, id: number, seq: number): Uint8Array {
 }
 
 /** Posts `n` receive chains of `size` bytes (optionally `parts` descriptors each). */
-function postRx(r: Rig, n: number, size: number, parts = 1): number[] {
+function postRx(r: Guest, n: number, size: number, parts = 1): number[] {
   const addrs: number[] = [];
   for (let i = 0; i < n; i++) {
     const a = r.ram.alloc(size, 16);
@@ -217,7 +235,7 @@ function postRx(r: Rig, n: number, size: number, parts = 1): number[] {
   return addrs;
 }
 
-function sendTx(r: Rig, frame: Uint8Array, split = 1): number {
+function sendTx(r: Guest, frame: Uint8Array, split = 1): number {
   const a = r.ram.alloc(frame.length, 16);
   r.ram.view(a, frame.length).set(frame);
   const part = Math.ceil(frame.length / split);
@@ -247,7 +265,7 @@ function payloadOf(len: number, seed: number): Uint8Array {
 }
 
 /** The frames the device put in the rx ring since the last call: [header, frame] each. */
-function takeRx(r: Rig, addrs: Map<number, number>): Array<{ hdr: Uint8Array; frame: Uint8Array }> {
+function takeRx(r: Guest, addrs: Map<number, number>): Array<{ hdr: Uint8Array; frame: Uint8Array }> {
   const out: Array<{ hdr: Uint8Array; frame: Uint8Array }> = [];
   const used = r.rx.takeUsed();
   for (let i = 0; i < used.length;) {
@@ -272,7 +290,7 @@ function takeRx(r: Rig, addrs: Map<number, number>): Array<{ hdr: Uint8Array; fr
 
 /** Waits until `n` frames have arrived in the rx ring (posted as `heads` says); returns them. */
 async function receiveFrames(
-  r: Rig,
+  r: Guest,
   heads: Map<number, number>,
   n: number,
   what: string,
@@ -286,7 +304,7 @@ async function receiveFrames(
 }
 
 /** Head index -> buffer address of the chains posted by `postRx` (one descriptor per part). */
-function headMap(r: Rig, addrs: number[], parts: number, firstHead: number): Map<number, number> {
+function headMap(r: Guest, addrs: number[], parts: number, firstHead: number): Map<number, number> {
   const m = new Map<number, number>();
   addrs.forEach((a, i) => m.set((firstHead + i * parts) % r.rx.size, a));
   return m;
@@ -632,11 +650,7 @@ const scenarios: Record<string, () => Promise<void>> = {
       return Number(line!.split(":")[1].trim().split(/\s+/)[1]);
     };
     try {
-      await sh(
-        `ip addr add ${HOST_IP}/24 dev ${TAP} && ip link set ${TAP} up && ` +
-          `ip neigh replace ${GUEST_IP} lladdr 52:54:00:77:00:02 dev ${TAP} nud permanent`,
-      );
-      const ether = /link\/ether ([0-9a-f:]{17})/.exec(await sh(`ip link show dev ${TAP}`))![1];
+      const hostMac = await hostSide();
       const dev = thread.remote(new VirtioNet(tap, { mac: GUEST_MAC }), {
         kind: "net",
         tapFd: tap.fd,
@@ -654,31 +668,26 @@ const scenarios: Record<string, () => Promise<void>> = {
       }
       assert.match(report, /warmup=500\/500,\d+ms( |$)/, "every rehearsed frame came back");
       assert.equal(written(), 0, "no rehearsed frame reached the TAP");
-      const drv = new MmioDriver(new VirtioMmio(dev, ram.mem, { trigger() {} }, isr));
-      assert.ok(drv.negotiate(VERSION_1 | EVENT_IDX | INDIRECT | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF)));
-      const rx = new DriverQueue(ram, 256);
-      const tx = new DriverQueue(ram, 256);
-      drv.setupQueue(0, rx);
-      drv.setupQueue(1, tx);
-      drv.driverOk();
       const r = {
         ram,
-        drv,
-        rx,
-        tx,
-        hdr: 12,
-        hostMac: new Uint8Array(ether.split(":").map((x) => parseInt(x, 16))),
+        hostMac,
+        ...netDriver(
+          dev,
+          ram,
+          VERSION_1 | EVENT_IDX | INDIRECT | bitOf(NET_F.MAC) | bitOf(NET_F.MRG_RXBUF),
+          isr,
+        ),
       };
-      const heads = headMap(r as Rig, postRx(r as Rig, 16, 2048), 1, 0);
-      sendTx(r as Rig, echoFrame(r as Rig, 0x5757, 1));
-      const [reply] = await receiveFrames(r as Rig, heads, 1, "the echo reply");
+      const heads = headMap(r, postRx(r, 16, 2048), 1, 0);
+      sendTx(r, echoFrame(r, 0x5757, 1));
+      const [reply] = await receiveFrames(r, heads, 1, "the echo reply");
       const icmp = 14 + (reply.frame[14] & 15) * 4;
       assert.deepEqual([reply.frame[icmp], (reply.frame[icmp + 4] << 8) | reply.frame[icmp + 5]], [
         0,
         0x5757,
       ]);
       assert.equal(written(), 1, "the guest's request, and only it, went to the TAP");
-      await drv.w32(0x070, 0);
+      await r.drv.w32(0x070, 0);
     } finally {
       await thread.stop();
       tap.close();

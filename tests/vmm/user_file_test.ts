@@ -57,3 +57,26 @@ Deno.test("user file: an empty file, a missing one, a directory", async () => {
     await Deno.remove(dir);
   }
 });
+
+Deno.test("user file: a pipe (as `--initrd <(...)` gives one) is read to its end", async () => {
+  const dir = await Deno.makeTempDir();
+  const fifo = `${dir}/fifo`;
+  const content = new Uint8Array(300_000).map((_, i) => (i * 13 + 5) & 0xff);
+  try {
+    const made = await new Deno.Command("mkfifo", { args: [fifo] }).output();
+    assert.ok(made.success, "mkfifo");
+    const writer = (async () => {
+      const w = await Deno.open(fifo, { write: true });
+      await w.write(content).then(async (n) => {
+        for (let at = n; at < content.length;) at += await w.write(content.subarray(at));
+      });
+      w.close();
+    })();
+    const f = await readUserFile(fifo, "initrd");
+    await writer;
+    assert.deepEqual(f.bytes, content);
+    f.release();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
