@@ -39,11 +39,13 @@ async function measure(): Promise<{ main: number; rest: number; vcpu: number; to
     while (ownCpu() < end) for (let i = 0; i < 100000; i++) x += i;
     await done;
     const after = threadCpu("self", cpuTimes("self"));
+    // The times are whole clock ticks (10 ms): differences rounded to the tick, not 0.4999...
+    const ticks = (s: number) => Math.round(s * 100) / 100;
     return {
-      main: after.main - before.main,
-      rest: after.rest - before.rest,
-      vcpu: after.vcpu - before.vcpu,
-      total: cpuTimes("self").total - total0,
+      main: ticks(after.main - before.main),
+      rest: ticks(after.rest - before.rest),
+      vcpu: ticks(after.vcpu - before.vcpu),
+      total: ticks(cpuTimes("self").total - total0),
     };
   } finally {
     w.terminate();

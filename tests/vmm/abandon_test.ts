@@ -99,7 +99,8 @@ Deno.test("device thread: a worker that dies says so (died), and what waited on 
   t.onError = (m) => errors.push(m);
   assert.equal(t.died, false);
   const answer = t.request({ op: "describe" });
-  for (let i = 0; i < 400 && !t.died; i++) await new Promise((r) => setTimeout(r, 5));
+  // Starting the Worker (its module loaded and checked) can take seconds on a loaded host.
+  for (let i = 0; i < 6000 && !t.died; i++) await new Promise((r) => setTimeout(r, 5));
   assert.equal(t.died, true);
   assert.equal(await answer, undefined);
   assert.equal(errors.length, 1);
