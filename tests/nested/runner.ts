@@ -260,24 +260,35 @@ export interface L1Options {
    * (it finds the emulated CPUs' TSCs unsynchronized). Default: TSVMM_L1_TSC=1, else off.
    */
   tscClock?: boolean;
+  /**
+   * A gdb stub for L1's QEMU on 127.0.0.1 at this port, and L1's kernel at `loglevel=5` (a
+   * warning's call trace reaches the console): to see what a frozen L1 is doing. Default:
+   * TSVMM_L1_GDB, else none.
+   */
+  gdbPort?: number;
 }
 
 /**
  * QEMU's command line for L1: q35 under TCG with an emulated EPYC with SVM, 2 CPUs, 3 GiB,
  * its serial console on stdio, and nothing else: no default devices, no network device
  * (nothing may leave a test VM), no user config. `tscClock`: L1's clock source is the TSC.
+ * `gdbPort`: a gdb stub on 127.0.0.1 at that port, and L1's kernel at `loglevel=5`.
  */
-export function l1QemuArgs(kernel: string, initrd: string, tscClock = false): string[] {
+export function l1QemuArgs(kernel: string, initrd: string, tscClock = false, gdbPort?: number): string[] {
+  if (gdbPort !== undefined && !(Number.isInteger(gdbPort) && gdbPort > 0 && gdbPort < 65536)) {
+    throw new RangeError(`L1's gdb port must be 1-65535, not ${gdbPort}`);
+  }
   return [
     "qemu-system-x86_64",
     ...["-nodefaults", "-no-user-config", "-nic", "none"],
     ...["-accel", "tcg,thread=multi", "-M", "q35", "-cpu", "EPYC,+svm", "-smp", "2", "-m", "3072"],
     ...["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"],
     ...["-kernel", kernel, "-initrd", initrd],
+    ...(gdbPort === undefined ? [] : ["-gdb", `tcp:127.0.0.1:${gdbPort}`]),
     "-append",
     `console=ttyS0 nokaslr tsc_early_khz=${hostTscKhz()}${
       tscClock ? " tsc=reliable" : ""
-    } panic=-1 reboot=t quiet`,
+    } panic=-1 reboot=t quiet${gdbPort === undefined ? "" : " loglevel=5"}`,
   ];
 }
 
@@ -297,7 +308,9 @@ export async function runNested(opts: L1Options = {}): Promise<L1Run> {
   const initrd = `${dir}/l1.cpio`;
   await Deno.writeFile(initrd, cpio);
   const tsc = opts.tscClock ?? Deno.env.get("TSVMM_L1_TSC") === "1";
-  const qemu = l1QemuArgs(kernel, initrd, tsc).map((a) => `'${a}'`).join(" ");
+  const gdb = opts.gdbPort ??
+    (Deno.env.get("TSVMM_L1_GDB") ? Number(Deno.env.get("TSVMM_L1_GDB")) : undefined);
+  const qemu = l1QemuArgs(kernel, initrd, tsc, gdb).map((a) => `'${a}'`).join(" ");
   // A watchdog shell: QEMU dies with this process, even if this process is killed outright.
   const script = `${qemu} </dev/null & q=$!; trap 'kill -9 $q 2>/dev/null' EXIT INT TERM HUP; ` +
     `while kill -0 ${Deno.pid} 2>/dev/null && kill -0 $q 2>/dev/null; do sleep 0.5; done; kill -9 $q 2>/dev/null; wait $q`;

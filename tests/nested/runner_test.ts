@@ -63,6 +63,16 @@ Deno.test("nested runner: L1's clock comes from the TSC only when asked", () => 
   assert.match(append(true), /console=ttyS0 /);
 });
 
+Deno.test("nested runner: a gdb stub on L1's QEMU, local only and with a louder L1 kernel, only when asked", () => {
+  const plain = l1QemuArgs("/k", "/i");
+  assert.ok(!plain.includes("-gdb"), plain.join(" "));
+  assert.doesNotMatch(plain[plain.indexOf("-append") + 1], /loglevel/);
+  const args = l1QemuArgs("/k", "/i", false, 1234);
+  assert.equal(args[args.indexOf("-gdb") + 1], "tcp:127.0.0.1:1234");
+  assert.match(args[args.indexOf("-append") + 1], /(^| )loglevel=5( |$)/);
+  for (const bad of [0, 65536, 1.5, NaN]) assert.throws(() => l1QemuArgs("/k", "/i", false, bad), RangeError);
+});
+
 Deno.test({
   name: "nested runner: a run past its timeout fails with the console tail and leaves no QEMU process",
   sanitizeOps: false,
